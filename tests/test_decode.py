@@ -1,0 +1,248 @@
+"""Decoding: CTC greedy, CTC prefix scores, beam search against brute force, a memorised set."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdcache.student.decode import (
+    CTCPrefixScorer,
+    DecodeConfig,
+    attention_beam_search,
+    attention_greedy,
+    beam_search,
+    cif_greedy,
+    ctc_greedy,
+    decode,
+)
+from kdcache.student.model import Student, StudentConfig, decoder_inputs, decoder_targets
+
+torch.set_num_threads(1)
+
+
+def test_ctc_greedy_collapses_repeats_and_drops_blanks():
+    paths = torch.tensor([[0, 3, 3, 0, 3, 4, 4, 0, 5], [2, 2, 0, 2, 1, 1, 1, 7, 7]])
+    logits = F.one_hot(paths, 8).float()
+    lens = torch.tensor([9, 6])  # second: frames 2 2 _ 2 1 1 | cut
+    assert ctc_greedy(logits, lens, blank_id=0) == [[3, 3, 4, 5], [2, 2, 1]]
+    assert ctc_greedy(logits, torch.tensor([0, 1]), blank_id=0) == [[], [2]]
+
+
+# ---------------------------------------------------------------------------------------------
+# CTC prefix scores vs enumeration of all paths
+
+
+def collapse(path, blank):
+    out, prev = [], None
+    for p in path:
+        if p != prev and p != blank:
+            out.append(p)
+        prev = p
+    return out
+
+
+def brute_force(logp, blank):
+    """{label sequence: log P_ctc} over all V^T paths."""
+    t_max, v = logp.shape
+    probs: dict[tuple, float] = {}
+    for path in itertools.product(range(v), repeat=t_max):
+        lp = sum(float(logp[t, p]) for t, p in enumerate(path))
+        key = tuple(collapse(path, blank))
+        probs[key] = probs.get(key, 0.0) + math.exp(lp)
+    return probs
+
+
+def test_ctc_prefix_scores_match_brute_force():
+    torch.manual_seed(0)
+    t_max, blank, eos = 5, 0, 3  # tokens 1, 2; eos 3 is also a CTC class here
+    logp = torch.randn(t_max, 4).mul(2).log_softmax(-1).double()
+    probs = brute_force(logp, blank)
+    scorer = CTCPrefixScorer(logp, blank, eos)
+    cand = torch.tensor([[1, 2, eos, blank]])
+    # walk every prefix g up to length 3 over {1, 2}, scoring g + c from g's state
+    frontier = [((), scorer.initial_state()[None], -1)]
+    for depth in range(4):
+        nxt = []
+        for g, state, last in frontier:
+            psi, new = scorer.score(state, torch.tensor([last]), depth, cand)
+            for j, c in enumerate(cand[0].tolist()):
+                if c == blank:
+                    assert psi[0, j] == float("-inf")
+                    continue
+                if c == eos:  # exactly g
+                    want = probs.get(g, 0.0)
+                else:  # every sequence starting with g + c
+                    h = g + (c,)
+                    want = sum(p for s, p in probs.items() if s[: len(h)] == h)
+                    nxt.append((h, new[:, j], c))
+                got = math.exp(float(psi[0, j]))
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-12), (g, c)
+        frontier = nxt
+
+
+# ---------------------------------------------------------------------------------------------
+# beam search on a scorer with known scores
+
+BOS, EOS, BLANK, V = 1, 2, 0, 5  # tokens 3, 4
+
+
+def table_step(seed: int):
+    """A next-token distribution that is a fixed random function of the prefix."""
+
+    def step(prefixes: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for p in prefixes.tolist():
+            g = torch.Generator().manual_seed(hash((seed, tuple(p))) % (2**31))
+            rows.append(torch.randn(V, generator=g).mul(1.5).log_softmax(-1))
+        return torch.stack(rows)
+
+    return step
+
+
+def all_sequences(max_len):
+    for n in range(max_len + 1):
+        yield from itertools.product((3, 4), repeat=n)
+
+
+def sequence_score(step, seq, length_norm):
+    prefix = [BOS]
+    total = 0.0
+    for tok in list(seq) + [EOS]:
+        logp = step(torch.tensor([prefix]))[0]
+        total += float(logp[tok])
+        prefix.append(tok)
+    return total / (len(seq) + 1) if length_norm else total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("length_norm", [True, False])
+def test_exhaustive_beam_finds_brute_force_best(seed, length_norm):
+    step, max_len = table_step(seed), 4
+    best = max(all_sequences(max_len), key=lambda s: sequence_score(step, s, length_norm))
+    got = beam_search(step, bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len,
+                      length_norm=length_norm, banned=(BLANK, BOS))
+    assert tuple(got) == best
+
+
+def test_beam_beats_greedy_where_greedy_is_wrong():
+    # first token: 3 (p .6) or 4 (p .4); after 3 everything is uniform (3, 4, eos: 1/3 each),
+    # after 4 eos has p .99. Best: [4] (log .4 + log .99) over greedy's [3] (log .6 + log 1/3).
+    def step(prefixes):
+        rows = []
+        for p in prefixes.tolist():
+            probs = torch.full((V,), 1e-9)
+            if len(p) == 1:
+                probs[3], probs[4] = 0.6, 0.4
+            elif p[-1] == 4:
+                probs[EOS], probs[3] = 0.99, 0.01
+            else:
+                probs[3] = probs[4] = probs[EOS] = 1 / 3
+            rows.append(probs.log())
+        return torch.stack(rows)
+
+    kw = dict(bos_id=BOS, eos_id=EOS, max_len=3, length_norm=False, banned=(BLANK, BOS))
+    assert beam_search(step, beam_size=1, **kw)[:1] == [3]
+    assert beam_search(step, beam_size=2, **kw) == [4]
+
+
+def test_joint_ctc_only_search_finds_most_probable_ctc_labelling():
+    torch.manual_seed(3)
+    logp = torch.randn(5, V).mul(2).log_softmax(-1)
+    logp[:, BOS] = -30.0  # bos never appears as a CTC label
+    logp = logp.log_softmax(-1)
+    probs = brute_force(logp.double(), BLANK)
+    max_len = 3
+    candidates = [s for s in all_sequences(max_len)]
+    best = max(candidates, key=lambda s: probs.get(s, 0.0))
+    uniform = lambda p: torch.full((p.shape[0], V), -math.log(V))  # noqa: E731
+    got = beam_search(uniform, bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len,
+                      length_norm=False, banned=(BLANK, BOS),
+                      ctc_scorer=CTCPrefixScorer(logp, BLANK, EOS), ctc_weight=1.0)
+    assert tuple(got) == best
+
+
+# ---------------------------------------------------------------------------------------------
+# on real (tiny) models
+
+
+def tiny(**kw):
+    base = dict(vocab_size=8, input_dim=16, d_model=32, num_heads=2, ff_mult=2, num_layers=2,
+                conv_kernel=5, dropout=0.0, decoder_layers=1, decoder_heads=2,
+                cif_decoder_layers=1)
+    base.update(kw)
+    return StudentConfig(**base)
+
+
+def test_beam_one_equals_batched_greedy():
+    torch.manual_seed(0)
+    m = Student(tiny()).eval()
+    feats, lens = torch.randn(3, 40, 16), torch.tensor([40, 31, 22])
+    with torch.no_grad():
+        out = m(feats, lens)
+    greedy = attention_greedy(m, out, max_len_ratio=0.5)
+    beam = attention_beam_search(m, out, beam_size=1, max_len_ratio=0.5)
+    assert beam == greedy
+    assert decode(m, feats, lens, DecodeConfig(method="attention", beam_size=1,
+                                               max_len_ratio=0.5)) == greedy
+
+
+def test_memorised_sequences_are_decoded_by_every_method():
+    """Train a tiny model to map 3 fixed inputs to 3 sequences; every decoder must return them."""
+    torch.manual_seed(0)
+    cfg = tiny(use_cif=True)
+    m = Student(cfg)
+    seqs = [[3, 4, 5, 6], [7, 3, 3], [5, 6, 7, 4, 4]]
+    feats = torch.randn(3, 48, 16)
+    lens = torch.tensor([48, 40, 44])
+    tlens = torch.tensor([len(s) for s in seqs])
+    targets = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], True, -100)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    dec_y = decoder_targets(targets, tlens, cfg.eos_id)
+    for _ in range(60):
+        o = m.train()(feats, lens, targets, tlens)
+        ctc = F.ctc_loss(o.ctc_logits.log_softmax(-1).transpose(0, 1), targets.clamp(min=0),
+                         o.enc_lens, tlens, blank=cfg.blank_id, zero_infinity=True)
+        att = F.cross_entropy(o.dec_logits.transpose(1, 2), dec_y, ignore_index=-100)
+        cif = F.cross_entropy(o.cif_logits.transpose(1, 2), targets, ignore_index=-100)
+        qua = (o.alpha_sum - tlens).abs().mean()
+        loss = ctc + att + cif + qua
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m(feats, lens)
+    assert ctc_greedy(out.ctc_logits, out.enc_lens, cfg.blank_id) == seqs
+    assert attention_beam_search(m, out, beam_size=3) == seqs
+    assert attention_beam_search(m, out, beam_size=3, ctc_weight=0.5) == seqs
+    assert cif_greedy(m, out) == seqs
+    assert decode(m, feats, lens, DecodeConfig(method="cif_greedy")) == seqs
+
+
+def test_decoder_inputs_feed_the_tokens_the_decoder_predicts():
+    # position i reads y_i (bos for i = 0) and is trained on y_{i+1}: shifting by one
+    targets, tlens = torch.tensor([[5, 6, 7]]), torch.tensor([3])
+    inp = decoder_inputs(targets, tlens, 1, 2)
+    out = decoder_targets(targets, tlens, 2)
+    assert inp[0, 1:].tolist() == out[0, :-1].tolist()
+
+
+@pytest.mark.parametrize("ar", [True, False])
+def test_cif_greedy_handles_utterances_without_fires(ar):
+    m = Student(tiny(use_cif=True, decoder_layers=0, cif_autoregressive=ar)).eval()
+    with torch.no_grad():
+        out = m(torch.randn(2, 40, 16), torch.tensor([40, 30]))
+        cif_out = torch.randn(2, 3, 32)
+        cif_lens = torch.tensor([0, 2])
+        mask = torch.arange(3)[None] < cif_lens[:, None]
+        out = dataclasses.replace(out, cif_out=cif_out, cif_lens=cif_lens, cif_mask=mask)
+        hyps = cif_greedy(m, out)
+        assert [len(h) for h in hyps] == [0, 2]
+        empty = dataclasses.replace(out, cif_out=cif_out[:, :0], cif_lens=torch.zeros(2, dtype=torch.long),
+                                    cif_mask=mask[:, :0])
+        assert cif_greedy(m, empty) == [[], []]

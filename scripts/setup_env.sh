@@ -13,7 +13,7 @@ EXTRAS=${KDCACHE_EXTRAS:-test,plot,gguf}
 apt_pkgs=()
 command -v espeak-ng >/dev/null 2>&1 || apt_pkgs+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || apt_pkgs+=(sox)
-[ -f /usr/lib/bible.data ] || apt_pkgs+=(bible-kjv-text)
+command -v bible >/dev/null 2>&1 || apt_pkgs+=(bible-kjv)   # the reader program; pulls in bible-kjv-text
 [ -d /usr/share/games/fortunes ] || apt_pkgs+=(fortunes)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,175 @@
+"""``kdcache demo-corpus``, ``kdcache features`` and ``kdcache tokenizer``: thin wrappers over
+kdcache.data (docs/data.md)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+
+def _fail(e: BaseException) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+class CorpusSize(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    demo = "demo"
+
+
+def demo_corpus(
+    out: Path = typer.Option(..., "--out", help="Directory to create (the corpus root)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sentence split, voices, prosody and noise."),
+    size: CorpusSize = typer.Option(CorpusSize.demo, "--size",
+                                    help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h."),
+    workers: int = typer.Option(2, "--workers", help="Processes synthesising audio."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing corpus at --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Build the offline English demo corpus: public-domain sentences spoken by espeak-ng.
+
+    Many voices, speeds, pitches and added noise; train/dev/test manifests (JSONL, Kaldi, lhotse)
+    plus a large text-only LM set (lm_text.txt). Layout: docs/data.md.
+    """
+    from kdcache.data.demo_corpus import CorpusError, build_demo_corpus, format_summary
+
+    try:
+        summary = build_demo_corpus(out, seed=seed, size=size.value, workers=workers,
+                                    overwrite=overwrite, progress=progress)
+    except (CorpusError, OSError, ValueError) as e:
+        _fail(e)
+    typer.echo(format_summary(summary))
+
+
+def features(
+    manifest: Path = typer.Argument(..., help="Manifest (Kaldi dir, .jsonl, lhotse cuts) or a demo-corpus root (all splits)."),
+    out: Path | None = typer.Option(None, "--out", help="Store to create. Default for a demo-corpus root: ROOT/feats/<split>.fbank."),
+    workers: int = typer.Option(2, "--workers", help="Processes computing features."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (atomically)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Compute 80-dim Kaldi fbank features once into a chunked feature store (+ global CMVN stats)."""
+    import time
+
+    from kdcache.data.audio import AudioError
+    from kdcache.data.features import FeatureError, write_features
+    from kdcache.data.manifest import ManifestError, load_manifest
+
+    jobs: list[tuple[Path, Path]] = []
+    if manifest.is_dir() and (manifest / "corpus.json").exists():
+        from kdcache.data.demo_corpus import SPLITS
+
+        for split in SPLITS:
+            target = (out or manifest / "feats") / f"{split}.fbank"
+            jobs.append((manifest / split / "manifest.jsonl", target))
+    else:
+        if out is None:
+            _fail(ValueError("--out is required unless MANIFEST is a demo-corpus root"))
+        jobs.append((manifest, out))
+    try:
+        for src, dst in jobs:
+            utts = load_manifest(src)
+            t0 = time.perf_counter()
+            store = write_features(utts, dst, workers=workers, progress=progress, overwrite=overwrite)
+            dt = time.perf_counter() - t0
+            hours = store.total_frames * store.frame_shift / 3600
+            typer.echo(f"{dst}: {len(store)} utterances, {store.total_frames} frames ({hours:.2f} h) "
+                       f"in {dt:.1f} s ({hours * 3600 / max(dt, 1e-9):.0f}x real time, {workers} workers)")
+    except (ManifestError, FeatureError, AudioError, OSError) as e:
+        _fail(e)
+
+
+class TokenizerAction(str, Enum):
+    train = "train"
+    show = "show"
+    encode = "encode"
+    export = "export"
+
+
+class TokenizerKind(str, Enum):
+    char = "char"
+    bpe = "bpe"
+
+
+def tokenizer(
+    action: TokenizerAction = typer.Argument(..., help="train: build from text; show: summary; encode: ids of --sample; export: save a HF/gguf tokenizer as a kdcache tokenizer dir."),
+    path: str | None = typer.Argument(None, help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id."),
+    text: list[Path] | None = typer.Option(None, "--text", help="train: text files (one sentence a line) or manifests (their transcripts); repeatable."),
+    kind: TokenizerKind = typer.Option(TokenizerKind.bpe, "--kind", help="train: char or bpe."),
+    vocab_size: int = typer.Option(500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."),
+    out: Path | None = typer.Option(None, "--out", help="train/export: directory to write the tokenizer to."),
+    sample: str | None = typer.Option(None, "--sample", help="show/encode: a sentence to normalise, encode and decode."),
+) -> None:
+    """Train, inspect and export tokenizers: the student's output units (char, BPE, or a teacher's).
+
+    \b
+    kdcache tokenizer train --text corpus/lm_text.txt --kind bpe --vocab-size 500 --out tok/
+    kdcache tokenizer show tok/ --sample "In the beginning"
+    kdcache tokenizer export path/to/model.gguf --out tok-smollm2/
+    """
+    from kdcache.data.manifest import ManifestError
+    from kdcache.data.text import normalize_text
+    from kdcache.data.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        if action is TokenizerAction.train:
+            if not text or out is None:
+                raise ValueError("train needs --text FILE (one or more) and --out DIR")
+            if path is not None:
+                raise ValueError("train takes no PATH argument; use --text and --out")
+            texts = [t for t in (normalize_text(s) for s in _read_texts(text)) if t]
+            if not texts:
+                raise ValueError("no text found in " + ", ".join(map(str, text)))
+            if kind is TokenizerKind.char:
+                tok = Tokenizer.build_char(texts)
+                tok.save(out)
+            else:
+                tok = Tokenizer.train_bpe(texts, vocab_size, out)
+            typer.echo(f"{out}: {tok!r} from {len(texts)} sentences")
+            return
+        if path is None:
+            raise ValueError(f"{action.value} needs PATH (a tokenizer)")
+        tok = Tokenizer.load(path)
+        if action is TokenizerAction.export:
+            if out is None:
+                raise ValueError("export needs --out DIR")
+            tok.save(out)
+            typer.echo(f"{out}: {tok!r}")
+            return
+        if action is TokenizerAction.show:
+            typer.echo(f"name        {tok.name}\nkind        {tok.kind}\nvocab_size  {tok.vocab_size}")
+            for k, v in tok.specials.items():
+                piece = tok.id_to_piece(v) if v is not None else "-"
+                typer.echo(f"{k + '_id':<12}{v} {piece}")
+            typer.echo(f"hash        {tok.content_hash()}")
+            first = [tok.id_to_piece(i) for i in range(min(tok.vocab_size, 40))]
+            typer.echo("pieces      " + " ".join(first) + (" ..." if tok.vocab_size > 40 else ""))
+        if sample is not None:
+            norm = normalize_text(sample)
+            ids = tok.encode(norm)
+            typer.echo(f"normalised  {norm}\nids         {ids}")
+            typer.echo("pieces      " + " ".join(tok.id_to_piece(i) for i in ids))
+            typer.echo(f"decoded     {tok.decode(ids)}")
+        elif action is TokenizerAction.encode:
+            raise ValueError("encode needs --sample TEXT")
+    except (TokenizerError, ManifestError, ValueError, OSError) as e:
+        _fail(e)
+
+
+def _read_texts(paths: list[Path]):
+    from kdcache.data.manifest import load_manifest
+
+    for p in paths:
+        if p.is_dir() or p.name.endswith((".jsonl", ".jsonl.gz")):
+            for u in load_manifest(p):
+                if u.text:
+                    yield u.text
+        else:
+            with open(p, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield line

@@ -1,0 +1,158 @@
+"""The demo corpus at tiny size: layout, disjoint splits, equal manifests in three formats,
+16 kHz audio that matches its transcript's length, determinism; and the data CLI commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from kdcache.commands import data as data_cmd
+from kdcache.data.audio import audio_info, read_audio
+from kdcache.data.manifest import load_manifest
+from kdcache.data.text import normalize_text
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("espeak-ng") and shutil.which("sox") and shutil.which("bible")),
+    reason="demo corpus needs espeak-ng, sox and bible-kjv (scripts/setup_env.sh)",
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    from kdcache.data.demo_corpus import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo") / "corpus"
+    build_demo_corpus(out, seed=3, size="tiny", workers=2, progress=False)
+    return out
+
+
+def test_layout_and_summary(corpus):
+    from kdcache.data.demo_corpus import SIZES, SPLITS
+
+    summary = json.loads((corpus / "corpus.json").read_text())
+    assert summary["format"] == "kdcache-demo-corpus" and summary["seed"] == 3
+    for split in SPLITS:
+        d = corpus / split
+        for name in ("manifest.jsonl", "cuts.jsonl.gz", "wav.scp", "text", "utt2spk", "spk2utt"):
+            assert (d / name).is_file(), name
+        assert summary["splits"][split]["utterances"] == getattr(SIZES["tiny"], split)
+        assert len(list((d / "wav").glob("*.wav"))) == getattr(SIZES["tiny"], split)
+    assert summary["lm_text"]["sentences"] > 20000
+    assert not list(corpus.parent.glob(".corpus.tmp-*"))
+
+
+def test_splits_disjoint_and_normalised(corpus):
+    texts = {s: [u.text for u in load_manifest(corpus / s / "manifest.jsonl")] for s in ("train", "dev", "test")}
+    lm = (corpus / "lm_text.txt").read_text().splitlines()
+    sets = {**{k: set(v) for k, v in texts.items()}, "lm": set(lm)}
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not sets[a] & sets[b], f"{a} and {b} share sentences"
+    for t in [*lm[:500], *texts["train"]]:
+        assert t == normalize_text(t) and t
+
+
+def test_three_manifest_formats_agree(corpus):
+    for split in ("train", "dev"):
+        plain = load_manifest(corpus / split / "manifest.jsonl")
+        kaldi = {u.id: u for u in load_manifest(corpus / split)}
+        cuts = {u.id: u for u in load_manifest(corpus / split / "cuts.jsonl.gz")}
+        assert set(kaldi) == set(cuts) == {u.id for u in plain}
+        for u in plain:
+            assert kaldi[u.id].audio == cuts[u.id].audio == u.audio
+            assert kaldi[u.id].text == cuts[u.id].text == u.text
+            assert kaldi[u.id].speaker == cuts[u.id].speaker == u.speaker
+            assert cuts[u.id].duration == pytest.approx(u.duration, abs=1e-4)
+
+
+def test_audio_is_16k_mono_speech(corpus):
+    for u in load_manifest(corpus / "train" / "manifest.jsonl")[:6]:
+        info = audio_info(u.audio)
+        assert (info.sample_rate, info.num_channels) == (16000, 1)
+        assert info.duration == pytest.approx(u.duration, abs=1e-3)
+        x = read_audio(u.audio)
+        assert 0.02 < np.abs(x).max() <= 1.0
+        # ~2-5 words a second: the audio says the transcript, not something else
+        assert 1.0 < len(u.text.split()) / u.duration < 6.0
+
+
+def test_synthesis_is_deterministic_whatever_the_worker(corpus, tmp_path):
+    from kdcache.data.demo_corpus import (
+        SPLITS,
+        _jobs_for,
+        available_variants,
+        load_sentences,
+        synthesize,
+    )
+
+    # Rebuild the first two train jobs in this process and compare bytes with the pool's output.
+    summary = json.loads((corpus / "corpus.json").read_text())
+    utts = load_manifest(corpus / "train" / "manifest.jsonl")[:2]
+    sents = {s[2]: s for s in load_sentences()}
+    jobs, _ = _jobs_for("train", [sents[u.text] for u in utts], corpus / "train" / "wav",
+                        summary["seed"], available_variants())
+    assert SPLITS[0] == "train"
+    for job, u in zip(jobs, utts, strict=True):
+        assert job.path == u.audio
+        mine = replace(job, path=str(tmp_path / Path(job.path).name))
+        synthesize(mine)
+        assert Path(mine.path).read_bytes() == Path(u.audio).read_bytes()
+
+
+def test_existing_output_is_refused(corpus):
+    from kdcache.data.demo_corpus import CorpusError, build_demo_corpus
+
+    with pytest.raises(CorpusError, match="already exists"):
+        build_demo_corpus(corpus, size="tiny")
+    with pytest.raises(CorpusError, match="unknown size"):
+        build_demo_corpus(corpus.parent / "other", size="huge")
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("demo-corpus")(data_cmd.demo_corpus)
+    app.command("features")(data_cmd.features)
+    app.command("tokenizer")(data_cmd.tokenizer)
+    return app
+
+
+def test_cli_features_on_a_corpus_root(corpus, tmp_path):
+    from kdcache.data.features import open_features
+
+    r = CliRunner().invoke(_app(), ["features", str(corpus), "--out", str(tmp_path / "feats"),
+                                    "--workers", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    for split in ("train", "dev", "test"):
+        store = open_features(tmp_path / "feats" / f"{split}.fbank")
+        assert len(store) == len(load_manifest(corpus / split / "manifest.jsonl"))
+    r = CliRunner().invoke(_app(), ["features", str(corpus / "dev"), "--out", str(tmp_path / "feats" / "dev.fbank")])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_cli_tokenizer_train_show_encode(corpus, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(_app(), ["tokenizer", "train", "--text", str(corpus / "lm_text.txt"),
+                               "--text", str(corpus / "train"), "--kind", "bpe",
+                               "--vocab-size", "300", "--out", str(tmp_path / "bpe")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(_app(), ["tokenizer", "show", str(tmp_path / "bpe"), "--sample", "In the Beginning!"])
+    assert r.exit_code == 0, r.output
+    assert "vocab_size  300" in r.output and "decoded     in the beginning" in r.output
+    r = runner.invoke(_app(), ["tokenizer", "train", "--text", str(corpus / "train" / "manifest.jsonl"),
+                               "--kind", "char", "--out", str(tmp_path / "char")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(_app(), ["tokenizer", "encode", str(tmp_path / "char")])
+    assert r.exit_code == 1 and "needs --sample" in r.output
+    r = runner.invoke(_app(), ["tokenizer", "train", "--kind", "char"])
+    assert r.exit_code == 1 and "needs --text" in r.output

@@ -10,8 +10,9 @@ Layout of a cache directory ``NAME.kdc/``::
     teachers/<teacher>/zarr.json            group; attributes["kdcache_teacher"] = TeacherRecord
     teachers/<teacher>/shards/<shard>/      one group per writer shard (append-only)
         topk_ids          [N, k]  uint16 | uint32
-        topk_logprobs     [N, k]  float16, sorted descending along k
-        tail_logmass      [N]     float32, log P(outside the top k)
+        topk_logprobs     [N, k]  float16, sorted descending along k, mantissa rounded to
+                                  record.logprob_keepbits bits (round_mantissa)
+        tail_logmass      [N]     float32, log P(outside the top k), rounded to TAIL_KEEPBITS
         hidden/<layer>    [N, D]  float16 | int8
         hidden_scale/<layer> [N]  float32 (int8 codec only: value = int8 * scale)
     index/<teacher>/<shard>.parquet         one row per utterance in that shard (INDEX_SCHEMA)
@@ -20,6 +21,9 @@ Layout of a cache directory ``NAME.kdc/``::
 
 N is the shard's flat position axis: the utterances of a shard concatenated in the order of its
 index, like an Arrow list array. ``offset``/``length`` in the index point into it.
+
+Shard names are ``r<rank>-<seq>`` (shard_name); codecs per array come from array_codecs();
+``Storage`` is the byte-level access (local directory or fsspec URL) everyone shares.
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ HIDDEN_CODECS = ("float16", "int8")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
 TAIL_LOGMASS_DTYPE = np.dtype("float32")
 HIDDEN_SCALE_DTYPE = np.dtype("float32")
+# Mantissa bits kept in topk_logprobs by default (of float16's 10). Chosen with bench/cache_io.py
+# on SmolLM2-135M top-16 targets (docs/performance/cache_io.md): 7 bits keep the mean KL of the
+# top-16 + tail distribution to its unrounded value near 6e-6 nats (mean |d logp| 0.006) and bring
+# top-16 + tail to ~39 bytes/position, under the 40-byte target.
+DEFAULT_LOGPROB_KEEPBITS = 7
+# tail_logmass is float32 (range down to log 1e-38) rounded to 10 mantissa bits (float16
+# precision): it then compresses from 3.5 to 1.8 bytes/position.
+TAIL_KEEPBITS = 10
 
 # Teacher and shard names become path components.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -144,7 +156,8 @@ class TeacherRecord:
         hidden_layers: Layer indices whose hidden states are stored (may be empty).
         hidden_dims: Feature size per stored layer, keyed by str(layer).
         hidden_codec: "float16" or "int8" (int8 with a per-row float32 scale).
-        logprob_keepbits: Mantissa bits kept in topk_logprobs (10 = plain float16).
+        logprob_keepbits: Mantissa bits kept in topk_logprobs (10 = plain float16; default
+            DEFAULT_LOGPROB_KEEPBITS).
         chunk_positions: Chunk length along the flat position axis.
         options: Teacher-specific build options (e.g. masked-LM mode); JSON-serialisable.
     """
@@ -163,7 +176,7 @@ class TeacherRecord:
     hidden_layers: tuple[int, ...] = ()
     hidden_dims: dict[str, int] = field(default_factory=dict)
     hidden_codec: str = "float16"
-    logprob_keepbits: int = 10
+    logprob_keepbits: int = DEFAULT_LOGPROB_KEEPBITS
     chunk_positions: int = DEFAULT_CHUNK_POSITIONS
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -184,7 +197,9 @@ class TeacherRecord:
                 f"teacher {self.name!r}: k={self.k} must be in 0..vocab_size ({self.vocab_size})"
             )
         if self.k == 0 and not self.hidden_layers:
-            raise ValueError(f"teacher {self.name!r}: k=0 stores nothing unless hidden_layers is set")
+            raise ValueError(
+                f"teacher {self.name!r}: k=0 stores nothing unless hidden_layers is set"
+            )
         if not self.temperature > 0:
             raise ValueError(f"teacher {self.name!r}: temperature must be > 0")
         if not 1 <= self.logprob_keepbits <= 10:
@@ -235,4 +250,318 @@ def round_mantissa(x: np.ndarray, keepbits: int) -> np.ndarray:
     rounded = ((bits + half) & mask).astype(np.uint16)
     out = np.where(finite, rounded, bits.astype(np.uint16)).view(np.float16)
     # Rounding up can carry into the exponent and overflow to inf; keep the original there.
+    return np.where(np.isfinite(out) | ~finite, out, x)
+
+
+# --------------------------------------------------------------------------------------------
+# Additions (issue 2): errors, shard names, paths, codecs, storage access. Everything below is
+# shared by writer, reader, verify and inspect.
+# --------------------------------------------------------------------------------------------
+
+
+class CacheError(Exception):
+    """A cache cannot be opened or read: the message names the path, array, chunk or shard."""
+
+
+# Shard names carry the writer rank so that concurrent ranks never touch each other's shards:
+# ``r<rank:05d>-<seq:06d>``; seq counts up per rank across resumed runs.
+SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})$")
+
+
+def shard_name(rank: int, seq: int) -> str:
+    return f"r{rank:05d}-{seq:06d}"
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """(rank, seq) of a shard name, or None when the name is not a shard name."""
+    m = SHARD_RE.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+# Relative paths (always '/'-separated, relative to the cache root).
+def teacher_path(teacher: str) -> str:
+    return f"{TEACHERS_DIR}/{teacher}"
+
+
+def shard_path(teacher: str, shard: str) -> str:
+    return f"{TEACHERS_DIR}/{teacher}/{SHARDS_DIR}/{shard}"
+
+
+def index_path(teacher: str, shard: str) -> str:
+    return f"{INDEX_DIR}/{teacher}/{shard}.parquet"
+
+
+def commit_path(teacher: str, shard: str) -> str:
+    return f"{COMMITS_DIR}/{teacher}/{shard}.json"
+
+
+def array_names(record: TeacherRecord) -> list[str]:
+    """Array paths inside a shard group, in a fixed order."""
+    names = list(TOPK_STREAMS) if record.k > 0 else []
+    for layer in record.hidden_layers:
+        names.append(f"{HIDDEN_DIR}/{layer}")
+        if record.hidden_codec == "int8":
+            names.append(f"{HIDDEN_SCALE_DIR}/{layer}")
+    return names
+
+
+def array_dtype(record: TeacherRecord, name: str) -> np.dtype:
+    if name == TOPK_IDS:
+        return record.id_dtype
+    if name == TOPK_LOGPROBS:
+        return TOPK_LOGPROB_DTYPE
+    if name == TAIL_LOGMASS:
+        return TAIL_LOGMASS_DTYPE
+    if name.startswith(HIDDEN_SCALE_DIR + "/"):
+        return HIDDEN_SCALE_DTYPE
+    if name.startswith(HIDDEN_DIR + "/"):
+        return np.dtype("float16") if record.hidden_codec == "float16" else np.dtype("int8")
+    raise KeyError(name)
+
+
+def array_row_shape(record: TeacherRecord, name: str) -> tuple[int, ...]:
+    """Shape of one position of an array (empty tuple for 1-d arrays)."""
+    if name in (TOPK_IDS, TOPK_LOGPROBS):
+        return (record.k,)
+    if name.startswith(HIDDEN_DIR + "/"):
+        return (record.hidden_dims[name.split("/", 1)[1]],)
+    return ()
+
+
+# Codecs. Only codecs from the Zarr v3 core spec (bytes, zstd, blosc, crc32c), so any v3 reader
+# decodes a cache. The choice per stream comes from bench/cache_io.py (docs/performance/cache_io.md).
+ZSTD_LEVEL = 3
+
+
+def array_codecs(name: str) -> dict[str, Any]:
+    """Keyword arguments for ``zarr.create_array`` (serializer + compressors) of one array.
+
+    Every array ends in a crc32c codec: a damaged chunk fails to decode instead of reading as
+    wrong numbers.
+    """
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+    if name in (TOPK_LOGPROBS, TAIL_LOGMASS) or name.startswith(HIDDEN_SCALE_DIR + "/"):
+        # Byte shuffle groups the sign/exponent bytes of the floats; the zeroed low mantissa bits
+        # (keepbits) then compress to almost nothing.
+        comp = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
+    elif name.startswith(HIDDEN_DIR + "/"):
+        # Hidden states barely compress (2-15%); lz4 decodes at >3M positions/s for D=576 where
+        # zstd-5 takes 2.5x longer to decode and 9x longer to encode for 13% fewer bytes.
+        comp = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    else:
+        # Token ids: near-random 16-bit values; zstd-3 is within 7% of zstd-19 at 10x the speed.
+        comp = ZstdCodec(level=ZSTD_LEVEL)
+    return {"serializer": BytesCodec(endian="little"), "compressors": [comp, Crc32cCodec()]}
+
+
+# Record fields that may differ between a writer's record and the stored one: where the model
+# was loaded from is not part of its identity when the content hashes agree.
+HARMLESS_RECORD_FIELDS = ("model_id", "tokenizer_id")
+
+
+def record_differences(stored: TeacherRecord, new: TeacherRecord) -> list[str]:
+    """Names of fields (other than HARMLESS_RECORD_FIELDS) whose values differ."""
+    a, b = stored.to_dict(), new.to_dict()
+    return [k for k in a if k not in HARMLESS_RECORD_FIELDS and a[k] != b[k]]
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+class Storage:
+    """Byte-level access to a cache root: a local directory or an fsspec URL.
+
+    Local paths use plain os calls (atomic rename, fsync); URLs go through fsspec, where a single
+    put is atomic on object stores (s3, gs) and there is no rename.
+    """
+
+    def __init__(self, path: str, *, read_only: bool, storage_options: dict | None = None):
+        import os
+
+        path = str(path)
+        if path.startswith("file://"):
+            path = path[len("file://") :]
+        self.url = path
+        self.read_only = read_only
+        self.local = not is_url(path)
+        self.storage_options = storage_options or {}
+        if self.local:
+            self.root = os.path.abspath(path)
+            self.fs = None
+        else:
+            import fsspec
+
+            self.fs, self.root = fsspec.core.url_to_fs(path, **self.storage_options)
+            self.root = self.root.rstrip("/")
+
+    def zarr_store(self):
+        import zarr.storage
+
+        if self.local:
+            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.url, storage_options=self.storage_options or None, read_only=self.read_only
+        )
+
+    def full(self, rel: str) -> str:
+        import os
+
+        if self.local:
+            return os.path.join(self.root, *rel.split("/")) if rel else self.root
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def exists(self, rel: str) -> bool:
+        import os
+
+        return os.path.exists(self.full(rel)) if self.local else self.fs.exists(self.full(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.local:
+            with open(self.full(rel), "rb") as f:
+                return f.read()
+        return self.fs.cat_file(self.full(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        """Sorted entry names under rel ([] when it does not exist)."""
+        import os
+
+        if self.local:
+            p = self.full(rel)
+            return sorted(os.listdir(p)) if os.path.isdir(p) else []
+        p = self.full(rel)
+        if not self.fs.exists(p):
+            return []
+        return sorted(
+            x.rstrip("/").rsplit("/", 1)[-1]
+            for x in self.fs.ls(p, detail=False)
+            if x.rstrip("/") != p
+        )
+
+    def size_tree(self, rel: str = "") -> int:
+        """Total bytes of all files under rel."""
+        import os
+
+        if self.local:
+            total = 0
+            for dirpath, _, files in os.walk(self.full(rel)):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(dirpath, f))
+                    except OSError:
+                        pass
+            return total
+        return int(self.fs.du(self.full(rel)))
+
+    def write_atomic(self, rel: str, data: bytes, *, fsync: bool = True) -> None:
+        """Write a file so that readers see either nothing or all of it."""
+        import os
+
+        if not self.local:
+            self.fs.makedirs(self.full(rel).rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(self.full(rel), data)
+            return
+        dest = self.full(rel)
+        d = os.path.dirname(dest)
+        os.makedirs(d, exist_ok=True)
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        if fsync:
+            fsync_dir(d)
+
+    def remove(self, rel: str) -> None:
+        import os
+        import shutil
+
+        p = self.full(rel)
+        if self.local:
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+        elif self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    def fsync_tree(self, rel: str) -> None:
+        """fsync every file and directory under rel (local only; no-op for URLs)."""
+        import os
+
+        if not self.local:
+            return
+        for dirpath, _, files in os.walk(self.full(rel)):
+            for f in files:
+                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fsync_dir(dirpath)
+
+
+def fsync_dir(path: str) -> None:
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class UttTargets:
+    """One utterance's targets from one teacher (what the writer takes and the reader returns).
+
+    Attributes:
+        utt_id: Utterance id (the key; never the order).
+        topk_ids: [T, k] integer ids, sorted by descending log-prob (reader: int64).
+        topk_logprobs: [T, k] log-probs at the build temperature, descending along k
+            (reader: float32 widened from the stored float16).
+        tail_logmass: [T] log P(outside the top k); -inf when the top k hold everything
+            (reader: float32; zeros, i.e. log 1, for a k == 0 teacher).
+        hidden: layer -> [T, D_layer] (reader: float16 as stored for the float16 codec, float32
+            dequantised for int8).
+        token_ids: [T] teacher input token ids, or None for frame units (reader: int32 or None).
+        text: Normalised transcript the targets were computed from.
+        input_hash: content_hash() of the text or features.
+    """
+
+    utt_id: str
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    tail_logmass: np.ndarray
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)
+    token_ids: np.ndarray | None = None
+    text: str = ""
+    input_hash: str = ""
+
+    @property
+    def num_positions(self) -> int:
+        return int(np.shape(self.topk_ids)[0])
+
+
+def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
+    """Round float32 values to ``keepbits`` mantissa bits (of 23; round half up on the bits).
+
+    Same idea as round_mantissa, for float32 (used for tail_logmass with TAIL_KEEPBITS).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if keepbits >= 23:
+        return x
+    drop = 23 - keepbits
+    bits = x.view(np.uint32).astype(np.uint64)
+    finite = np.isfinite(x)
+    rounded = ((bits + (1 << (drop - 1))) & ((0xFFFFFFFF >> drop) << drop)).astype(np.uint32)
+    out = np.where(finite, rounded, bits.astype(np.uint32)).view(np.float32)
     return np.where(np.isfinite(out) | ~finite, out, x)

@@ -1,0 +1,631 @@
+"""open_cache -> KDCache: random access and streaming reads of committed shards (docs/format.md).
+
+Reads go chunk by chunk: a whole chunk of every needed array is read and decoded at once, then
+utterances are sliced out of it as views. Decoded chunks sit in a small LRU cache, so an utterance
+that spans a chunk boundary, or a second teacher written in the same utterance order, costs no
+second decode.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import queue
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdcache.cache_format import spec
+from kdcache.cache_format.spec import CacheError, TeacherRecord, UttTargets
+
+__all__ = ["open_cache", "KDCache", "ShardIndex"]
+
+
+@dataclass
+class ShardIndex:
+    """One committed shard of one teacher: its marker and its index columns as arrays."""
+
+    teacher: str
+    name: str
+    marker: dict[str, Any]
+    utt_ids: list[str]
+    offsets: np.ndarray  # [U] int64
+    lengths: np.ndarray  # [U] int64
+    input_hash: list[str]
+    text: list[str]
+    token_values: np.ndarray  # flat int32 values of the token_ids list column
+    token_offsets: np.ndarray  # [U + 1] int64 into token_values
+    token_valid: np.ndarray  # [U] bool: token_ids present (not null)
+
+    @property
+    def positions(self) -> int:
+        return int(self.marker["positions"])
+
+    def token_ids(self, row: int) -> np.ndarray | None:
+        if not self.token_valid[row]:
+            return None
+        return self.token_values[self.token_offsets[row] : self.token_offsets[row + 1]]
+
+
+def _read_index(storage: spec.Storage, teacher: str, shard: str, marker: dict) -> ShardIndex:
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rel = spec.index_path(teacher, shard)
+    try:
+        data = storage.read_bytes(rel)
+    except (FileNotFoundError, OSError) as e:
+        raise CacheError(
+            f"{storage.full(rel)}: index of committed shard is missing ({e})"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != marker.get("index_sha256"):
+        raise CacheError(
+            f"{storage.full(rel)}: sha256 {digest[:16]}... does not match the commit marker "
+            f"({str(marker.get('index_sha256'))[:16]}...); the index is damaged"
+        )
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as e:
+        raise CacheError(f"{storage.full(rel)}: cannot read the parquet index ({e})") from None
+    missing = [c for c in spec.INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise CacheError(f"{storage.full(rel)}: index lacks columns {missing}")
+    tok = table.column("token_ids").combine_chunks()
+    if isinstance(tok, pa.ChunkedArray):  # empty table
+        tok = pa.array([], type=pa.list_(pa.int32()))
+    n = len(table)
+    if n:
+        offs = np.asarray(tok.offsets, dtype=np.int64)
+        vals = np.asarray(tok.values.to_numpy(zero_copy_only=False), dtype=np.int32)
+        valid = ~np.asarray(tok.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    else:
+        offs, vals, valid = np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, bool)
+    return ShardIndex(
+        teacher=teacher,
+        name=shard,
+        marker=marker,
+        utt_ids=table.column("utt_id").to_pylist(),
+        offsets=table.column("offset").to_numpy().astype(np.int64),
+        lengths=table.column("length").to_numpy().astype(np.int64),
+        input_hash=table.column("input_hash").to_pylist(),
+        text=[t if t is not None else "" for t in table.column("text").to_pylist()],
+        token_values=vals,
+        token_offsets=offs,
+        token_valid=valid,
+    )
+
+
+class _LRU:
+    """Decoded chunks, least recently used evicted first, bounded by total bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.d: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            v = self.d.get(key)
+            if v is not None:
+                self.d.move_to_end(key)
+            return v
+
+    def put(self, key, value):
+        if value.nbytes > self.max_bytes:
+            return
+        with self.lock:
+            old = self.d.pop(key, None)
+            if old is not None:
+                self.bytes -= old.nbytes
+            self.d[key] = value
+            self.bytes += value.nbytes
+            while self.bytes > self.max_bytes:
+                _, v = self.d.popitem(last=False)
+                self.bytes -= v.nbytes
+
+
+class _TeacherData:
+    """Arrays of one teacher: opens shard arrays lazily, decodes whole chunks through an LRU."""
+
+    def __init__(self, cache: KDCache, record: TeacherRecord, lru_bytes: int):
+        self.cache = cache
+        self.record = record
+        self.C = record.chunk_positions
+        self.arrays: dict[tuple[str, str], Any] = {}
+        self.lru = _LRU(lru_bytes)
+        self._names: dict[bool, list[str]] = {}
+        self.lock = threading.Lock()
+
+    def array(self, shard: str, name: str):
+        key = (shard, name)
+        a = self.arrays.get(key)
+        if a is None:
+            import zarr
+
+            path = f"{spec.shard_path(self.record.name, shard)}/{name}"
+            try:
+                a = zarr.open_array(self.cache._zstore, path=path, mode="r")
+            except Exception as e:
+                raise CacheError(
+                    f"{self.cache._storage.full(path)}: cannot open array ({e})"
+                ) from None
+            with self.lock:
+                self.arrays[key] = a
+        return a
+
+    def chunk(self, shard: str, name: str, c: int) -> np.ndarray:
+        """Decoded chunk c of one array: ids int64, top-k log-probs and tails float32, hidden as
+        stored (float16, or int8 + float32 scales)."""
+        return self.chunks(shard, [name], c)[name]
+
+    def chunks(self, shard: str, names: Sequence[str], c: int) -> dict[str, np.ndarray]:
+        """Decoded chunk c of several arrays; the missing ones are read and decoded concurrently."""
+        out, todo = {}, []
+        for name in names:
+            v = self.lru.get((shard, name, c))
+            if v is None:
+                todo.append(name)
+            else:
+                out[name] = v
+        if not todo:
+            return out
+        from zarr.core.sync import sync
+
+        arrays = [self.array(shard, name) for name in todo]
+
+        base = spec.shard_path(self.record.name, shard)
+        store = self.cache._zstore
+
+        async def read_all():
+            import asyncio
+
+            sel = [slice(c * self.C, min((c + 1) * self.C, a.shape[0])) for a in arrays]
+            # zarr reads a missing chunk as fill values without complaint: check the keys too.
+            keys = [
+                f"{base}/{n}/c/{c}" + "/0" * (a.ndim - 1) for n, a in zip(todo, arrays, strict=True)
+            ]
+            return await asyncio.gather(
+                *(a.async_array.getitem(s) for a, s in zip(arrays, sel, strict=True)),
+                *(store.exists(k) for k in keys),
+                return_exceptions=True,
+            )
+
+        results = sync(read_all())
+        raws, present = results[: len(todo)], results[len(todo) :]
+        for name, raw, ok in zip(todo, raws, present, strict=True):
+            path = self.cache._storage.full(f"{base}/{name}")
+            if isinstance(raw, BaseException):
+                raise CacheError(
+                    f"{path}: chunk {c} is damaged or unreadable ({type(raw).__name__}: {raw})"
+                ) from None
+            if ok is not True:
+                raise CacheError(f"{path}: chunk {c} is missing (the cache is damaged)")
+            raw = np.asarray(raw)
+            if name == spec.TOPK_IDS:
+                v = raw.astype(np.int64)
+            elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
+                v = raw.astype(np.float32)
+            else:
+                v = raw  # hidden float16 stays float16: half the memory, no conversion pass
+            self.lru.put((shard, name, c), v)
+            out[name] = v
+        return out
+
+    def block(
+        self, shard: str, names: Sequence[str], start: int, stop: int
+    ) -> dict[str, np.ndarray]:
+        """Positions [start, stop) of several arrays (views when inside one chunk)."""
+        C = self.C
+        if stop <= start:
+            return {n: self._empty(n) for n in names}
+        c0, c1 = start // C, (stop - 1) // C
+        parts = [self.chunks(shard, names, c) for c in range(c0, c1 + 1)]
+        out = {}
+        for n in names:
+            if c0 == c1:
+                out[n] = parts[0][n][start - c0 * C : stop - c0 * C]
+            else:  # copy only the rows needed, not whole chunks
+                pieces = [p[n] for p in parts]
+                pieces[-1] = pieces[-1][: stop - c1 * C]
+                pieces[0] = pieces[0][start - c0 * C :]
+                out[n] = np.concatenate(pieces)
+        return out
+
+    def names(self, hidden: bool) -> list[str]:
+        """Array names read for this teacher (hidden ones only when ``hidden``)."""
+        key = bool(hidden)
+        got = self._names.get(key)
+        if got is None:
+            got = [
+                n
+                for n in spec.array_names(self.record)
+                if hidden or not n.startswith((spec.HIDDEN_DIR, spec.HIDDEN_SCALE_DIR))
+            ]
+            self._names[key] = got
+        return got
+
+    def _empty(self, name: str) -> np.ndarray:
+        row = spec.array_row_shape(self.record, name)
+        dt = spec.array_dtype(self.record, name)
+        if name == spec.TOPK_IDS:
+            dt = np.dtype(np.int64)
+        elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
+            dt = np.dtype(np.float32)
+        return np.zeros((0, *row), dtype=dt)
+
+    def utt(self, si: ShardIndex, row: int, hidden: bool, view: dict | None = None) -> UttTargets:
+        """Build one utterance's targets; ``view`` maps array name -> (base_pos, decoded block)."""
+        rec = self.record
+        a = int(si.offsets[row])
+        b = a + int(si.lengths[row])
+        names = self.names(hidden)
+        covered = view is not None and all(
+            n in view and view[n][0] <= a and b - view[n][0] <= len(view[n][1]) for n in names
+        )
+        if not covered:
+            # Outside the caller's decoded chunk (or no view): all arrays at once, via the LRU.
+            view = {n: (a, x) for n, x in self.block(si.name, names, a, b).items()}
+
+        def get(name):
+            base, block = view[name]
+            return block[a - base : b - base]
+
+        T = b - a
+        if rec.k > 0:
+            ids = get(spec.TOPK_IDS)
+            lp = get(spec.TOPK_LOGPROBS)
+            tail = get(spec.TAIL_LOGMASS)
+        else:
+            ids = np.zeros((T, 0), np.int64)
+            lp = np.zeros((T, 0), np.float32)
+            tail = np.zeros(T, np.float32)
+        hid: dict[int, np.ndarray] = {}
+        if hidden:
+            for layer in rec.hidden_layers:
+                x = get(f"{spec.HIDDEN_DIR}/{layer}")
+                if rec.hidden_codec == "int8":
+                    s = get(f"{spec.HIDDEN_SCALE_DIR}/{layer}")
+                    x = x.astype(np.float32) * s[:, None]
+                hid[layer] = x
+        return UttTargets(
+            utt_id=si.utt_ids[row],
+            topk_ids=ids,
+            topk_logprobs=lp,
+            tail_logmass=tail,
+            hidden=hid,
+            token_ids=si.token_ids(row),
+            text=si.text[row],
+            input_hash=si.input_hash[row],
+        )
+
+
+class KDCache:
+    """A cache opened for reading. Only committed shards are visible.
+
+    Attributes:
+        path: The path or URL it was opened from.
+        format_version: From the root attributes.
+        root_attrs: The root ``kdcache`` record (format_version, created, builder).
+        teachers: name -> TeacherRecord, sorted by name.
+        shards: name -> committed ShardIndex list, sorted by shard name.
+    """
+
+    def __init__(
+        self, path: str, *, storage_options: dict | None = None, lru_bytes: int = 256 << 20
+    ):
+        import zarr
+
+        self.path = str(path)
+        self._storage = spec.Storage(self.path, read_only=True, storage_options=storage_options)
+        self._zstore = self._storage.zarr_store()
+        try:
+            root = zarr.open_group(self._zstore, mode="r")
+        except Exception:
+            raise CacheError(f"{self.path}: not a cache (no readable zarr group there)") from None
+        attrs = root.attrs.asdict().get(spec.ROOT_ATTR)
+        if not isinstance(attrs, dict):
+            raise CacheError(
+                f"{self.path}: a zarr group but not a kdcache cache (no '{spec.ROOT_ATTR}' attribute)"
+            )
+        ver = attrs.get("format_version")
+        if ver not in spec.SUPPORTED_FORMAT_VERSIONS:
+            raise CacheError(
+                f"{self.path}: format_version {ver!r} is not supported by this kdcache "
+                f"(supported: {list(spec.SUPPORTED_FORMAT_VERSIONS)}); upgrade kdcache"
+            )
+        self.format_version = int(ver)
+        self.root_attrs = dict(attrs)
+        self.teachers: dict[str, TeacherRecord] = {}
+        self.shards: dict[str, list[ShardIndex]] = {}
+        self._where: dict[str, dict[str, tuple[int, int]]] = {}
+        self._data: dict[str, _TeacherData] = {}
+        for name in self._storage.listdir(spec.TEACHERS_DIR):
+            tp = spec.teacher_path(name)
+            if not self._storage.exists(f"{tp}/zarr.json"):
+                continue
+            try:
+                d = (
+                    zarr.open_group(self._zstore, path=tp, mode="r")
+                    .attrs.asdict()
+                    .get(spec.TEACHER_ATTR)
+                )
+                rec = TeacherRecord.from_dict(d)
+            except Exception as e:
+                raise CacheError(f"{self._storage.full(tp)}: bad teacher record ({e})") from None
+            self.teachers[name] = rec
+            self._data[name] = _TeacherData(self, rec, lru_bytes)
+            shards, where = [], {}
+            for fname in self._storage.listdir(f"{spec.COMMITS_DIR}/{name}"):
+                if not fname.endswith(".json") or spec.parse_shard_name(fname[:-5]) is None:
+                    continue
+                shard = fname[:-5]
+                rel = spec.commit_path(name, shard)
+                try:
+                    marker = json.loads(self._storage.read_bytes(rel))
+                except Exception as e:
+                    raise CacheError(
+                        f"{self._storage.full(rel)}: unreadable commit marker ({e})"
+                    ) from None
+                si = _read_index(self._storage, name, shard, marker)
+                for row, u in enumerate(si.utt_ids):
+                    if u in where:
+                        other = shards[where[u][0]].name
+                        raise CacheError(
+                            f"{self.path}: utterance {u!r} of teacher {name!r} is in two shards "
+                            f"({other} and {shard}); remove one (kdcache verify lists duplicates)"
+                        )
+                    where[u] = (len(shards), row)
+                shards.append(si)
+            self.shards[name] = shards
+            self._where[name] = where
+
+    # ---------------------------------------------------------------- random access
+    def utt_ids(self, teacher: str | None = None) -> list[str]:
+        """Committed utterance ids of one teacher, or of all teachers (union), in storage order."""
+        if teacher is not None:
+            self._check_teacher(teacher)
+            return [u for si in self.shards[teacher] for u in si.utt_ids]
+        seen: dict[str, None] = {}
+        for t in self.teachers:
+            for si in self.shards[t]:
+                seen.update(dict.fromkeys(si.utt_ids))
+        return list(seen)
+
+    def _check_teacher(self, teacher: str) -> None:
+        if teacher not in self.teachers:
+            raise KeyError(
+                f"teacher {teacher!r} not in cache {self.path} (teachers: {sorted(self.teachers)})"
+            )
+
+    def num_positions(self, teacher: str) -> int:
+        self._check_teacher(teacher)
+        return sum(si.positions for si in self.shards[teacher])
+
+    def get(self, utt_id: str, teacher: str, *, hidden: bool = True) -> UttTargets:
+        """One utterance's targets from one teacher.
+
+        Raises:
+            KeyError: naming the utterance (or the teacher) when absent.
+            CacheError: naming the array and chunk when a chunk is damaged.
+        """
+        self._check_teacher(teacher)
+        w = self._where[teacher].get(utt_id)
+        if w is None:
+            raise KeyError(f"utterance {utt_id!r} not in teacher {teacher!r} of cache {self.path}")
+        si = self.shards[teacher][w[0]]
+        return self._data[teacher].utt(si, w[1], hidden)
+
+    def __getitem__(self, utt_id: str) -> dict[str, UttTargets]:
+        out = {t: self.get(utt_id, t) for t in self.teachers if utt_id in self._where[t]}
+        if not out:
+            raise KeyError(f"utterance {utt_id!r} not in cache {self.path}")
+        return out
+
+    def __contains__(self, utt_id: object) -> bool:
+        return any(utt_id in w for w in self._where.values())
+
+    def __len__(self) -> int:
+        return len(self.utt_ids())
+
+    def __repr__(self) -> str:
+        return f"KDCache({self.path!r}, teachers={list(self.teachers)}, utterances={len(self)})"
+
+    # ---------------------------------------------------------------- streaming
+    def chunk_groups(
+        self,
+        teacher: str,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[tuple[int, int]]:
+        """The (shard index, chunk index) groups one rank streams, in order.
+
+        Every utterance belongs to the chunk holding its first position. The full list (sorted,
+        then permuted with ``seed`` when shuffling) is cut into ``world_size`` contiguous slices;
+        rank r takes slice r, so ranks are disjoint and together cover every chunk.
+        """
+        self._check_teacher(teacher)
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}"
+            )
+        C = self.teachers[teacher].chunk_positions
+        groups = []
+        for i, si in enumerate(self.shards[teacher]):
+            n_chunks = max(1, -(-si.positions // C))
+            groups.extend((i, c) for c in range(n_chunks))
+        if shuffle:
+            random.Random(seed).shuffle(groups)
+        n = len(groups)
+        return groups[rank * n // world_size : (rank + 1) * n // world_size]
+
+    def stream(
+        self,
+        teachers: Sequence[str] | None = None,
+        hidden: bool = True,
+        shuffle: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        utt_ids: Sequence[str] | set[str] | None = None,
+        prefetch: int = 2,
+    ) -> Iterator[dict[str, UttTargets]]:
+        """Iterate utterances as {teacher: UttTargets}, reading whole chunks.
+
+        The first teacher leads: its chunks are the unit of reading, shuffling and the rank split
+        (see chunk_groups). Other teachers' targets of the same utterances come through the LRU of
+        decoded chunks (cheap when they were written in the same utterance order). Only utterances
+        present in every requested teacher are yielded.
+
+        Args:
+            teachers: Teacher names (default: all, sorted by name).
+            hidden: Read hidden-state streams too.
+            shuffle: Shuffle the order of chunk groups (seeded) and, with shuffle_buffer > 0,
+                utterances through a buffer of that many.
+            seed: Shuffle seed; use the same seed on every rank, and a new one per epoch.
+            shuffle_buffer: Size of the utterance shuffle buffer (0 = off).
+            rank, world_size: This reader's share of the chunk groups.
+            utt_ids: Only these utterances.
+            prefetch: Decoded chunk groups queued ahead by the background thread (0 = no thread).
+        """
+        teachers = list(teachers) if teachers is not None else sorted(self.teachers)
+        if not teachers:
+            return iter(())
+        for t in teachers:
+            self._check_teacher(t)
+        groups = self.chunk_groups(
+            teachers[0], shuffle=shuffle, seed=seed, rank=rank, world_size=world_size
+        )
+        keep = set(utt_ids) if utt_ids is not None else None
+        produce = self._group_producer(teachers, groups, hidden, keep)
+        it = _prefetched(produce, prefetch) if prefetch > 0 else (x for g in produce for x in [g])
+        items = (u for batch in it for u in batch)
+        if shuffle and shuffle_buffer > 0:
+            items = _shuffle_buffer(items, shuffle_buffer, random.Random(seed * 100003 + rank))
+        return items
+
+    def _group_producer(
+        self, teachers, groups, hidden, keep
+    ) -> Iterator[list[dict[str, UttTargets]]]:
+        lead = teachers[0]
+        data = self._data[lead]
+        rec = self.teachers[lead]
+        C = rec.chunk_positions
+        names = data.names(hidden)
+        # Utterances of each (shard, chunk): by first position (offsets are sorted, so a range of
+        # rows); empty utterances at the very end of a shard belong to its last chunk.
+        starts_cache: dict[int, np.ndarray] = {}
+        for shard_i, c in groups:
+            si = self.shards[lead][shard_i]
+            if shard_i not in starts_cache:
+                n_chunks = max(1, -(-si.positions // C))
+                starts_cache[shard_i] = np.minimum(si.offsets // C, n_chunks - 1)
+            starts = starts_cache[shard_i]
+            rows = range(
+                int(np.searchsorted(starts, c, "left")), int(np.searchsorted(starts, c, "right"))
+            )
+            if keep is not None:
+                rows = [r for r in rows if si.utt_ids[r] in keep]
+            if len(rows) == 0:
+                continue
+            # Chunk c for all arrays at once; an utterance running into chunk c+1 is assembled by
+            # utt() from the LRU (chunk c+1 is then decoded once for this group and the next).
+            view = {}
+            if si.positions > c * C:
+                view = {n: (c * C, x) for n, x in data.chunks(si.name, names, c).items()}
+            batch = []
+            for r in rows:
+                u = si.utt_ids[r]
+                item = {lead: data.utt(si, int(r), hidden, view)}
+                ok = True
+                for t in teachers[1:]:
+                    w = self._where[t].get(u)
+                    if w is None:
+                        ok = False
+                        break
+                    item[t] = self._data[t].utt(self.shards[t][w[0]], w[1], hidden)
+                if ok:
+                    batch.append(item)
+            yield batch
+
+
+def _prefetched(gen: Iterator, depth: int) -> Iterator:
+    """Run a generator in a background thread, ``depth`` items ahead; errors re-raised here."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for x in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(("ok", x), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("ok", done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("err", e))
+
+    th = threading.Thread(target=work, name="kdcache-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "err":
+                raise x
+            if x is done:
+                return
+            yield x
+    finally:
+        stop.set()
+        # Unblock the worker if it waits on a full queue.
+        try:
+            while True:
+                q.get_nowait()
+        except queue.Empty:
+            pass
+
+
+def _shuffle_buffer(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    buf: list = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = rng.randrange(size)
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def open_cache(
+    path: str | os.PathLike, *, storage_options: dict | None = None, lru_bytes: int = 256 << 20
+) -> KDCache:
+    """Open a cache (directory or fsspec URL) for reading.
+
+    ``lru_bytes`` bounds the decoded chunks kept per teacher (reused by utterances that span a
+    chunk boundary, by other teachers' lookups while streaming, and by repeated ``get``).
+
+    Raises:
+        CacheError: not a cache, unknown format_version, damaged index (sha256 mismatch with its
+            commit marker), or an utterance committed twice.
+    """
+    return KDCache(str(path), storage_options=storage_options, lru_bytes=lru_bytes)

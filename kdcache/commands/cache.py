@@ -1,0 +1,72 @@
+"""``kdcache inspect`` and ``kdcache verify``: thin wrappers over kdcache.cache_format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(e: BaseException) -> None:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(1)
+
+
+def inspect(
+    path: str = typer.Argument(..., help="Cache directory (NAME.kdc) or fsspec URL."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print one JSON object instead of a table."
+    ),
+    utt: str | None = typer.Option(None, "--utt", help="Show one utterance position by position."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Only this teacher (--utt, --plot)."
+    ),
+    top: int = typer.Option(5, "--top", help="Top entries shown per position with --utt."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Write top-k mass and entropy plots to this PNG."
+    ),
+) -> None:
+    """Summarise a cache: teachers, utterances, positions, bytes per position."""
+    import json
+
+    from kdcache.cache_format import CacheError, open_cache
+    from kdcache.cache_format import inspect as insp
+
+    try:
+        cache = open_cache(path)
+        if teacher is not None and teacher not in cache.teachers:
+            raise KeyError(
+                f"teacher {teacher!r} not in cache {path} (teachers: {sorted(cache.teachers)})"
+            )
+        if utt is not None:
+            typer.echo(insp.utterance_view(cache, utt, teacher=teacher, top=top))
+        if plot is not None:
+            insp.plot_cache(cache, str(plot), teacher=teacher)
+            typer.echo(f"wrote {plot}", err=True)
+        if utt is None and (plot is None or json_out):
+            s = insp.summarize(cache)
+            typer.echo(json.dumps(s) if json_out else insp.format_summary(s))
+    except (CacheError, KeyError, ValueError, OSError) as e:
+        _fail(e)
+
+
+def verify(
+    path: str = typer.Argument(..., help="Cache directory (NAME.kdc) or fsspec URL."),
+    workers: int = typer.Option(4, "--workers", help="Threads decoding chunks."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Check every chunk checksum, index and commit marker; exit 0 only when the cache is intact."""
+    from kdcache.cache_format import CacheError, verify_cache
+
+    try:
+        problems = verify_cache(path, workers=workers, progress=progress, include_info=True)
+    except (CacheError, OSError, ValueError) as e:
+        _fail(e)
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        typer.echo(str(p))
+    if errors:
+        typer.echo(f"{path}: {len(errors)} problem(s) found", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{path}: intact" + (f" ({len(problems)} note(s))" if problems else ""))

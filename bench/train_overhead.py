@@ -1,0 +1,273 @@
+"""Training-step overhead of cached KD against no KD and against online KD (teacher in the loop).
+
+Run::
+
+    .venv/bin/python bench/train_overhead.py                    # defaults below, CPU
+    .venv/bin/python bench/train_overhead.py --steps 8 --rounds 5 --threads 2
+
+Every mode runs the same kdtrain loss step on the same student, batches and optimizer, side by
+side in one process, in interleaved rounds (mode A, B, C, D, then again), so machine load
+affects all modes alike; each mode's time per step is the median over rounds. A step is
+everything a training step costs: reading the batch through the data pipeline (features;
+plus cache targets for cached KD), the teacher forward for online KD, forward, loss, backward,
+optimizer step.
+
+Modes:
+  none         joint CTC/attention, no KD (recipe none)
+  cached_lst   LST with the teacher's top-k read from a kdcache (recipe lst)
+  online_lstm  LST with an LSTM LM teacher (kdcache's lstm_lm, 2 x 512) run on every batch
+  online_bert  LST with a BERT-base-sized masked LM (12 x 768, random weights: the compute of
+               the real thing) run on every batch, "unmasked": one forward per batch, the
+               cheapest way to run it
+  online_bertmasked  the same BERT, masked: one sequence per token with that token masked
+               (P(y_i | rest), what paper 002 and kdcache's masked_lm teacher compute)
+
+The corpus is kdcache.student.toy (tone WAVs -> fbank, synthetic cache): character units, about
+one token per 6-7 frames, like LibriSpeech characters. Prints time per step and the ratios.
+Results and the command: docs/performance/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--utts", type=int, default=200, help="toy corpus size")
+    ap.add_argument("--max-frames", type=int, default=4000, help="padded frames per batch")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per mode per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--d-model", type=int, default=144)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--modes", default="none,cached_lst,online_lstm,online_bert,online_bertmasked")
+    ap.add_argument("--k", type=int, default=8, help="top-k (the toy char vocabulary has 11 ids)")
+    ap.add_argument("--readers", type=int, default=0, metavar="N",
+                    help="instead: time one epoch of the data pipeline over N utterances with "
+                         "reader=random (cache.get per utterance) and reader=stream (whole chunks)")
+    ap.add_argument("--chunk-positions", type=int, default=16384,
+                    help="--readers: cache chunk length (small values: more chunks than the LRU)")
+    ap.add_argument("--loss-vocab", type=int, default=0, metavar="V",
+                    help="instead: time the decoder loss alone (CE_ls vs LST with k=16) at vocabulary V")
+    args = ap.parse_args()
+    if args.loss_vocab:
+        return bench_loss(args)
+    if args.readers:
+        return bench_readers(args)
+
+    import numpy as np
+    import torch
+
+    from kdcache.data.features import open_features
+    from kdcache.data.manifest import load_manifest
+    from kdcache.data.text import normalize_text
+    from kdcache.data.tokenizer import Tokenizer
+    from kdcache.student.config import build_config
+    from kdcache.student.data import KDDataset, TeacherBatch
+    from kdcache.student.model import Student
+    from kdcache.student.recipe import Context, loss_step, resolve_model_config
+    from kdcache.student.toy import make_toy_corpus
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="kdtrain_bench_"))
+    t0 = time.perf_counter()
+    toy = make_toy_corpus(tmp, num_utts=args.utts, k=args.k, temperature=5.0)
+    print(f"toy corpus: {args.utts} utterances in {time.perf_counter() - t0:.1f} s ({tmp})")
+    tok = Tokenizer.load(toy.tokenizer)
+    utts = load_manifest(toy.manifest)
+    texts = {u.id: normalize_text(u.text) for u in utts}
+    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
+    store = open_features(toy.features)
+    nframes = {u: store.num_frames(u) for u in texts}
+    from kdcache.cache_format import open_cache
+
+    record = open_cache(toy.cache).teachers["lm"]
+
+    def make_cfg(recipe: str):
+        return build_config(recipe=recipe, overrides=[
+            f"model.d_model={args.d_model}", f"model.num_layers={args.layers}",
+            f"data.max_frames={args.max_frames}", "data.bucket_pool=64", "train.progress=false",
+        ])  # fmt: skip
+
+    # Teachers for online KD (same vocabulary as the student: the char tokenizer).
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdcache.teachers.lstm_lm import LSTMConfig
+    from kdcache.teachers.lstm_lm import build_model as build_lstm
+
+    lstm = build_lstm(LSTMConfig(vocab_size=tok.vocab_size, bos_id=tok.bos_id, layers=2, hidden=512)).eval()
+    bert = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12,
+                                      num_attention_heads=12, intermediate_size=3072)).eval()  # fmt: skip
+
+    def online_targets(kind: str, batch) -> TeacherBatch:
+        """Top-k targets at T=5 from a teacher forward on the batch's tokens (what online KD does)."""
+        y, lens = batch.tokens, batch.token_lens
+        mask = torch.arange(y.shape[1])[None] < lens[:, None]
+        with torch.inference_mode():
+            if kind == "lstm":  # P(y_i | y_<i): input [bos, y_1 .. y_{L-1}]
+                inp = torch.cat([torch.full_like(y[:, :1], tok.bos_id), y[:, :-1]], 1)
+                logits, _ = lstm(inp)
+            elif kind == "bert":  # unmasked masked-LM: P(y_i | y) at each position, one forward
+                logits = bert(input_ids=y, attention_mask=mask.long()).logits
+            else:  # masked: P(y_i | y with y_i masked), one sequence per position (paper 002)
+                rows, cols = mask.nonzero(as_tuple=True)
+                inp = y[rows].clone()
+                inp[torch.arange(len(rows)), cols] = tok.unk_id  # the char vocabulary has no [MASK]
+                out = bert(input_ids=inp, attention_mask=mask[rows].long()).logits
+                logits = torch.zeros(*y.shape, out.shape[-1])
+                logits[rows, cols] = out[torch.arange(len(rows)), cols]
+            logp = torch.log_softmax(logits.float() / 5.0, -1)
+            top_lp, top_ids = logp.topk(args.k, -1)
+            tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+        return TeacherBatch(top_ids, top_lp, tail, mask, {}, 5.0)
+
+    modes = args.modes.split(",")
+    setups = {}
+    for mode in modes:
+        recipe = "none" if mode == "none" else "lst"
+        cfg = make_cfg(recipe)
+        cached = mode == "cached_lst"
+        cfg.model = resolve_model_config(cfg, tok, store.num_mel_bins, {"lm": record})
+        torch.manual_seed(0)
+        model = Student(cfg.model).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ds = KDDataset(
+            list(texts), tokens, nframes, str(toy.features), str(toy.cache) if cached else None,
+            ["lm"] if cached else [], {}, cfg.data, pad_id=tok.pad_id, seed=0, reader="random",
+            temperatures={"lm": 5.0},
+        )  # fmt: skip
+        setups[mode] = (cfg, model, opt, iter(ds), Context(cfg, ["lm"], {"lm": record}))
+
+    def one_step(mode: str) -> None:
+        cfg, model, opt, it, ctx = setups[mode]
+        batch = next(it)
+        if mode.startswith("online_"):
+            batch.targets = {"lm": online_targets(mode.split("_")[1].replace("bertmasked", "masked"), batch)}
+        opt.zero_grad(set_to_none=True)
+        loss, _ = loss_step(model, batch, ctx)
+        loss.backward()
+        opt.step()
+
+    for mode in modes:  # warm-up: allocator, first-call overheads
+        for _ in range(2):
+            one_step(mode)
+    wall: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes:
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(args.steps):
+                one_step(mode)
+            wall[mode].append((time.perf_counter() - t) / args.steps)
+            cpu[mode].append((time.process_time() - c) / args.steps)
+        print(f"round {r + 1}/{args.rounds} (wall ms/step): "
+              + ", ".join(f"{m} {wall[m][-1] * 1000:.0f}" for m in modes))  # fmt: skip
+    n_params = sum(p.numel() for p in setups[modes[0]][1].parameters())
+    print(f"\nstudent: d_model={args.d_model} layers={args.layers} ({n_params / 1e6:.2f} M params), "
+          f"batch <= {args.max_frames} padded frames, k={args.k}, threads={args.threads}, "
+          f"{args.rounds} rounds x {args.steps} steps")  # fmt: skip
+    # Ratios are taken within a round (modes run back to back on the same batches), then the
+    # median over rounds: robust to load from other processes that drifts between rounds.
+    for name, times in (("CPU time", cpu), ("wall time", wall)):
+        def ratio(a: str, b: str, times=times) -> float:
+            if a not in times or b not in times:
+                return float("nan")
+            return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+        print(f"\n[{name}]  {'mode':<18}{'ms/step':>9}{'vs none':>9}{'vs cached':>11}")
+        for m in modes:
+            print(f"{'':<12}{m:<18}{statistics.median(times[m]) * 1000:>9.0f}"
+                  f"{ratio(m, 'none'):>9.2f}{ratio(m, 'cached_lst'):>11.2f}")  # fmt: skip
+        print(f"{'':<12}cached KD / no KD: {ratio('cached_lst', 'none'):.3f}x (target <= 1.1x)")
+        for m in modes:
+            if m.startswith("online_"):
+                print(f"{'':<12}speed-up of cached KD over {m}: {ratio(m, 'cached_lst'):.2f}x")
+
+def bench_loss(args) -> None:
+    """Forward+backward of the decoder loss on [64, 40, V] logits: hard CE_ls vs LST (k=16)."""
+    import torch
+
+    from kdcache.student import losses
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    b, length, v, k = 64, 40, args.loss_vocab, 16
+    logits = torch.randn(b, length, v, generator=g, requires_grad=True)
+    y = torch.randint(0, v, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    lp = torch.randn(b, length, v, generator=g).log_softmax(-1)
+    top_lp, top_ids = lp.topk(k, -1)
+    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+
+    def hard():
+        return losses.hard_ce(logits, y, mask, label_smoothing=0.1)
+
+    def lst():
+        return losses.lst_loss(logits, y, top_ids, top_lp, tail, mask, label_smoothing=0.1,
+                               build_temperature=5.0)  # fmt: skip
+
+    res: dict[str, list[float]] = {"ce_ls": [], "lst": []}
+    for _ in range(args.rounds):
+        for name, fn in (("ce_ls", hard), ("lst", lst)):
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                logits.grad = None
+                fn().backward()
+            res[name].append((time.perf_counter() - t) / args.steps)
+    ce, kd = statistics.median(res["ce_ls"]), statistics.median(res["lst"])
+    print(f"decoder loss fwd+bwd on [{b}, {length}, {v}] logits, k={k}, threads={args.threads}: "
+          f"CE_ls {ce * 1000:.1f} ms, LST {kd * 1000:.1f} ms, ratio {kd / ce:.2f}x")
+
+
+def bench_readers(args) -> None:
+    """Utterances/s of one training epoch through KDDataset: random access vs streaming."""
+    import numpy as np
+
+    from kdcache.cache_format import open_cache
+    from kdcache.data.features import open_features
+    from kdcache.data.manifest import load_manifest
+    from kdcache.data.text import normalize_text
+    from kdcache.data.tokenizer import Tokenizer
+    from kdcache.student.config import DataConfig
+    from kdcache.student.data import KDDataset
+    from kdcache.student.toy import make_toy_corpus
+
+    tmp = Path(tempfile.mkdtemp(prefix="kdtrain_readers_"))
+    toy = make_toy_corpus(tmp, num_utts=args.readers, k=args.k, hidden_dim=256,
+                          chunk_positions=args.chunk_positions)
+    tok = Tokenizer.load(toy.tokenizer)
+    texts = {u.id: normalize_text(u.text) for u in load_manifest(toy.manifest)}
+    tokens = {u: np.asarray(tok.encode(t)) for u, t in texts.items()}
+    store = open_features(toy.features)
+    nframes = {u: store.num_frames(u) for u in texts}
+    n_pos = open_cache(toy.cache).num_positions("lm")
+    n_chunks = -(-n_pos // args.chunk_positions)
+    print(f"{args.readers} utterances, {n_pos} positions in ~{n_chunks} chunks of "
+          f"{args.chunk_positions} (reader LRU: 64 chunks), k={args.k}, hidden 256 (float16)")
+    for hidden in (False, True):
+        for reader in ("random", "stream", "random", "stream"):
+            ds = KDDataset(list(texts), tokens, nframes, str(toy.features), str(toy.cache), ["lm"],
+                           {"lm": [6] if hidden else []}, DataConfig(max_frames=4000),
+                           pad_id=tok.pad_id, seed=0, reader=reader)  # fmt: skip
+            t = time.perf_counter()
+            n = 0
+            for b in ds.shard_batches(0):
+                if b.position[1] > 0:
+                    break
+                n += len(b.utt_ids)
+            dt = time.perf_counter() - t
+            print(f"reader={reader:<7} hidden={'yes' if hidden else 'no ':<4} {n / dt:8.0f} utt/s "
+                  f"({dt:.2f} s/epoch)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

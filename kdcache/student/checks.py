@@ -1,0 +1,109 @@
+"""Refuse a cache that does not fit the student before any step is taken.
+
+Token-level distillation is only meaningful when teacher position i *is* student token i: the
+same tokenizer (content hash, not just name), the same vocabulary, the same token ids for the
+same normalised transcript, and targets for every training utterance. Each check raises
+:class:`CacheMismatchError` whose message says what differs and how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kdcache.student.data import TargetMismatchError, check_alignment
+
+log = logging.getLogger(__name__)
+
+# Utterances whose stored token ids are compared up front (all are checked again as they stream).
+TOKEN_CHECK_SAMPLE = 16
+
+
+class CacheMismatchError(ValueError):
+    """The cache's teacher does not match the student's units or the training data."""
+
+
+def _fmt_ids(ids: Sequence[str], n: int = 5) -> str:
+    shown = ", ".join(repr(u) for u in list(ids)[:n])
+    return shown + (", ..." if len(ids) > n else "")
+
+
+def check_teacher_units(record: Any, tokenizer: Any) -> None:
+    """Tokenizer hash and vocabulary size of a teacher record against the student's tokenizer."""
+    if record.units != "tokens":
+        raise CacheMismatchError(
+            f"teacher {record.name!r} stores {record.units}-level targets; the student recipes "
+            f"distil token-level targets"
+        )
+    student_hash = tokenizer.content_hash()
+    if record.tokenizer_hash != student_hash:
+        raise CacheMismatchError(
+            f"teacher {record.name!r}: tokenizer hash differs: the cache was built with "
+            f"{record.tokenizer_id!r} (tokenizer_hash {record.tokenizer_hash}), the student uses "
+            f"{getattr(tokenizer, 'name', '?')!r} (content_hash {student_hash}); token-level KD "
+            f"needs the same tokenizer: pass the cache's tokenizer with --tokenizer or rebuild "
+            f"the cache with the student's"
+        )
+    if record.vocab_size != tokenizer.vocab_size:
+        raise CacheMismatchError(
+            f"teacher {record.name!r}: vocabulary size differs: cache {record.vocab_size}, "
+            f"student tokenizer {tokenizer.vocab_size}"
+        )
+
+
+def check_cache(
+    cache: Any,
+    teachers: Sequence[str],
+    tokenizer: Any,
+    utt_ids: Sequence[str],
+    tokens: dict[str, np.ndarray],
+    allow_missing: bool = False,
+) -> list[str]:
+    """Check ``cache`` against the student and the training set; return the usable utterances.
+
+    Args:
+        cache: An opened KDCache.
+        teachers: The teachers the recipe reads.
+        tokenizer: The student's Tokenizer.
+        utt_ids: Training utterance ids.
+        tokens: utt id -> student token ids of the normalised transcript.
+        allow_missing: Skip utterances the cache lacks with a warning instead of raising.
+
+    Returns:
+        ``utt_ids`` minus the missing ones (all of them unless ``allow_missing``).
+    """
+    for name in teachers:
+        if name not in cache.teachers:
+            raise CacheMismatchError(
+                f"teacher {name!r} is not in the cache; it holds {sorted(cache.teachers)}"
+            )
+        check_teacher_units(cache.teachers[name], tokenizer)
+    have: set[str] | None = None
+    for name in teachers:
+        ids = set(cache.utt_ids(name))
+        have = ids if have is None else have & ids
+    have = have or set()
+    missing = [u for u in utt_ids if u not in have]
+    if missing:
+        msg = (
+            f"the cache lacks {len(missing)} of {len(utt_ids)} training utterances "
+            f"(teachers {list(teachers)}): {_fmt_ids(missing)}"
+        )
+        if not allow_missing:
+            raise CacheMismatchError(
+                msg + "; build them (kdcache build resumes) or pass --allow-missing to skip them"
+            )
+        log.warning("%s; skipping them (--allow-missing)", msg)
+    usable = [u for u in utt_ids if u in have]
+    if not usable:
+        raise CacheMismatchError("no training utterance has cached targets")
+    for utt_id in usable[:TOKEN_CHECK_SAMPLE]:
+        targets = {name: cache.get(utt_id, name, hidden=False) for name in teachers}
+        try:
+            check_alignment(utt_id, tokens[utt_id], targets)
+        except TargetMismatchError as e:
+            raise CacheMismatchError(str(e)) from e
+    return usable

@@ -1,0 +1,167 @@
+"""Decode a set with a trained student and score it (WER and CER with jiwer).
+
+``evaluate_run`` loads RUN_DIR's config, tokenizer copy and newest checkpoint, decodes every
+utterance of a manifest whose features are in the given store, and writes into the output
+directory:
+
+* ``hyp.jsonl``: one ``{"utt_id", "ref", "hyp"}`` object per utterance (normalised text);
+* ``hyp.txt``: ``utt_id hyp`` lines (Kaldi ``text`` style), ``ref.txt`` likewise;
+* ``results.json``: WER, CER, counts, decode options, checkpoint step.
+
+References are the normalised transcripts (kdcache.data.text.normalize_text), the same text the
+student was trained on, so WER measures the model and not the normaliser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("ctc_greedy", "attention_beam", "cif")
+
+
+def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    """Corpus WER and CER (jiwer); an empty reference counts its hypothesis words as insertions."""
+    import jiwer
+
+    if not refs:
+        return {"wer": float("nan"), "cer": float("nan")}
+    # jiwer refuses empty references; score those pairs by hand (all insertions).
+    pairs = [(r, h) for r, h in zip(refs, hyps, strict=True) if r.strip()]
+    extra_w = sum(len(h.split()) for r, h in zip(refs, hyps, strict=True) if not r.strip())
+    extra_c = sum(len(h) for r, h in zip(refs, hyps, strict=True) if not r.strip())
+    if not pairs:
+        return {"wer": float("inf") if extra_w else 0.0, "cer": float("inf") if extra_c else 0.0}
+    r, h = [p[0] for p in pairs], [p[1] for p in pairs]
+    w = jiwer.process_words(r, h)
+    c = jiwer.process_characters(r, h)
+    n_w = sum(len(x.split()) for x in r)
+    n_c = sum(len(x) for x in r)
+    wer_err = w.substitutions + w.deletions + w.insertions + extra_w
+    cer_err = c.substitutions + c.deletions + c.insertions + extra_c
+    return {"wer": wer_err / max(n_w, 1), "cer": cer_err / max(n_c, 1)}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    features: str | os.PathLike,
+    *,
+    decode: str = "ctc_greedy",
+    beam: int = 4,
+    ctc_weight: float = 0.3,
+    checkpoint: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    max_frames: int | None = None,
+) -> dict[str, Any]:
+    """Decode ``data`` with the student of ``run_dir``; write hypotheses and scores.
+
+    Returns:
+        The results dict also written to ``results.json``.
+    """
+    import numpy as np
+    import torch
+
+    from kdcache.data.features import open_features
+    from kdcache.data.manifest import load_manifest
+    from kdcache.data.text import normalize_text
+    from kdcache.student import decode as dec
+    from kdcache.student.recipe import build_model, load_tokenizer, pick_device, restore_model
+
+    if decode not in DECODERS:
+        raise ValueError(f"--decode {decode!r}: use one of {DECODERS}")
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a kdtrain run directory?")
+    from kdcache.student.config import load_config
+
+    cfg = load_config(cfg_path)
+    tok = load_tokenizer(run_dir / "tokenizer")
+    dev = pick_device(device)
+    model = build_model(cfg)
+    step, ckpt_path = restore_model(model, run_dir, checkpoint)
+    model.to(dev).eval()
+    if decode == "cif" and model.cif is None:
+        raise ValueError("--decode cif: this run's model has no CIF module (recipe cif_hkd)")
+    if decode == "attention_beam" and model.decoder is None:
+        raise ValueError("--decode attention_beam: this run's model has no attention decoder")
+
+    utts = [u for u in load_manifest(data) if u.text is not None]
+    store = open_features(features)
+    missing = [u.id for u in utts if u.id not in store]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} utterances of {data} have no features in {features}: "
+            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
+        )
+    texts = {u.id: normalize_text(u.text) for u in utts}
+    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
+    from kdcache.student.data import eval_batches
+
+    search = dec.DecodeConfig(
+        method={"ctc_greedy": "ctc_greedy", "attention_beam": "attention", "cif": "cif_greedy"}[decode],
+        beam_size=beam,
+        ctc_weight=ctc_weight if decode == "attention_beam" else 0.0,
+    )
+    hyps: dict[str, str] = {}
+    with torch.inference_mode():
+        for batch in eval_batches(
+            list(texts),
+            tokens,
+            texts,
+            store,
+            max_frames=max_frames or cfg.data.max_frames,
+            max_utts=cfg.data.max_utts,
+            pad_id=tok.pad_id,
+            cmvn=cfg.data.cmvn,
+        ):
+            batch = batch.to(dev)
+            ids = dec.decode(model, batch.feats, batch.feat_lens, search)
+            for utt_id, seq in zip(batch.utt_ids, ids, strict=True):
+                hyps[utt_id] = normalize_text(tok.decode([int(i) for i in seq]))
+
+    order = [u.id for u in utts]
+    refs = [texts[u] for u in order]
+    hyp_list = [hyps[u] for u in order]
+    scores = score(refs, hyp_list)
+    name = f"{Path(str(data)).name.split('.')[0]}-{decode}"
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / name
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out / "hyp.jsonl",
+        "".join(
+            json.dumps({"utt_id": u, "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
+            for u, r, h in zip(order, refs, hyp_list, strict=True)
+        ),
+    )
+    _atomic_write(out / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(order, hyp_list, strict=True)))
+    _atomic_write(out / "ref.txt", "".join(f"{u} {r}\n" for u, r in zip(order, refs, strict=True)))
+    results = {
+        "wer": scores["wer"],
+        "cer": scores["cer"],
+        "utterances": len(order),
+        "decode": decode,
+        "beam": beam if decode == "attention_beam" else None,
+        "ctc_weight": ctc_weight if decode == "attention_beam" else None,
+        "checkpoint": str(ckpt_path),
+        "step": step,
+        "data": str(data),
+        "features": str(features),
+        "out_dir": str(out),
+    }
+    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    log.info("WER %.4f CER %.4f on %d utterances (%s)", scores["wer"], scores["cer"], len(order), decode)
+    return results

@@ -1,0 +1,692 @@
+"""The kdtrain recipe: setup, the training loop, one loss step per recipe, cleanup. One file.
+
+Recipes (``recipe=``), all on the same Conformer student (kdcache.student.model):
+
+=============  ==============================================================================
+none           ctc_weight CTC + (1 - ctc_weight) CE_ls(decoder)                   (baseline)
+lst            ... decoder: (1-w) CE_ls + w H(teacher_T, student), T=5, w=0.1      (paper 001)
+multitask      ... decoder: lam CE(y, u_SL) + (1-lam) KL(teacher_T || u_KD), aux head (000)
+essence        ... decoder: alpha CE + (1-alpha) H(renormalised top-k teacher)     (paper 003)
+hierarchical   ... decoder: lam CE + (1-lam) sum_t w_t KL(teacher_t || u_KD,t)     (paper 000)
+interaed       CTC + beta sum_l H(s, aux decoder on encoder layer l)              (paper 002)
+cif_hkd        CE(CIF decoder) + CTC + quantity + ACD (InfoNCE) + LRD (MSE)       (paper 004)
+=============  ==============================================================================
+
+Positions: the cache has one position per token of the normalised transcript; decoder output i
+(i < L) predicts token i and lines up with cache position i; output L predicts eos and gets only
+the recipe's hard-label term (no teacher has a position there: the losses' ``teacher_mask``).
+CIF output i is token i too.
+Every loss is a mean over valid positions; the terms are logged separately in metrics.csv.
+
+Determinism: given the same inputs, seed and data.num_workers, the losses of a run on CPU are a
+pure function of the step, and a run resumed from a checkpoint logs exactly the numbers an
+uninterrupted run logs (tests/test_train_recipes.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcache.student import losses
+from kdcache.student.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
+from kdcache.student.config import ConfigError, RunConfig, build_config, load_config, save_config
+from kdcache.student.data import Batch, DataState, KDDataset, make_loader
+from kdcache.student.model import Student, StudentConfig, decoder_targets
+
+log = logging.getLogger(__name__)
+
+CACHE_RECIPES = ("lst", "multitask", "essence", "hierarchical", "interaed", "cif_hkd")
+MIN_FRAMES = {2: 3, 4: 7, 8: 15}  # shortest input each conv subsampling accepts
+RUN_FILE = "run.json"  # input paths of the run, so --resume needs only --out
+
+
+@dataclass
+class RunInputs:
+    """What ``kdtrain run`` was given (paths may be None on --resume: run.json has them)."""
+
+    out: Path
+    data: Path | None = None
+    features: Path | None = None
+    tokenizer: Path | None = None
+    cache: Path | None = None
+    recipe: str | None = None
+    config: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    resume: bool = False
+    allow_missing: bool = False
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]  # loss of every step this process ran
+    run_dir: Path
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers shared with evaluate.py
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str | Path):
+    from kdcache.data.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def build_model(cfg: RunConfig, tokenizer=None) -> Student:
+    """The student of a resolved config (``cfg.model`` already holds vocab and heads)."""
+    return Student(cfg.model)
+
+
+def restore_model(model: Student, run_dir: Path, checkpoint: str | Path | None = None):
+    """Load weights from ``checkpoint`` or the newest of ``run_dir``; return (step, path)."""
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    return int(state["step"]), path
+
+
+def noam_factor(step: int, warmup: int, kind: str) -> float:
+    """LR multiplier at optimizer step ``step`` (1-based): linear warm-up to 1, then 1/sqrt
+    decay ("noam", normalised so the peak is optim.lr) or constant ("warmup")."""
+    step = max(1, step)
+    warmup = max(1, warmup)
+    if kind == "warmup":
+        return min(1.0, step / warmup)
+    return min(step / warmup, math.sqrt(warmup / step))
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+
+
+def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
+    run_dir = Path(inputs.out)
+    cfg_path = run_dir / "config.yaml"
+    if inputs.resume:
+        if not cfg_path.exists():
+            raise FileNotFoundError(f"--resume: {cfg_path} not found; nothing to resume")
+        saved = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+        merged = dataclasses.replace(
+            inputs,
+            **{
+                k: Path(saved[k]) if saved.get(k) else None
+                for k in ("data", "features", "tokenizer", "cache")
+                if getattr(inputs, k) is None
+            },
+        )
+        cfg = load_config(cfg_path, inputs.overrides)
+        if inputs.recipe is not None and inputs.recipe != cfg.recipe:
+            raise ConfigError(
+                f"--resume: the run was started with recipe {cfg.recipe!r}, not {inputs.recipe!r}"
+            )
+        return cfg, merged
+    if latest_checkpoint(run_dir) is not None:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue it or choose a new --out"
+        )
+    return build_config(inputs.config, inputs.recipe, inputs.overrides), inputs
+
+
+def _teacher_names(cfg: RunConfig, cache) -> list[str]:
+    if cfg.recipe == "hierarchical":
+        names = list(cfg.hierarchical.teachers) or sorted(cache.teachers)
+    elif cfg.teacher:
+        names = [cfg.teacher]
+    elif len(cache.teachers) == 1:
+        names = list(cache.teachers)
+    else:
+        raise ConfigError(
+            f"the cache has teachers {sorted(cache.teachers)}: choose one with teacher=NAME"
+        )
+    for n in names:
+        if n not in cache.teachers:
+            raise ConfigError(f"teacher {n!r} is not in the cache (it has {sorted(cache.teachers)})")
+    return names
+
+
+def _hidden_layer(cfg: RunConfig, record) -> int:
+    if not record.hidden_layers:
+        raise ConfigError(
+            f"recipe cif_hkd needs teacher hidden states; teacher {record.name!r} stores none "
+            f"(build the cache with hidden layers)"
+        )
+    layer = cfg.cif_hkd.layer
+    if layer == -1:
+        return int(record.hidden_layers[-1])
+    if layer not in record.hidden_layers:
+        raise ConfigError(
+            f"cif_hkd.layer={layer}: teacher {record.name!r} stores layers {list(record.hidden_layers)}"
+        )
+    return int(layer)
+
+
+def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dict) -> StudentConfig:
+    """Fill the student config from the tokenizer, the features and the recipe's heads."""
+    m = dataclasses.replace(
+        cfg.model,
+        vocab_size=tokenizer.vocab_size,
+        input_dim=input_dim,
+        blank_id=tokenizer.blank_id,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+    )
+    r = cfg.recipe
+    if r in ("none", "lst", "multitask", "essence", "hierarchical") and m.decoder_layers < 1:
+        raise ConfigError(f"recipe {r} distils into the attention decoder: set model.decoder_layers >= 1")
+    if r in ("multitask", "hierarchical"):
+        m = dataclasses.replace(
+            m, aux_kd_heads={n: rec.vocab_size for n, rec in records.items()}, aux_kd_source="decoder"
+        )
+    elif r == "interaed":
+        m = dataclasses.replace(m, interaed_layers=list(cfg.interaed.layers))
+    elif r == "cif_hkd":
+        (name, rec), = records.items()
+        dim = rec.hidden_dims[str(_hidden_layer(cfg, rec))]
+        m = dataclasses.replace(
+            m, use_cif=True, acd_proj={name: dim}, lrd_proj={name: dim}, lrd_source="cif"
+        )
+    return StudentConfig.from_dict(m.to_dict())  # re-validate
+
+
+@dataclass
+class Context:
+    """What the loss step needs besides the model and the batch."""
+
+    cfg: RunConfig
+    teachers: list[str]
+    records: dict[str, Any]
+    hidden_layer: int | None = None
+    generator: torch.Generator | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The loss step: one case per recipe
+
+
+def _ctc_loss(out, batch: Batch, blank_id: int) -> torch.Tensor:
+    logp = out.ctc_logits.float().log_softmax(-1).transpose(0, 1)  # [T', B, V]
+    targets = batch.tokens.masked_fill(batch.tokens < 0, 0)
+    return F.ctc_loss(
+        logp, targets, out.enc_lens, batch.token_lens, blank=blank_id,
+        reduction="mean", zero_infinity=True,
+    )  # fmt: skip
+
+
+def _to_decoder_positions(t, n: int) -> tuple[torch.Tensor, ...]:
+    """Pad a TeacherBatch from L token positions to the decoder's n = L+1 (eos) positions.
+
+    Returns (topk_ids, topk_logprobs, tail_logmass, teacher_mask); the eos position and padding
+    are outside teacher_mask, so the losses give them the hard-label term only.
+    """
+    pad = n - t.topk_ids.shape[1]
+    return (
+        F.pad(t.topk_ids, (0, 0, 0, pad)),
+        F.pad(t.topk_logprobs, (0, 0, 0, pad)),
+        F.pad(t.tail_logmass, (0, pad)),
+        F.pad(t.mask, (0, pad), value=False),
+    )
+
+
+def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
+    """Forward the student on ``batch`` and compute the recipe's loss.
+
+    Returns:
+        (scalar loss to backpropagate, {term name: value} for logging).
+    """
+    cfg = ctx.cfg
+    mcfg = unwrap(model).cfg
+    out = model(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
+    terms: dict[str, torch.Tensor] = {}
+    L = batch.tokens.shape[1]
+    tok_mask = torch.arange(L, device=batch.tokens.device)[None] < batch.token_lens[:, None]
+
+    if cfg.recipe == "cif_hkd":
+        h = cfg.cif_hkd
+        name = ctx.teachers[0]
+        hidden = batch.targets[name].hidden[ctx.hidden_layer]
+        terms["ce"] = losses.hard_ce(out.cif_logits, batch.tokens, tok_mask, label_smoothing=cfg.label_smoothing)
+        terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
+        terms["quantity"] = losses.cif_quantity_loss(out.alpha_sum.float(), batch.token_lens)
+        terms["acd"] = losses.acd_infonce_loss(
+            out.acd_proj[name], hidden, tok_mask, tau=h.tau, num_negatives=h.num_negatives,
+            generator=ctx.generator,
+        )  # fmt: skip
+        terms["lrd"] = losses.lrd_loss(out.lrd_proj[name], hidden, tok_mask, kind=h.lrd_kind)
+        loss = (h.ce_weight * terms["ce"] + h.ctc_weight * terms["ctc"] + h.qua_weight * terms["quantity"]
+                + h.acd_weight * terms["acd"] + h.lrd_weight * terms["lrd"])  # fmt: skip
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
+    if cfg.recipe == "interaed":
+        i = cfg.interaed
+        t = batch.targets[ctx.teachers[0]]
+        aux = [out.interaed_logits[layer][:, :L] for layer in sorted(out.interaed_logits)]
+        terms["interaed"] = losses.interaed_kd_loss(
+            aux, batch.tokens, t.topk_ids, t.topk_logprobs, t.tail_logmass, tok_mask,
+            k=min(i.k, t.topk_ids.shape[-1]), temperature=i.temperature,
+            build_temperature=t.temperature, mix=i.mix,
+        )  # fmt: skip
+        loss = terms["ctc"] + i.kd_weight * terms["interaed"]
+        if out.dec_logits is not None:
+            dt = decoder_targets(batch.tokens, batch.token_lens, mcfg.eos_id)
+            terms["att"] = losses.hard_ce(out.dec_logits, dt, out.dec_mask, label_smoothing=cfg.label_smoothing)
+            loss = loss + (1.0 - cfg.ctc_weight) / max(cfg.ctc_weight, 1e-6) * terms["att"]
+        return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+    # Attention-decoder recipes: a decoder term over positions 0..L (eos included). Teacher
+    # position i is decoder output i; eos (output L) has no teacher position and gets the hard
+    # term only (the losses' teacher_mask).
+    dt = decoder_targets(batch.tokens, batch.token_lens, mcfg.eos_id)
+    dec_mask, ls, n = out.dec_mask, cfg.label_smoothing, out.dec_logits.shape[1]
+    if cfg.recipe == "none":
+        att = losses.hard_ce(out.dec_logits, dt, dec_mask, label_smoothing=ls)
+    elif cfg.recipe == "lst":
+        t = batch.targets[ctx.teachers[0]]
+        ids, lp, tail, tmask = _to_decoder_positions(t, n)
+        att = losses.lst_loss(
+            out.dec_logits, dt, ids, lp, tail, dec_mask, weight=cfg.lst.kd_weight,
+            label_smoothing=ls, temperature=cfg.lst.temperature, build_temperature=t.temperature,
+            teacher_mask=tmask,
+        )  # fmt: skip
+    elif cfg.recipe == "essence":
+        e = cfg.essence
+        t = batch.targets[ctx.teachers[0]]
+        ids, lp, tail, tmask = _to_decoder_positions(t, n)
+        att = losses.essence_kd_loss(
+            out.dec_logits, dt, ids, lp, tail, dec_mask, alpha=e.alpha,
+            k=min(e.k, ids.shape[-1]) or None, temperature=e.temperature,
+            build_temperature=t.temperature, teacher_mask=tmask,
+        )  # fmt: skip
+    elif cfg.recipe == "multitask":
+        m = cfg.multitask
+        name = ctx.teachers[0]
+        t = batch.targets[name]
+        ids, lp, tail, tmask = _to_decoder_positions(t, n)
+        att = losses.multitask_kd_loss(
+            out.dec_logits, out.aux_kd_logits[name], dt, ids, lp, tail, dec_mask, lam=m.lam,
+            temperature=m.temperature, build_temperature=t.temperature, teacher_mask=tmask,
+        )  # fmt: skip
+    elif cfg.recipe == "hierarchical":
+        h = cfg.hierarchical
+        weights = list(h.weights) or [1.0 / len(ctx.teachers)] * len(ctx.teachers)
+        sl = losses.hard_ce(out.dec_logits, dt, dec_mask, reduction="none")
+        per = h.lam * sl
+        for w, name in zip(weights, ctx.teachers, strict=True):
+            t = batch.targets[name]
+            ids, lp, tail, tmask = _to_decoder_positions(t, n)
+            kd = losses.sparse_kd_kl(
+                out.aux_kd_logits[name], ids, lp, tail, tmask, student_temperature=h.temperature,
+                teacher_temperature=h.temperature, build_temperature=t.temperature,
+                reduction="none",
+            )  # fmt: skip
+            terms[f"kd_{name}"] = (kd.sum() / tmask.sum().clamp(min=1)).detach()
+            per = per + (1.0 - h.lam) * w * kd
+        att = (per * dec_mask).sum() / dec_mask.sum().clamp(min=1)
+    else:
+        raise ConfigError(f"unknown recipe {cfg.recipe!r}")
+    terms["att"] = att
+    loss = cfg.ctc_weight * terms["ctc"] + (1.0 - cfg.ctc_weight) * att
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.csv, one row per logged step, flushed per row. On resume the rows after
+    the checkpoint's step are dropped, so the file always describes one consistent run."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.fields: list[str] | None = None
+        self._f = None
+        self._w = None
+        if not enabled:
+            return
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if rows:
+                self.fields = rows[0]
+                keep = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
+                tmp = path.with_suffix(".csv.tmp")
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows([self.fields, *keep])
+                os.replace(tmp, path)
+        elif path.exists():
+            path.unlink()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._f is None:
+            new = self.fields is None
+            if new:
+                self.fields = list(row)
+            self._f = open(self.path, "a", newline="")
+            self._w = csv.DictWriter(self._f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                self._w.writeheader()
+        self._w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
+    """Rows of RUN_DIR/metrics.csv as dicts (strings)."""
+    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------------------------
+# Train
+
+
+def _pick_reader(cfg: RunConfig, cache, teachers: list[str], n_utts: int, world: int) -> str:
+    """Resolve data.reader. Streaming splits the cache's chunks among world x workers shards,
+    so it needs several chunks per shard; random access works for any size (docs/training.md)."""
+    if cache is None:
+        return "random"
+    shards = world * max(1, cfg.data.num_workers)
+    groups = len(cache.chunk_groups(teachers[0]))
+    if cfg.data.reader == "stream" and groups < shards:
+        raise ConfigError(
+            f"data.reader=stream: the cache has {groups} chunk(s) for {shards} data shards "
+            f"({world} rank(s) x {max(1, cfg.data.num_workers)} worker(s)); use data.reader=random "
+            f"or fewer data.num_workers"
+        )
+    if cfg.data.reader != "auto":
+        return cfg.data.reader
+    return "stream" if n_utts >= cfg.data.stream_min_utts and groups >= 4 * shards else "random"
+
+
+def _dist_setup() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world <= 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train(inputs: RunInputs) -> TrainResult:
+    """Set up and run (or resume) a kdtrain run; returns when train.max_steps is reached."""
+    from kdcache.data.features import open_features
+    from kdcache.data.manifest import load_manifest
+    from kdcache.data.text import normalize_text
+
+    cfg, inputs = _resolve_config(inputs)
+    run_dir = Path(inputs.out)
+    for what in ("data", "features", "tokenizer"):
+        if getattr(inputs, what) is None:
+            raise ConfigError(f"--{what} is required")
+    needs_cache = cfg.recipe in CACHE_RECIPES
+    if needs_cache and inputs.cache is None:
+        raise ConfigError(f"recipe {cfg.recipe!r} distils from a cache: pass --cache")
+    rank, world, local_rank = _dist_setup()
+    is_main = rank == 0
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    amp = cfg.train.amp == "bf16" or (cfg.train.amp == "auto" and device.type == "cuda")
+
+    # ---- data: manifest, tokens, features, cache
+    tok = load_tokenizer(inputs.tokenizer)
+    utts = [u for u in load_manifest(inputs.data) if u.text is not None]
+    texts = {u.id: normalize_text(u.text) for u in utts}
+    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
+    store = open_features(inputs.features, in_memory=False)
+    no_feats = [u for u in texts if u not in store]
+    if no_feats:
+        raise ConfigError(
+            f"{len(no_feats)} training utterances have no features in {inputs.features}: "
+            f"{', '.join(repr(u) for u in no_feats[:5])}{', ...' if len(no_feats) > 5 else ''}"
+        )
+    # The fastest speed factor shortens an utterance; it must still survive the subsampling.
+    min_frames = math.ceil(MIN_FRAMES[cfg.model.subsampling] * max([1.0, *cfg.data.speed_perturb]))
+    num_frames = {u: store.num_frames(u) for u in texts}
+    train_ids = [
+        u for u in texts
+        if len(tokens[u]) > 0 and min_frames <= num_frames[u] <= cfg.data.max_utt_frames
+    ]  # fmt: skip
+    if len(train_ids) < len(texts):
+        log.warning("skipping %d utterances: empty transcript, shorter than %d or longer than "
+                    "data.max_utt_frames=%d frames", len(texts) - len(train_ids), min_frames,
+                    cfg.data.max_utt_frames)  # fmt: skip
+    teachers: list[str] = []
+    records: dict[str, Any] = {}
+    cache = None
+    if needs_cache:
+        from kdcache.cache_format import open_cache
+        from kdcache.student.checks import check_cache
+
+        cache = open_cache(inputs.cache)
+        teachers = _teacher_names(cfg, cache)
+        records = {n: cache.teachers[n] for n in teachers}
+        train_ids = check_cache(
+            cache, teachers, tok, train_ids, tokens,
+            allow_missing=inputs.allow_missing or cfg.train.allow_missing,
+        )  # fmt: skip
+    elif inputs.cache is not None:
+        log.info("recipe none: --cache %s is not read", inputs.cache)
+    hidden_layer = _hidden_layer(cfg, records[teachers[0]]) if cfg.recipe == "cif_hkd" else None
+    if cfg.recipe == "lst" and records[teachers[0]].temperature != cfg.lst.temperature:
+        log.warning(
+            "lst: the cache was built at T=%g, the recipe wants T=%g; re-tempering the rest bin "
+            "is approximate (docs/losses.md): build LST caches at T=%g",
+            records[teachers[0]].temperature, cfg.lst.temperature, cfg.lst.temperature,
+        )  # fmt: skip
+
+    # ---- model, optimizer, schedule (resolved model config goes into config.yaml)
+    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg, tok, store.num_mel_bins, records))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok.save(run_dir / "tokenizer")
+        paths = {k: str(Path(getattr(inputs, k)).resolve()) if getattr(inputs, k) else None
+                 for k in ("data", "features", "tokenizer", "cache")}  # fmt: skip
+        tmp = run_dir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(paths, indent=1) + "\n")
+        os.replace(tmp, run_dir / RUN_FILE)
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: noam_factor(s + 1, cfg.optim.warmup_steps, cfg.optim.scheduler)
+    )
+    step = 0
+    data_state = DataState(num_workers=cfg.data.num_workers)
+    torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout etc. differ per rank
+    np.random.seed((cfg.train.seed + rank) % 2**32)
+    ckpt = latest_checkpoint(run_dir) if inputs.resume else None
+    if inputs.resume and ckpt is None:
+        log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, map_location=device)
+        if state.get("world_size", 1) != world:
+            raise ConfigError(
+                f"--resume: the checkpoint was written by {state.get('world_size', 1)} rank(s); "
+                f"resume with the same number (got {world})"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        data_state = DataState.from_dict(state["data"][rank])
+        if data_state.num_workers != cfg.data.num_workers:
+            raise ConfigError(
+                f"--resume: the checkpoint was written with data.num_workers="
+                f"{data_state.num_workers}; resume with the same value (got {cfg.data.num_workers})"
+            )
+        set_rng_state(state["rng"][rank])
+        log.info("resumed %s at step %d", ckpt, step)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    reader = _pick_reader(cfg, cache, teachers, len(train_ids), world)
+    dataset = KDDataset(
+        train_ids, tokens, num_frames, str(inputs.features),
+        str(inputs.cache) if needs_cache else None, teachers,
+        {n: ([hidden_layer] if hidden_layer is not None else []) for n in teachers},
+        cfg.data, pad_id=tok.pad_id, seed=cfg.train.seed, rank=rank, world_size=world,
+        reader=reader, state=data_state, train=True,
+        temperatures={n: r.temperature for n, r in records.items()}, texts=texts,
+    )  # fmt: skip
+    loader = make_loader(dataset)
+    ctx = Context(cfg, teachers, records, hidden_layer)
+
+    # ---- loop
+    metrics = MetricsLog(run_dir / "metrics.csv", step if ckpt is not None else None, is_main)
+    tb = None
+    if is_main and cfg.train.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(run_dir / "tb"))
+        except ImportError:
+            log.warning("train.tensorboard: tensorboard is not installed; metrics.csv only")
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.train.progress),
+               desc=f"kdtrain {cfg.recipe}", dynamic_ncols=True)  # fmt: skip
+    losses_seen: list[float] = []
+    accum = cfg.optim.accum_steps
+    model.train()
+    it = iter(loader)
+    try:
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            total, terms_sum, n_utts, n_frames = 0.0, {}, 0, 0
+            for micro in range(accum):
+                batch = next(it)
+                data_state.advance(batch)
+                batch = batch.to(device)
+                sync = micro == accum - 1 or world == 1
+                ctx_sync = contextlib.nullcontext() if sync else model.no_sync()
+                with ctx_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, terms = loss_step(model, batch, ctx)
+                    (loss / accum).backward()
+                total += float(loss.detach()) / accum
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + v / accum
+                n_utts += len(batch.utt_ids)
+                n_frames += batch.num_frames
+            if cfg.optim.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+            else:
+                grad_norm = float("nan")
+            if not math.isfinite(total):
+                raise FloatingPointError(f"step {step + 1}: loss is {total}; lower optim.lr or check the data")
+            if world > 1:  # log the mean over ranks, not rank 0's share
+                import torch.distributed as dist
+
+                t = torch.tensor([total, *terms_sum.values()], dtype=torch.float64, device=device)
+                dist.all_reduce(t)
+                t = (t / world).tolist()
+                total, terms_sum = t[0], dict(zip(terms_sum, t[1:], strict=True))
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            step += 1
+            losses_seen.append(total)
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                row = {"step": step, "loss": total, **terms_sum, "lr": lr, "grad_norm": grad_norm,
+                       "utts": n_utts, "frames": n_frames,
+                       "sec_per_step": time.perf_counter() - t0}  # fmt: skip
+                metrics.write(row)
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+                if tb is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            tb.add_scalar(k, v, step)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main)
+    finally:
+        bar.close()
+        metrics.close()
+        if tb is not None:
+            tb.close()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return TrainResult(step=step, losses=losses_seen, run_dir=run_dir)
+
+
+def _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main) -> None:
+    datas = _gather(data_state.to_dict(), world)
+    rngs = _gather(rng_state(), world)
+    if not is_main:
+        return
+    save_checkpoint(
+        run_dir,
+        step,
+        {
+            "step": step,
+            "model": unwrap(model).state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "data": datas,
+            "rng": rngs,
+            "world_size": world,
+            "config": dataclasses.asdict(cfg),
+        },
+        keep=cfg.train.keep_checkpoints,
+    )

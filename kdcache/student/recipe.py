@@ -212,8 +212,15 @@ def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dic
     elif r == "cif_hkd":
         (name, rec), = records.items()
         dim = rec.hidden_dims[str(_hidden_layer(cfg, rec))]
+        # The CIF decoder is this recipe's decoder; an attention decoder would get no gradient
+        # (wasted compute, and DDP refuses parameters without gradients).
         m = dataclasses.replace(
-            m, use_cif=True, acd_proj={name: dim}, lrd_proj={name: dim}, lrd_source="cif"
+            m,
+            use_cif=True,
+            decoder_layers=0,
+            acd_proj={name: dim},
+            lrd_proj={name: dim},
+            lrd_source="cif",
         )
     return StudentConfig.from_dict(m.to_dict())  # re-validate
 

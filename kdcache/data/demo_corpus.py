@@ -326,7 +326,7 @@ def build_demo_corpus(
     for prog in ("espeak-ng", "sox"):
         if shutil.which(prog) is None:
             raise CorpusError(f"'{prog}' is not installed: apt-get install {prog} (or run scripts/setup_env.sh)")
-    out = Path(out)
+    out = Path(out).absolute()  # manifests hold absolute paths: never relative to a temp dir
     if out.exists() and not overwrite:
         raise CorpusError(f"{out}: already exists (pass --overwrite to replace it)")
     t0 = time.perf_counter()

@@ -93,13 +93,14 @@ class TokenizerAction(str, Enum):
 class TokenizerKind(str, Enum):
     char = "char"
     bpe = "bpe"
+    phone = "phone"
 
 
 def tokenizer(
     action: TokenizerAction = typer.Argument(..., help="train: build from text; show: summary; encode: ids of --sample; export: save a HF/gguf tokenizer as a kdcache tokenizer dir."),
     path: str | None = typer.Argument(None, help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id."),
     text: list[Path] | None = typer.Option(None, "--text", help="train: text files (one sentence a line) or manifests (their transcripts); repeatable."),
-    kind: TokenizerKind = typer.Option(TokenizerKind.bpe, "--kind", help="train: char or bpe."),
+    kind: TokenizerKind = typer.Option(TokenizerKind.bpe, "--kind", help="train: char, bpe or phone (English phones through espeak-ng, offline)."),
     vocab_size: int = typer.Option(500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."),
     out: Path | None = typer.Option(None, "--out", help="train/export: directory to write the tokenizer to."),
     sample: str | None = typer.Option(None, "--sample", help="show/encode: a sentence to normalise, encode and decode."),
@@ -108,6 +109,7 @@ def tokenizer(
 
     \b
     kdcache tokenizer train --text corpus/lm_text.txt --kind bpe --vocab-size 500 --out tok/
+    kdcache tokenizer train --text corpus/lm_text.txt --kind phone --out tok-phone/
     kdcache tokenizer show tok/ --sample "In the beginning"
     kdcache tokenizer export path/to/model.gguf --out tok-smollm2/
     """
@@ -126,6 +128,9 @@ def tokenizer(
                 raise ValueError("no text found in " + ", ".join(map(str, text)))
             if kind is TokenizerKind.char:
                 tok = Tokenizer.build_char(texts)
+                tok.save(out)
+            elif kind is TokenizerKind.phone:
+                tok = Tokenizer.build_phone(texts)
                 tok.save(out)
             else:
                 tok = Tokenizer.train_bpe(texts, vocab_size, out)

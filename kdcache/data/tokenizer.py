@@ -1,5 +1,5 @@
 """Output units of the student and input units of the teachers: one :class:`Tokenizer` class over
-three kinds.
+four kinds.
 
 * ``char``: characters of the normalised training text; the space is the visible piece ``▁``.
   Ids: ``<blank>`` 0, ``<sos/eos>`` 1, ``<unk>`` 2, then the characters in code-point order.
@@ -10,12 +10,22 @@ three kinds.
   Specials: BERT-like ``[PAD]`` is the CTC blank and ``[CLS]``/``[SEP]`` the decoder's sos/eos;
   GPT-like tokenizers use their pad token as blank when it is distinct from bos/eos, else
   ``<|endoftext|>``, else an extra ``<blank>`` id appended after the vocabulary.
+* ``phone``: phones of English text from an offline grapheme-to-phoneme step, espeak-ng's ASCII
+  phoneme mnemonics (``espeak-ng -q -x``, voice ``en-us``) with the stress marks removed; each
+  word is phonemised on its own (no cross-word context, so a word always gets the same phones)
+  and words are separated by the ``▁`` piece. The phone vocabulary is built from the given text
+  (e.g. the LM text); phones outside it map to ``<unk>``. Same specials at ids 0, 1, 2. The
+  words of that text and their phones are saved as a lexicon (``lexicon.json``) and looked up
+  first, so encoding them needs no G2P call and cannot drift; other words go through espeak-ng
+  (batched, memoised). The G2P backend, its version and voice, and the lexicon are part of
+  :meth:`Tokenizer.content_hash`. ``decode`` is lossy: it returns the phone string (phones
+  separated by spaces, words by `` | ``), not the text.
 
 Text normalisation is *not* part of ``encode``: callers apply
 :func:`kdcache.data.text.normalize_text` once and pass the result, so the teacher stage and the
 student stage encode byte-identical strings. ``encode`` never adds special tokens.
 ``decode(encode(t)) == t`` for normalised ``t`` made of characters the tokenizer knows (an
-uncased BERT tokenizer also strips accents).
+uncased BERT tokenizer also strips accents); not for ``phone``.
 
 Saved form (``save(dir)``): ``kdcache_tokenizer.json`` (kind, specials, char pieces) plus, for
 ``bpe``/``hf``, the backend's ``tokenizer.json``. Loading a saved tokenizer needs neither
@@ -26,8 +36,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -35,12 +48,15 @@ __all__ = ["Tokenizer", "TokenizerError", "SPACE_PIECE"]
 
 META_FILE = "kdcache_tokenizer.json"
 BACKEND_FILE = "tokenizer.json"
+LEXICON_FILE = "lexicon.json"  # phone: word -> phones of the build text
 FORMAT = "kdcache-tokenizer"
 FORMAT_VERSION = 1
 SPACE_PIECE = "\u2581"  # "▁", as SentencePiece writes the word boundary
 BLANK, SOS_EOS, UNK = "<blank>", "<sos/eos>", "<unk>"
 _SPECIAL_NAMES = ("blank", "bos", "eos", "pad", "unk")
 _APOS = re.compile(r"\s*'\s*")
+PHONE_WORD_SEP = " | "  # phone decode: between words
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(ValueError):
@@ -63,8 +79,12 @@ class Tokenizer:
 
     def __init__(self, *, kind: str, name: str, specials: dict[str, int | None],
                  pieces: list[str] | None = None, backend=None, extra_blank: bool = False,
-                 source: str = ""):
+                 source: str = "", g2p: dict | None = None,
+                 lexicon: dict[str, list[str]] | None = None):
         self.kind = kind
+        self.g2p = dict(g2p) if g2p else None  # phone: {"backend", "version", "voice"}
+        self.lexicon = lexicon  # phone: word -> phones (the build text's words)
+        self._g2p_impl = None
         self.name = name
         self.source = source
         self._pieces = pieces
@@ -105,6 +125,30 @@ class Tokenizer:
         pieces = [BLANK, SOS_EOS, UNK, SPACE_PIECE] + sorted(chars)
         return cls(kind="char", name=name, pieces=pieces,
                    specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2})
+
+    @classmethod
+    def build_phone(cls, texts: Iterable[str], *, name: str = "phone", voice: str = "en-us",
+                    g2p=None) -> Tokenizer:
+        """Phone tokenizer over every phone the G2P gives for ``texts`` (already normalised).
+
+        Args:
+            texts: Sentences, e.g. the LM text; all words are phonemised (in batches).
+            voice: espeak-ng voice.
+            g2p: A G2P object (``.info`` dict and ``.phonemize(words) -> list[list[str]]``);
+                default :class:`EspeakG2P` (needs the ``espeak-ng`` program).
+        """
+        g2p = g2p or EspeakG2P(voice)
+        words = sorted({w for t in texts for w in t.split()})
+        lexicon = dict(zip(words, g2p.phonemize(words), strict=True))
+        phones: set[str] = set()
+        for ph in lexicon.values():
+            phones.update(ph)
+        phones.discard(SPACE_PIECE)
+        pieces = [BLANK, SOS_EOS, UNK, SPACE_PIECE] + sorted(phones)
+        self = cls(kind="phone", name=name, pieces=pieces, g2p=g2p.info, lexicon=lexicon,
+                   specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2})
+        self._g2p_impl = g2p
+        return self
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
@@ -184,9 +228,16 @@ class Tokenizer:
         backend = None
         if meta["kind"] in ("bpe", "hf"):
             backend = _read_backend(d / BACKEND_FILE)
+        lexicon = None
+        if meta["kind"] == "phone":
+            try:
+                lexicon = json.loads((d / LEXICON_FILE).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise TokenizerError(f"{d / LEXICON_FILE}: cannot read the phone lexicon ({e})") from None
         return cls(kind=meta["kind"], name=meta["name"], specials=meta["specials"],
                    pieces=meta.get("pieces"), backend=backend,
-                   extra_blank=bool(meta.get("extra_blank", False)), source=meta.get("source", str(d)))
+                   extra_blank=bool(meta.get("extra_blank", False)), source=meta.get("source", str(d)),
+                   g2p=meta.get("g2p"), lexicon=lexicon)
 
     @classmethod
     def _from_hf_json(cls, file: Path, special_tokens: dict[str, str | None], *, name: str,
@@ -259,8 +310,38 @@ class Tokenizer:
                    specials={"blank": blank, "bos": bos, "eos": eos, "pad": pad, "unk": unk})
 
     # --- use ---------------------------------------------------------------------------------
+    def _phone_g2p(self):
+        if self._g2p_impl is None:
+            info = self.g2p or {}
+            if info.get("backend") != "espeak-ng":
+                raise TokenizerError(f"tokenizer {self.name!r}: unknown G2P backend {info.get('backend')!r}")
+            self._g2p_impl = EspeakG2P(info.get("voice", "en-us"))
+            if self._g2p_impl.info.get("version") != info.get("version"):
+                log.warning("tokenizer %r was built with espeak-ng %s, this machine has %s: phones "
+                            "may differ", self.name, info.get("version"),
+                            self._g2p_impl.info.get("version"))  # fmt: skip
+        return self._g2p_impl
+
+    def _phone_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        lex = self.lexicon or {}
+        words = sorted({w for t in texts for w in t.split()} - lex.keys())
+        table = dict(zip(words, self._phone_g2p().phonemize(words), strict=True)) if words else {}
+        table.update(lex)
+        get, unk = self._piece_to_id.get, self.unk_id
+        out = []
+        for t in texts:
+            ids: list[int] = []
+            for j, w in enumerate(t.split()):
+                if j:
+                    ids.append(get(SPACE_PIECE))
+                ids.extend(get(p, unk) for p in table[w])
+            out.append(ids)
+        return out
+
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` (already normalised by the caller), without special tokens."""
+        if self.kind == "phone":
+            return self._phone_ids([text])[0]
         if self._pieces is not None:
             unk = self.unk_id
             get = self._piece_to_id.get
@@ -268,7 +349,10 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """:meth:`encode` of several texts (the HF backends run them in parallel)."""
+        """:meth:`encode` of several texts (the HF backends run them in parallel; the phone G2P
+        phonemises all their words in one batch)."""
+        if self.kind == "phone":
+            return self._phone_ids(list(texts))
         if self._pieces is not None:
             return [self.encode(t) for t in texts]
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -276,6 +360,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; blank, sos/eos and pad are dropped, an unknown unit reads as its piece."""
         ids = [int(i) for i in ids if int(i) not in self._drop]
+        if self.kind == "phone":  # lossy: the phone string, not the text
+            words = " ".join(self._pieces[i] for i in ids).split(SPACE_PIECE)
+            return PHONE_WORD_SEP.join(" ".join(w.split()) for w in words if w.split())
         if self._pieces is not None:
             text = "".join(self._pieces[i] for i in ids).replace(SPACE_PIECE, " ")
             return " ".join(text.split())
@@ -315,6 +402,11 @@ class Tokenizer:
         was loaded from, and padding/truncation settings do not enter it.
         """
         h = {"kind": self.kind, "specials": self.specials, "extra_blank": self._extra_blank}
+        if self.g2p is not None:
+            h["g2p"] = self.g2p
+        if self.lexicon is not None:
+            lex = json.dumps(self.lexicon, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            h["lexicon"] = hashlib.sha256(lex.encode("utf-8")).hexdigest()
         if self._pieces is not None:
             h["pieces"] = self._pieces
         else:
@@ -330,6 +422,11 @@ class Tokenizer:
                 "name": self.name, "source": self.source, "vocab_size": self.vocab_size,
                 "specials": self.specials, "extra_blank": self._extra_blank,
                 "content_hash": self.content_hash()}
+        if self.g2p is not None:
+            meta["g2p"] = self.g2p
+        if self.lexicon is not None:
+            _write_atomic(d / LEXICON_FILE, json.dumps(self.lexicon, ensure_ascii=False, sort_keys=True,
+                                                      separators=(",", ":")) + "\n")
         if self._pieces is not None:
             meta["pieces"] = self._pieces
         else:
@@ -347,6 +444,63 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
+
+STRESS_MARKS = "',"  # espeak -x primary/secondary stress, dropped from the phones
+PAUSE_CHARS = set("_:")  # espeak -x pauses ("_", "_:"), dropped
+
+
+class EspeakG2P:
+    """Offline English G2P through the ``espeak-ng`` program: word -> phones (``-x`` mnemonics,
+    stress marks and pauses removed). Words are phonemised one per stdin line, many per call, and memoised."""
+
+    def __init__(self, voice: str = "en-us", program: str = "espeak-ng", batch: int = 5000):
+        exe = shutil.which(program)
+        if exe is None:
+            raise TokenizerError(
+                f"phone tokenizer: {program!r} not found; install espeak-ng (scripts/setup_env.sh "
+                f"does: apt-get install espeak-ng)"
+            )
+        self.program = exe
+        self.voice = voice
+        self.batch = batch
+        self._memo: dict[str, list[str]] = {}
+        self.info = {"backend": "espeak-ng", "version": espeak_version(exe), "voice": voice}
+
+    def _run(self, words: Sequence[str]) -> list[str]:
+        res = subprocess.run(
+            [self.program, "-q", "-x", "--sep= ", "-v", self.voice], input="\n".join(words) + "\n",
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise TokenizerError(f"espeak-ng failed ({res.returncode}): {res.stderr.strip()[:200]}")
+        return res.stdout.splitlines()
+
+    def _phones(self, line: str) -> list[str]:
+        out = []
+        for p in line.split():
+            p = p.strip(STRESS_MARKS)
+            if p and not set(p) <= PAUSE_CHARS:
+                out.append(p)
+        return out
+
+    def phonemize(self, words: Sequence[str]) -> list[list[str]]:
+        """Phones of each word (a word without letters may get none)."""
+        todo = sorted({w for w in words if w not in self._memo})
+        for i in range(0, len(todo), self.batch):
+            part = todo[i : i + self.batch]
+            lines = self._run(part)
+            if len(lines) != len(part):  # espeak split or merged lines: one call per word
+                lines = [" ".join(self._run([w])) for w in part]
+            for w, line in zip(part, lines, strict=True):
+                self._memo[w] = self._phones(line)
+        return [list(self._memo[w]) for w in words]
+
+
+def espeak_version(program: str = "espeak-ng") -> str:
+    """``1.51`` from ``espeak-ng --version`` ("eSpeak NG text-to-speech: 1.51  Data at: ...")."""
+    res = subprocess.run([program, "--version"], capture_output=True, text=True, check=False)
+    m = re.search(r":\s*([0-9][^\s]*)", res.stdout)
+    return m.group(1) if m else res.stdout.strip()[:40]
 
 
 def _read_backend(file: Path):

@@ -4,6 +4,10 @@ Token-level distillation is only meaningful when teacher position i *is* student
 same tokenizer (content hash, not just name), the same vocabulary, the same token ids for the
 same normalised transcript, and targets for every training utterance. Each check raises
 :class:`CacheMismatchError` whose message says what differs and how to fix it.
+
+Exception: the ``hierarchical`` recipe's teachers in *other units* (a different tokenizer hash)
+are distilled through their own aux decoder, teacher-forced on their own token ids, so they are
+checked against themselves: token-level targets and token_ids for every training utterance.
 """
 
 from __future__ import annotations
@@ -54,6 +58,30 @@ def check_teacher_units(record: Any, tokenizer: Any) -> None:
         )
 
 
+def check_own_units_teacher(cache: Any, name: str, utt_ids: Sequence[str]) -> list[str]:
+    """A teacher in other units than the student's, checked against itself: token-level
+    targets, a vocabulary, and token_ids in the cache index for every utterance. Returns the
+    utterances that lack token_ids (the caller decides whether that is fatal)."""
+    rec = cache.teachers[name]
+    if rec.units != "tokens":
+        raise CacheMismatchError(
+            f"teacher {name!r} stores {rec.units}-level targets; an aux decoder needs "
+            f"token-level targets"
+        )
+    if rec.vocab_size < 1:
+        raise CacheMismatchError(f"teacher {name!r}: its record has no vocab_size")
+    no_tok: set[str] = set()
+    for si in cache.shards[name]:
+        vals = np.asarray(si.token_values)
+        if len(vals) and (vals.min() < 0 or vals.max() >= rec.vocab_size):
+            raise CacheMismatchError(
+                f"teacher {name!r}: token_ids outside its vocabulary [0, {rec.vocab_size}) in "
+                f"shard {si.name}"
+            )
+        no_tok.update(si.utt_ids[int(row)] for row in np.flatnonzero(~np.asarray(si.token_valid)))
+    return [u for u in utt_ids if u in no_tok]
+
+
 def check_cache(
     cache: Any,
     teachers: Sequence[str],
@@ -61,6 +89,7 @@ def check_cache(
     utt_ids: Sequence[str],
     tokens: dict[str, np.ndarray],
     allow_missing: bool = False,
+    own_units: Sequence[str] = (),
 ) -> list[str]:
     """Check ``cache`` against the student and the training set; return the usable utterances.
 
@@ -71,6 +100,9 @@ def check_cache(
         utt_ids: Training utterance ids.
         tokens: utt id -> student token ids of the normalised transcript.
         allow_missing: Skip utterances the cache lacks with a warning instead of raising.
+        own_units: Teachers in other units than the student's (hierarchical KD through aux
+            decoders): checked against themselves (check_own_units_teacher), not against the
+            student's tokenizer.
 
     Returns:
         ``utt_ids`` minus the missing ones (all of them unless ``allow_missing``).
@@ -80,6 +112,8 @@ def check_cache(
             raise CacheMismatchError(
                 f"teacher {name!r} is not in the cache; it holds {sorted(cache.teachers)}"
             )
+        if name in own_units:
+            continue
         check_teacher_units(cache.teachers[name], tokenizer)
     have: set[str] | None = None
     for name in teachers:
@@ -98,12 +132,21 @@ def check_cache(
             )
         log.warning("%s; skipping them (--allow-missing)", msg)
     usable = [u for u in utt_ids if u in have]
+    for name in own_units:
+        no_tok = check_own_units_teacher(cache, name, usable)
+        if no_tok:
+            raise CacheMismatchError(
+                f"teacher {name!r} (units other than the student's, distilled through an aux "
+                f"decoder teacher-forced on its own tokens) has no token_ids for {len(no_tok)} "
+                f"of {len(usable)} training utterances: {_fmt_ids(no_tok)}; rebuild them with a "
+                f"teacher that records its input token ids"
+            )
     if not usable:
         raise CacheMismatchError("no training utterance has cached targets")
     for utt_id in usable[:TOKEN_CHECK_SAMPLE]:
         targets = {name: cache.get(utt_id, name, hidden=False) for name in teachers}
         try:
-            check_alignment(utt_id, tokens[utt_id], targets)
+            check_alignment(utt_id, tokens[utt_id], targets, own_units)
         except TargetMismatchError as e:
             raise CacheMismatchError(str(e)) from e
     return usable

@@ -169,16 +169,24 @@ class CIFHKDConfig:
 
 @dataclass
 class HierarchicalConfig:
-    """Hierarchical multi-task KD (paper 000): one aux KD head per teacher in the cache(s).
+    """Hierarchical multi-task KD (paper 000, sec. 3.2): one KD output per teacher in the cache.
 
-    Decoder loss: lam CE(y, u_SL) + (1-lam) sum_t weight_t KL(teacher_t || u_KD,t).
-    Every teacher must share the student's token positions (same tokenizer units).
+    Teachers in the student's units (same tokenizer hash) get an aux KD head on the main
+    decoder's positions; teachers in other units (characters, phones, another BPE) get an aux
+    attention decoder on the final encoder output, teacher-forced on the teacher's own tokens:
+
+        L_dec = lam CE(y, u_SL) + (1-lam) sum_{t same} w_t KL(teacher_t || u_KD,t)
+        L_t   = lam CE(teacher tokens, a_t) + (1-lam) KL(teacher_t || a_t)   (other units)
+        loss  = ctc_weight CTC + (1-ctc_weight) [L_dec + sum_{t other} w_t L_t]
+
+    The aux decoders are dropped for decoding and export (docs/training.md).
     """
 
     teachers: list[str] = field(default_factory=list)  # empty = every teacher of the cache(s)
     weights: list[float] = field(default_factory=list)  # empty = equal
     lam: float = 0.5
     temperature: float = 1.0
+    aux_decoder_layers: int = 1  # layers of each other-units teacher's aux decoder
 
 
 @dataclass
@@ -229,6 +237,10 @@ class RunConfig:
         check(not self.hierarchical.weights
               or len(self.hierarchical.weights) == len(self.hierarchical.teachers),
               "hierarchical.weights", "needs one weight per entry of hierarchical.teachers")
+        check(0.0 <= self.hierarchical.lam <= 1.0, "hierarchical.lam", "must be in [0, 1]")
+        check(all(w >= 0 for w in self.hierarchical.weights), "hierarchical.weights", "must be >= 0")
+        check(self.hierarchical.aux_decoder_layers >= 1, "hierarchical.aux_decoder_layers",
+              "must be >= 1")
         return self
 
 

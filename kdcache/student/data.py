@@ -24,6 +24,12 @@ Alignment: the cache holds one position per teacher token of the normalised tran
 specials); the student's tokens are the same ids, so ``targets[t].topk_ids[b, i]`` is the teacher
 distribution for decoder output ``i`` (predicting token ``i``); the decoder's final eos output has
 no teacher position and gets no KD. Speed perturbation changes frame counts only.
+
+Teachers in *other units* (``own_units``: hierarchical KD from a character or phone teacher to a
+subword student) are not aligned to the student's tokens at all: their TeacherBatch is padded to
+their own longest utterance and carries the teacher's own token ids (``token_ids``, from the
+cache index), which an auxiliary decoder is teacher-forced on; cache position ``i`` is that aux
+decoder's output ``i``.
 """
 
 from __future__ import annotations
@@ -61,6 +67,10 @@ class TeacherBatch:
         mask: [B, L] bool, True at real positions.
         hidden: layer -> [B, L, D] float32 teacher hidden states (0 at padding).
         temperature: the cache's build temperature.
+        token_ids: [B, L] int64 the teacher's own input token ids (0 at padding), only for
+            teachers in other units than the student's (``own_units``); None otherwise. For
+            those teachers L is the teacher's longest utterance, not the student's.
+        token_lens: [B] int64 teacher positions per utterance (with ``token_ids``).
     """
 
     topk_ids: torch.Tensor
@@ -69,8 +79,13 @@ class TeacherBatch:
     mask: torch.Tensor
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     temperature: float = 1.0
+    token_ids: torch.Tensor | None = None
+    token_lens: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TeacherBatch:
+        def move(x):
+            return None if x is None else x.to(device, non_blocking=True)
+
         return dataclasses.replace(
             self,
             topk_ids=self.topk_ids.to(device, non_blocking=True),
@@ -78,6 +93,8 @@ class TeacherBatch:
             tail_logmass=self.tail_logmass.to(device, non_blocking=True),
             mask=self.mask.to(device, non_blocking=True),
             hidden={k: v.to(device, non_blocking=True) for k, v in self.hidden.items()},
+            token_ids=move(self.token_ids),
+            token_lens=move(self.token_lens),
         )
 
 
@@ -130,9 +147,11 @@ def collate(
     hidden_layers: dict[str, Sequence[int]],
     texts: list[str] | None = None,
     position: tuple[int, int, int] = (-1, -1, -1),
+    own_units: Sequence[str] = (),
 ) -> Batch:
     """Pad per-utterance arrays into a :class:`Batch` (targets: one dict[teacher, UttTargets]
-    per utterance, or empty dicts when training without a cache)."""
+    per utterance, or empty dicts when training without a cache). Teachers in ``own_units`` are
+    padded to their own longest utterance and carry their token ids."""
     b = len(utt_ids)
     feat_lens = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     n_mel = feats[0].shape[1]
@@ -140,14 +159,21 @@ def collate(
     for i, f in enumerate(feats):
         x[i, : f.shape[0]] = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     token_lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
-    max_l = max(1, int(token_lens.max()))
+    max_l = max_tok = max(1, int(token_lens.max()))
     y = torch.full((b, max_l), pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
         y[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
     out: dict[str, TeacherBatch] = {}
     names = list(targets[0]) if targets else []
+    own = set(own_units)
     for name in names:
         k = targets[0][name].topk_ids.shape[1]
+        max_l = max_tok
+        tid = tlen = None
+        if name in own:
+            max_l = max(1, max(per_teacher[name].topk_ids.shape[0] for per_teacher in targets))
+            tid = torch.zeros(b, max_l, dtype=torch.long)
+            tlen = torch.zeros(b, dtype=torch.long)
         ids = torch.zeros(b, max_l, k, dtype=torch.long)
         lp = torch.full((b, max_l, k), -math.log(k) if k else 0.0, dtype=torch.float32)
         tail = torch.full((b, max_l), -math.inf, dtype=torch.float32)
@@ -161,12 +187,16 @@ def collate(
                 lp[i, :n] = torch.from_numpy(np.asarray(t.topk_logprobs, dtype=np.float32))
             tail[i, :n] = torch.from_numpy(np.asarray(t.tail_logmass, dtype=np.float32))
             mask[i, :n] = True
+            if tid is not None:
+                tid[i, :n] = torch.from_numpy(np.asarray(t.token_ids, dtype=np.int64))
+                tlen[i] = n
             for layer in hidden_layers.get(name, ()):
                 h = np.asarray(t.hidden[layer], dtype=np.float32)
                 if layer not in hid:
                     hid[layer] = torch.zeros(b, max_l, h.shape[1], dtype=torch.float32)
                 hid[layer][i, :n] = torch.from_numpy(h)
-        out[name] = TeacherBatch(ids, lp, tail, mask, hid, float(temperatures.get(name, 1.0)))
+        out[name] = TeacherBatch(ids, lp, tail, mask, hid, float(temperatures.get(name, 1.0)),
+                                 token_ids=tid, token_lens=tlen)
     return Batch(
         utt_ids=list(utt_ids),
         feats=x,
@@ -226,10 +256,59 @@ def _features_open(path: str):
     return open_features(path)
 
 
-def _cache_open(path: str):
+def _cache_open(path: str | Sequence[str]):
+    return open_caches(path)
+
+
+class MultiCache:
+    """Several opened caches read as one (``kdtrain run --cache A.kdc --cache B.kdc``): every
+    teacher name must be in exactly one of them. Random access only (no ``stream``)."""
+
+    def __init__(self, caches: Sequence[Any]) -> None:
+        self.caches = list(caches)
+        self.path = " + ".join(str(c.path) for c in self.caches)
+        self.teachers: dict[str, Any] = {}
+        self.shards: dict[str, Any] = {}
+        self._of: dict[str, Any] = {}
+        for c in self.caches:
+            for name, rec in c.teachers.items():
+                if name in self._of:
+                    raise ValueError(
+                        f"teacher {name!r} is in two caches ({self._of[name].path} and {c.path}); "
+                        f"build one of them under another name (kdcache build --name NAME)"
+                    )
+                self._of[name] = c
+                self.teachers[name] = rec
+                self.shards[name] = c.shards[name]
+
+    def _cache(self, teacher: str):
+        if teacher not in self._of:
+            raise KeyError(f"teacher {teacher!r} not in caches {self.path} (teachers: {sorted(self.teachers)})")
+        return self._of[teacher]
+
+    def utt_ids(self, teacher: str) -> list[str]:
+        return self._cache(teacher).utt_ids(teacher)
+
+    def get(self, utt_id: str, teacher: str, *, hidden: bool = True):
+        return self._cache(teacher).get(utt_id, teacher, hidden=hidden)
+
+    def chunk_groups(self, teacher: str, **kwargs):
+        return self._cache(teacher).chunk_groups(teacher, **kwargs)
+
+    def stream(self, **kwargs):
+        raise ValueError("several caches are read with data.reader=random, not stream")
+
+
+def open_caches(paths: str | Sequence[str]):
+    """One cache path -> the opened cache; several -> a :class:`MultiCache` over them."""
     from kdcache.cache_format import open_cache
 
-    return open_cache(path)
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
+        return open_cache(str(paths))
+    paths = [str(p) for p in paths]
+    if len(paths) == 1:
+        return open_cache(paths[0])
+    return MultiCache([open_cache(p) for p in paths])
 
 
 def cut_batches(
@@ -263,7 +342,8 @@ class KDDataset(IterableDataset):
         tokens: utt id -> student token ids [L] of the normalised transcript.
         num_frames: utt id -> feature frame count.
         features: Path of the feature store (opened in each worker).
-        cache: Path of the KD cache, or None to train without one.
+        cache: Path of the KD cache (or a list of paths: :class:`MultiCache`), or None to train
+            without one.
         teachers: Cache teachers to read.
         hidden_layers: teacher -> stored layers to read (empty: no hidden states).
         cfg: The ``data`` section.
@@ -274,6 +354,8 @@ class KDDataset(IterableDataset):
         state: Where to restart (from a checkpoint), or None for the beginning.
         train: Apply augmentation (speed perturbation, SpecAugment).
         temperatures: teacher -> build temperature (copied into TeacherBatch).
+        own_units: teachers whose units differ from the student's (hierarchical KD): not aligned
+            to the student's tokens; their batches carry the teacher's own token ids.
     """
 
     def __init__(
@@ -282,7 +364,7 @@ class KDDataset(IterableDataset):
         tokens: dict[str, np.ndarray],
         num_frames: dict[str, int],
         features: str,
-        cache: str | None,
+        cache: str | Sequence[str] | None,
         teachers: Sequence[str],
         hidden_layers: dict[str, Sequence[int]],
         cfg: DataConfig,
@@ -295,8 +377,10 @@ class KDDataset(IterableDataset):
         train: bool = True,
         temperatures: dict[str, float] | None = None,
         texts: dict[str, str] | None = None,
+        own_units: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        self.own_units = list(own_units)
         self.utt_ids = sorted(utt_ids)
         self.tokens = tokens
         self.num_frames = num_frames
@@ -470,7 +554,7 @@ class KDDataset(IterableDataset):
                 }
             tokens = self.tokens[utt_id]
             if targets:
-                check_alignment(utt_id, tokens, targets)
+                check_alignment(utt_id, tokens, targets, self.own_units)
             ids.append(utt_id)
             feats.append(x)
             toks.append(tokens)
@@ -486,6 +570,7 @@ class KDDataset(IterableDataset):
             self.hidden_layers,
             texts=texts,
             position=position,
+            own_units=self.own_units,
         )
 
 
@@ -493,10 +578,19 @@ class TargetMismatchError(ValueError):
     """Cached targets do not line up with the student's tokens of the same utterance."""
 
 
-def check_alignment(utt_id: str, tokens: np.ndarray, targets: dict[str, Any]) -> None:
-    """Raise :class:`TargetMismatchError` when a teacher's positions are not the student's tokens."""
+def check_alignment(
+    utt_id: str, tokens: np.ndarray, targets: dict[str, Any], own_units: Sequence[str] = ()
+) -> None:
+    """Raise :class:`TargetMismatchError` when a teacher's positions are not the student's tokens.
+
+    Teachers in ``own_units`` are checked against themselves instead: their token ids must be
+    stored, one per position (the aux decoder is teacher-forced on them).
+    """
     for name, t in targets.items():
         n = t.topk_ids.shape[0]
+        if name in own_units:
+            check_own_tokens(utt_id, name, t)
+            continue
         if t.token_ids is not None and not np.array_equal(
             np.asarray(t.token_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
         ):
@@ -510,6 +604,22 @@ def check_alignment(utt_id: str, tokens: np.ndarray, targets: dict[str, Any]) ->
                 f"utterance {utt_id!r}: teacher {name!r} has {n} positions, the student "
                 f"{len(tokens)} tokens"
             )
+
+
+def check_own_tokens(utt_id: str, name: str, t: Any) -> None:
+    """A teacher in other units needs its own token ids, one per stored position."""
+    n = t.topk_ids.shape[0]
+    if t.token_ids is None:
+        raise TargetMismatchError(
+            f"utterance {utt_id!r}: teacher {name!r} (units other than the student's) has no "
+            f"token_ids in the cache; its aux decoder is teacher-forced on them: rebuild the "
+            f"cache with a token-level teacher that records token_ids"
+        )
+    if len(t.token_ids) != n:
+        raise TargetMismatchError(
+            f"utterance {utt_id!r}: teacher {name!r} has {len(t.token_ids)} token_ids for {n} "
+            f"positions"
+        )
 
 
 def make_loader(dataset: KDDataset) -> DataLoader:

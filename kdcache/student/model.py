@@ -5,6 +5,8 @@
                                        |-> cif -> cif_decoder                    use_cif
         intermediate layers (interaed_layers) -> interAED decoders                (training only)
         decoder / cif_decoder / encoder states -> aux KD heads, LRD projections  (training only)
+        enc_out -> aux decoders (one per teacher in other units, teacher-forced on
+                   that teacher's own tokens; hierarchical KD)                     (training only)
         CIF outputs -> ACD projections                                           (training only)
 
 Everything but the encoder and the CTC head exists for training; `export_ctc()` drops it.
@@ -62,6 +64,11 @@ class StudentConfig:
     # KD heads (papers 000, 004): name -> output size; names are the cache's teacher names
     aux_kd_heads: dict[str, int] = field(default_factory=dict)  # Linear(state) -> teacher vocab
     aux_kd_source: str = "decoder"  # states the aux heads read: decoder | cif | encoder
+    # Hierarchical KD (paper 000) from teachers in other units: name -> that teacher's vocab V_t.
+    # Each is a small attention decoder on the final encoder output with its own embedding and
+    # output layer over V_t + 2 ids: the teacher's ids, bos = V_t, eos = V_t + 1.
+    aux_decoders: dict[str, int] = field(default_factory=dict)
+    aux_decoder_layers: int = 1
     acd_proj: dict[str, int] = field(default_factory=dict)  # Linear(CIF output) -> teacher dim
     lrd_proj: dict[str, int] = field(default_factory=dict)  # Linear(state) -> teacher dim
     lrd_source: str = "decoder"  # states the LRD projections read: decoder | cif
@@ -98,7 +105,7 @@ class StudentConfig:
         check(self.aux_kd_source in AUX_KD_SOURCES, f"aux_kd_source must be one of {AUX_KD_SOURCES}")
         check(self.lrd_source in LRD_SOURCES, f"lrd_source must be one of {LRD_SOURCES}")
         for what, heads in (("aux_kd_heads", self.aux_kd_heads), ("acd_proj", self.acd_proj),
-                            ("lrd_proj", self.lrd_proj)):
+                            ("lrd_proj", self.lrd_proj), ("aux_decoders", self.aux_decoders)):
             for name, size in heads.items():
                 check(bool(name) and "." not in name, f"{what} name {name!r}: empty or has a '.'")
                 check(int(size) >= 1, f"{what}[{name!r}] must be >= 1")
@@ -111,6 +118,7 @@ class StudentConfig:
                   "lrd_source 'decoder' needs decoder_layers > 0")
             check(self.lrd_source != "cif" or self.use_cif, "lrd_source 'cif' needs use_cif")
         check(not self.acd_proj or self.use_cif, "acd_proj needs use_cif")
+        check(not self.aux_decoders or self.aux_decoder_layers >= 1, "aux_decoder_layers must be >= 1")
         if self.vocab_size:
             for name in ("blank_id", "bos_id", "eos_id"):
                 v = getattr(self, name)
@@ -141,8 +149,12 @@ class StudentConfig:
         return dataclasses.replace(
             self, decoder_layers=0, interaed_layers=[], interaed_shared=False, use_cif=False,
             aux_kd_heads={}, aux_kd_source="decoder", acd_proj={}, lrd_proj={},
-            lrd_source="decoder",
+            lrd_source="decoder", aux_decoders={},
         )
+
+    def without_aux_decoders(self) -> StudentConfig:
+        """The same model minus the hierarchical-KD aux decoders (what attention decoding uses)."""
+        return dataclasses.replace(self, aux_decoders={})
 
 
 @dataclass
@@ -175,6 +187,9 @@ class StudentOutput:
     aux_kd_logits: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, *, V_name]
     acd_proj: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, L, D_name]
     lrd_proj: dict[str, Tensor] = field(default_factory=dict)  # name -> [B, L(+1), D_name]
+    # aux decoders (training only): name -> [B, L_t+1, V_t+2]; output i < L_t predicts the
+    # teacher's token i (cache position i), output L_t predicts eos (= V_t + 1)
+    aux_dec_logits: dict[str, Tensor] = field(default_factory=dict)
 
 
 def decoder_inputs(targets: Tensor, target_lens: Tensor, bos_id: int, eos_id: int) -> Tensor:
@@ -214,7 +229,7 @@ class Student(nn.Module):
 
     Parameter names: `encoder.*`, `ctc.*` (the deployable CTC model), `decoder.*`,
     `interaed.<i>.*`, `cif.*`, `cif_decoder.*`, `aux_kd_heads.<name>.*`, `acd_proj.<name>.*`,
-    `lrd_proj.<name>.*`.
+    `lrd_proj.<name>.*`, `aux_decoders.<name>.*`.
     """
 
     def __init__(self, cfg: StudentConfig) -> None:
@@ -248,6 +263,12 @@ class Student(nn.Module):
         self.aux_kd_heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.aux_kd_heads.items()})
         self.acd_proj = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.acd_proj.items()})
         self.lrd_proj = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.lrd_proj.items()})
+        # Built last, so that the other parameters are initialised exactly as without them.
+        self.aux_decoders = nn.ModuleDict({
+            k: AttentionDecoder(n + 2, d, cfg.decoder_heads, cfg.aux_decoder_layers, cfg.ff_mult,
+                                cfg.dropout)
+            for k, n in cfg.aux_decoders.items()
+        })  # fmt: skip
 
     def interaed_decoder(self, layer: int) -> AttentionDecoder:
         """The auxiliary decoder attached to encoder layer `layer` (1-based, resolved)."""
@@ -260,6 +281,7 @@ class Student(nn.Module):
         feat_lens: Tensor,
         targets: Tensor | None = None,
         target_lens: Tensor | None = None,
+        aux_tokens: dict[str, tuple[Tensor, Tensor]] | None = None,
     ) -> StudentOutput:
         """Run the encoder, the CTC head and, with targets, every enabled training head.
 
@@ -272,6 +294,8 @@ class Student(nn.Module):
             feat_lens: [B] valid frames (>= 7 at subsampling 4).
             targets: [B, L] token ids without bos/eos/blank, padded with anything.
             target_lens: [B] tokens per utterance.
+            aux_tokens: aux decoder name -> (teacher token ids [B, L_t] without specials,
+                padded with anything; lengths [B]); the aux decoders run only on these.
 
         Returns:
             StudentOutput (shapes documented on the class).
@@ -315,13 +339,17 @@ class Student(nn.Module):
             out.aux_kd_logits = {k: h(src) for k, h in self.aux_kd_heads.items()}
         if cfg.lrd_source in states:
             out.lrd_proj = {k: p(states[cfg.lrd_source]) for k, p in self.lrd_proj.items()}
+        for name, (tok, lens) in (aux_tokens or {}).items():
+            v_t = cfg.aux_decoders[name]
+            dec_in = decoder_inputs(tok, lens, v_t, v_t + 1)
+            out.aux_dec_logits[name], _ = self.aux_decoders[name](dec_in, enc_out, enc_mask)
         return out
 
     def export_ctc(self) -> tuple[StudentConfig, dict[str, Tensor]]:
         """The deployable CTC model: its config and a state dict with exactly its parameters.
 
         `Student(cfg).load_state_dict(state, strict=True)` works for the returned pair; the
-        decoders, interAED, CIF and KD heads are dropped (they only served training).
+        decoders, interAED, CIF, KD heads and aux decoders are dropped (they only served training).
         """
         keep = ("encoder.", "ctc.")
         state = {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(keep)}

@@ -8,6 +8,8 @@ lst            ... decoder: (1-w) CE_ls + w H(teacher_T, student), T=5, w=0.1   
 multitask      ... decoder: lam CE(y, u_SL) + (1-lam) KL(teacher_T || u_KD), aux head (000)
 essence        ... decoder: alpha CE + (1-alpha) H(renormalised top-k teacher)     (paper 003)
 hierarchical   ... decoder: lam CE + (1-lam) sum_t w_t KL(teacher_t || u_KD,t)     (paper 000)
+               + sum_t' w_t' [lam CE(t' tokens, a_t') + (1-lam) KL(teacher_t' || a_t')] for
+               teachers t' in other units, each through its own aux decoder a_t'
 interaed       CTC + beta sum_l H(s, aux decoder on encoder layer l)              (paper 002)
 cif_hkd        CE(CIF decoder) + CTC + quantity + ACD (InfoNCE) + LRD (MSE)       (paper 004)
 =============  ==============================================================================
@@ -15,7 +17,9 @@ cif_hkd        CE(CIF decoder) + CTC + quantity + ACD (InfoNCE) + LRD (MSE)     
 Positions: the cache has one position per token of the normalised transcript; decoder output i
 (i < L) predicts token i and lines up with cache position i; output L predicts eos and gets only
 the recipe's hard-label term (no teacher has a position there: the losses' ``teacher_mask``).
-CIF output i is token i too.
+CIF output i is token i too. A hierarchical teacher in other units (another tokenizer) has its
+own aux decoder, teacher-forced on that teacher's token ids from the cache: aux output i (i < L_t)
+is cache position i of that teacher, output L_t predicts the aux decoder's eos.
 Every loss is a mean over valid positions; the terms are logged separately in metrics.csv.
 
 Determinism: given the same inputs, seed and data.num_workers, the losses of a run on CPU are a
@@ -69,7 +73,7 @@ class RunInputs:
     data: Path | None = None
     features: Path | None = None
     tokenizer: Path | None = None
-    cache: Path | None = None
+    cache: Path | list[Path] | None = None  # several paths: their teachers are read together
     recipe: str | None = None
     config: Path | None = None
     overrides: list[str] = field(default_factory=list)
@@ -136,10 +140,16 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
         if not cfg_path.exists():
             raise FileNotFoundError(f"--resume: {cfg_path} not found; nothing to resume")
         saved = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+
+        def restore(v):  # run.json: a path, or a list of cache paths
+            if not v:
+                return None
+            return [Path(x) for x in v] if isinstance(v, list) else Path(v)
+
         merged = dataclasses.replace(
             inputs,
             **{
-                k: Path(saved[k]) if saved.get(k) else None
+                k: restore(saved.get(k))
                 for k in ("data", "features", "tokenizer", "cache")
                 if getattr(inputs, k) is None
             },
@@ -155,6 +165,14 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
             f"{run_dir} already holds checkpoints: pass --resume to continue it or choose a new --out"
         )
     return build_config(inputs.config, inputs.recipe, inputs.overrides), inputs
+
+
+def _cache_paths(cache) -> list[Path]:
+    if not cache:
+        return []
+    if isinstance(cache, (list, tuple)):
+        return [Path(p) for p in cache]
+    return [Path(cache)]
 
 
 def _teacher_names(cfg: RunConfig, cache) -> list[str]:
@@ -190,6 +208,15 @@ def _hidden_layer(cfg: RunConfig, record) -> int:
     return int(layer)
 
 
+def own_units_teachers(cfg: RunConfig, tokenizer, records: dict) -> list[str]:
+    """Teachers of the hierarchical recipe whose units are not the student's (their tokenizer
+    hash differs): each is distilled through an aux decoder on its own tokens."""
+    if cfg.recipe != "hierarchical":
+        return []
+    h = tokenizer.content_hash()
+    return [n for n, rec in records.items() if rec.tokenizer_hash != h]
+
+
 def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dict) -> StudentConfig:
     """Fill the student config from the tokenizer, the features and the recipe's heads."""
     m = dataclasses.replace(
@@ -204,8 +231,13 @@ def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dic
     if r in ("none", "lst", "multitask", "essence", "hierarchical") and m.decoder_layers < 1:
         raise ConfigError(f"recipe {r} distils into the attention decoder: set model.decoder_layers >= 1")
     if r in ("multitask", "hierarchical"):
+        own = own_units_teachers(cfg, tokenizer, records)
         m = dataclasses.replace(
-            m, aux_kd_heads={n: rec.vocab_size for n, rec in records.items()}, aux_kd_source="decoder"
+            m,
+            aux_kd_heads={n: rec.vocab_size for n, rec in records.items() if n not in own},
+            aux_kd_source="decoder",
+            aux_decoders={n: records[n].vocab_size for n in own},
+            aux_decoder_layers=cfg.hierarchical.aux_decoder_layers,
         )
     elif r == "interaed":
         m = dataclasses.replace(m, interaed_layers=list(cfg.interaed.layers))
@@ -234,6 +266,7 @@ class Context:
     records: dict[str, Any]
     hidden_layer: int | None = None
     generator: torch.Generator | None = None
+    own_units: list[str] = field(default_factory=list)  # hierarchical: teachers with aux decoders
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +305,8 @@ def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch
     """
     cfg = ctx.cfg
     mcfg = unwrap(model).cfg
-    out = model(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens)
+    aux_tokens = {n: (batch.targets[n].token_ids, batch.targets[n].token_lens) for n in ctx.own_units}
+    out = model(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens, aux_tokens=aux_tokens or None)
     terms: dict[str, torch.Tensor] = {}
     L = batch.tokens.shape[1]
     tok_mask = torch.arange(L, device=batch.tokens.device)[None] < batch.token_lens[:, None]
@@ -348,8 +382,25 @@ def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch
         weights = list(h.weights) or [1.0 / len(ctx.teachers)] * len(ctx.teachers)
         sl = losses.hard_ce(out.dec_logits, dt, dec_mask, reduction="none")
         per = h.lam * sl
+        own_terms = []
         for w, name in zip(weights, ctx.teachers, strict=True):
             t = batch.targets[name]
+            if name in ctx.own_units:
+                # Other units: the aux decoder's own positions 0..L_t (eos at L_t, no teacher
+                # there), the same multitask loss on one output layer: lam CE + (1-lam) KL.
+                a_logits = out.aux_dec_logits[name]
+                v_t = unwrap(model).cfg.aux_decoders[name]
+                a_dt = decoder_targets(t.token_ids, t.token_lens, v_t + 1)
+                a_mask = torch.arange(a_logits.shape[1], device=a_dt.device)[None] <= t.token_lens[:, None]
+                a_ids, a_lp, a_tail, a_tmask = _to_decoder_positions(t, a_logits.shape[1])
+                a_loss = losses.multitask_kd_loss(
+                    a_logits, a_logits, a_dt, a_ids, a_lp, a_tail, a_mask, lam=h.lam,
+                    temperature=h.temperature, build_temperature=t.temperature,
+                    teacher_mask=a_tmask,
+                )  # fmt: skip
+                terms[f"aux_{name}"] = a_loss.detach()
+                own_terms.append(w * a_loss)
+                continue
             ids, lp, tail, tmask = _to_decoder_positions(t, n)
             kd = losses.sparse_kd_kl(
                 out.aux_kd_logits[name], ids, lp, tail, tmask, student_temperature=h.temperature,
@@ -359,6 +410,8 @@ def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch
             terms[f"kd_{name}"] = (kd.sum() / tmask.sum().clamp(min=1)).detach()
             per = per + (1.0 - h.lam) * w * kd
         att = (per * dec_mask).sum() / dec_mask.sum().clamp(min=1)
+        for a_loss in own_terms:
+            att = att + a_loss
     else:
         raise ConfigError(f"unknown recipe {cfg.recipe!r}")
     terms["att"] = att
@@ -427,8 +480,14 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
 
 def _pick_reader(cfg: RunConfig, cache, teachers: list[str], n_utts: int, world: int) -> str:
     """Resolve data.reader. Streaming splits the cache's chunks among world x workers shards,
-    so it needs several chunks per shard; random access works for any size (docs/training.md)."""
+    so it needs several chunks per shard; random access works for any size (docs/training.md).
+    Several caches (--cache repeated) are read with random access."""
     if cache is None:
+        return "random"
+    if hasattr(cache, "caches"):  # MultiCache
+        if cfg.data.reader == "stream":
+            raise ConfigError("data.reader=stream reads one cache; several --cache paths need "
+                              "data.reader=random (or auto)")  # fmt: skip
         return "random"
     shards = world * max(1, cfg.data.num_workers)
     groups = len(cache.chunk_groups(teachers[0]))
@@ -477,8 +536,12 @@ def train(inputs: RunInputs) -> TrainResult:
         if getattr(inputs, what) is None:
             raise ConfigError(f"--{what} is required")
     needs_cache = cfg.recipe in CACHE_RECIPES
-    if needs_cache and inputs.cache is None:
+    if needs_cache and not inputs.cache:
         raise ConfigError(f"recipe {cfg.recipe!r} distils from a cache: pass --cache")
+    cache_paths = _cache_paths(inputs.cache)
+    if needs_cache and len(cache_paths) > 1 and cfg.recipe != "hierarchical":
+        raise ConfigError(f"recipe {cfg.recipe!r} reads one teacher: pass one --cache (several "
+                          f"caches are for recipe hierarchical)")  # fmt: skip
     rank, world, local_rank = _dist_setup()
     is_main = rank == 0
     device = pick_device(cfg.train.device)
@@ -512,17 +575,25 @@ def train(inputs: RunInputs) -> TrainResult:
                     cfg.data.max_utt_frames)  # fmt: skip
     teachers: list[str] = []
     records: dict[str, Any] = {}
+    own_units: list[str] = []
     cache = None
     if needs_cache:
-        from kdcache.cache_format import open_cache
         from kdcache.student.checks import check_cache
+        from kdcache.student.data import open_caches
 
-        cache = open_cache(inputs.cache)
+        try:
+            cache = open_caches(cache_paths)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         teachers = _teacher_names(cfg, cache)
         records = {n: cache.teachers[n] for n in teachers}
+        own_units = own_units_teachers(cfg, tok, records)
+        if own_units:
+            log.info("hierarchical: teacher(s) %s use other units than the student's tokenizer; "
+                     "each gets an aux decoder on its own tokens", own_units)  # fmt: skip
         train_ids = check_cache(
             cache, teachers, tok, train_ids, tokens,
-            allow_missing=inputs.allow_missing or cfg.train.allow_missing,
+            allow_missing=inputs.allow_missing or cfg.train.allow_missing, own_units=own_units,
         )  # fmt: skip
     elif inputs.cache is not None:
         log.info("recipe none: --cache %s is not read", inputs.cache)
@@ -541,7 +612,9 @@ def train(inputs: RunInputs) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         tok.save(run_dir / "tokenizer")
         paths = {k: str(Path(getattr(inputs, k)).resolve()) if getattr(inputs, k) else None
-                 for k in ("data", "features", "tokenizer", "cache")}  # fmt: skip
+                 for k in ("data", "features", "tokenizer")}  # fmt: skip
+        resolved = [str(Path(p).resolve()) for p in cache_paths]
+        paths["cache"] = (resolved[0] if len(resolved) == 1 else resolved) if resolved else None
         tmp = run_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(paths, indent=1) + "\n")
         os.replace(tmp, run_dir / RUN_FILE)
@@ -590,14 +663,16 @@ def train(inputs: RunInputs) -> TrainResult:
     reader = _pick_reader(cfg, cache, teachers, len(train_ids), world)
     dataset = KDDataset(
         train_ids, tokens, num_frames, str(inputs.features),
-        str(inputs.cache) if needs_cache else None, teachers,
+        ([str(p) for p in cache_paths] if len(cache_paths) > 1 else str(cache_paths[0]))
+        if needs_cache else None, teachers,
         {n: ([hidden_layer] if hidden_layer is not None else []) for n in teachers},
         cfg.data, pad_id=tok.pad_id, seed=cfg.train.seed, rank=rank, world_size=world,
         reader=reader, state=data_state, train=True,
         temperatures={n: r.temperature for n, r in records.items()}, texts=texts,
+        own_units=own_units,
     )  # fmt: skip
     loader = make_loader(dataset)
-    ctx = Context(cfg, teachers, records, hidden_layer)
+    ctx = Context(cfg, teachers, records, hidden_layer, own_units=own_units)
 
     # ---- loop
     metrics = MetricsLog(run_dir / "metrics.csv", step if ckpt is not None else None, is_main)

@@ -136,6 +136,9 @@ def write_toy_cache(
 
     path = Path(path)
     letter_ids = [tok.piece_to_id(c) for c in LETTERS]
+    if any(i is None for i in letter_ids):  # a teacher in other units (subwords, phones)
+        specials = {tok.blank_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id}
+        letter_ids = [i for i in range(tok.vocab_size) if i not in specials][: len(LETTERS)]
     emb = np.random.default_rng(123).standard_normal((tok.vocab_size, hidden_dim))
     for t_i, name in enumerate(teachers):
         record = TeacherRecord(
@@ -158,3 +161,29 @@ def write_toy_cache(
                     text=text, input_hash=content_hash(text),
                 ))  # fmt: skip
     return path
+
+
+def toy_subword_tokenizer(vocab_size: int = 24):
+    """A small BPE over the toy words: units other than the toy's character student."""
+    from kdcache.data.text import normalize_text
+    from kdcache.data.tokenizer import Tokenizer
+
+    return Tokenizer.train_bpe([normalize_text(w) for w in WORDS] * 4 + [" ".join(WORDS)],
+                               vocab_size, min_frequency=2, name="toy-bpe")
+
+
+def add_toy_teacher(corpus: ToyCorpus, name: str, tokenizer, k: int = 4,
+                    temperature: float = 1.0) -> Path:
+    """Add teacher ``name`` in ``tokenizer``'s units (e.g. subwords or phones, not the student's
+    characters) to the toy corpus's cache; its token_ids are that tokenizer's ids."""
+    import json
+
+    if corpus.cache is None:
+        raise ValueError("the toy corpus has no cache")
+    texts = {}
+    with open(corpus.manifest) as f:
+        for line in f:
+            d = json.loads(line)
+            texts[d["id"]] = d["text"]
+    return write_toy_cache(corpus.cache, texts, tokenizer, teachers=(name,), k=k,
+                           temperature=temperature)

@@ -17,6 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kdcache.cache_format import spec
+from kdcache.cache_format.reader import (
+    _has_markers,
+    _is_int,
+    _one_line,
+    check_marker,
+    record_from_attrs,
+)
 from kdcache.cache_format.spec import TeacherRecord
 
 __all__ = ["Problem", "verify_cache"]
@@ -60,6 +67,141 @@ def _chunk_files(storage: spec.Storage, rel: str) -> set[str] | None:
     return out
 
 
+# Missing chunk files listed one by one, at most this many per array (then a count).
+MAX_LISTED_MISSING = 20
+
+
+def _check_shard(st, zs, rec, t, s, seen, problems, tasks) -> None:
+    """Marker, index and array metadata of one committed shard; chunk reads go to ``tasks``."""
+    import pyarrow.parquet as pq
+    import zarr
+
+    from kdcache.cache_format.reader import _index_schema_problem
+
+    cp = spec.commit_path(t, s)
+    try:
+        marker = json.loads(st.read_bytes(cp))
+        check_marker(marker, t, s)
+    except Exception as e:
+        problems.append(Problem(cp, f"bad commit marker ({type(e).__name__}: {_one_line(e)})"))
+        return
+    ip = spec.index_path(t, s)
+    try:
+        data = st.read_bytes(ip)
+    except OSError:
+        problems.append(Problem(ip, "index of a committed shard is missing"))
+        return
+    if hashlib.sha256(data).hexdigest() != marker["index_sha256"]:
+        problems.append(Problem(ip, "sha256 does not match the commit marker (index damaged)"))
+        return
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        why = _index_schema_problem(table)
+        if why is None:
+            utts = table.column("utt_id").to_pylist()
+            offsets = table.column("offset").to_numpy().astype(np.int64)
+            lengths = table.column("length").to_numpy().astype(np.int64)
+            tok_lens = [
+                None if x is None else len(x) for x in table.column("token_ids").to_pylist()
+            ]
+    except Exception as e:
+        problems.append(Problem(ip, f"unreadable index ({type(e).__name__}: {_one_line(e)})"))
+        return
+    if why is not None:
+        problems.append(Problem(ip, why))
+        return
+    N = int(marker["positions"])
+    if len(utts) != marker["utterances"]:
+        problems.append(
+            Problem(ip, f"{len(utts)} rows but the marker says {marker['utterances']} utterances")
+        )
+    if len(utts):
+        expect = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        if (lengths < 0).any():
+            r = int(np.argmax(lengths < 0))
+            problems.append(Problem(ip, f"utterance {utts[r]!r}: negative length"))
+        bad = np.nonzero(offsets != expect)[0]
+        if len(bad):
+            problems.append(
+                Problem(
+                    ip,
+                    f"offsets not contiguous from 0 (first at row {int(bad[0])}, utterance {utts[bad[0]]!r})",
+                )
+            )
+    if int(lengths.sum()) != N:
+        problems.append(
+            Problem(ip, f"lengths sum to {int(lengths.sum())} but the marker says {N} positions")
+        )
+    for u, n, tl in zip(utts, lengths, tok_lens, strict=True):
+        if tl is not None and tl != n:
+            problems.append(Problem(ip, f"utterance {u!r}: {tl} token_ids for {int(n)} positions"))
+            break
+    for u in utts:
+        if u in seen:
+            where = "this shard" if seen[u] == s else f"shard {seen[u]}"
+            problems.append(Problem(ip, f"utterance {u!r} also in {where} (duplicate)"))
+        else:
+            seen[u] = s
+    # Arrays.
+    C = rec.chunk_positions
+    for name in spec.array_names(rec):
+        rel = f"{spec.shard_path(t, s)}/{name}"
+        try:
+            arr = zarr.open_array(zs, path=rel, mode="r")
+            shape, chunks, dtype = tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)
+            key = arr.metadata.encode_chunk_key((0,) * len(shape))
+        except Exception as e:
+            problems.append(
+                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {_one_line(e)})")
+            )
+            continue
+        row = spec.array_row_shape(rec, name)
+        want = marker.get("arrays", {}).get(name)
+        if want is not None and list(shape) != list(want):
+            problems.append(
+                Problem(rel, f"shape {list(shape)} differs from the commit marker's {want}")
+            )
+            continue
+        if shape != (N, *row):
+            problems.append(Problem(rel, f"shape {list(shape)}, expected {[N, *row]}"))
+            continue
+        if dtype != spec.array_dtype(rec, name):
+            problems.append(Problem(rel, f"dtype {dtype}, expected {spec.array_dtype(rec, name)}"))
+            continue
+        if key != "c" + "/0" * len(shape):
+            problems.append(Problem(rel, f"chunk key encoding gives {key!r}, not the v3 default"))
+            continue
+        if chunks != (C, *row):
+            problems.append(Problem(rel, f"chunks {list(chunks)}, expected {[C, *row]}"))
+            continue
+        present = _chunk_files(st, rel)
+        suffix = "/0" * len(row)
+        n_chunks = -(-N // C)
+        have = set()
+        for key in present:
+            parts = key.split("/")
+            if len(parts) == 2 + len(row) and parts[1].isdigit() and key.endswith(suffix):
+                i = int(parts[1])
+                if i < n_chunks:
+                    have.add(i)
+        missing = n_chunks - len(have)
+        listed = 0
+        c = 0
+        # Walk the expected chunks only as far as needed to list the first few missing ones: a
+        # damaged shape may claim billions of chunks.
+        while listed < min(missing, MAX_LISTED_MISSING) and c < n_chunks:
+            if c not in have:
+                problems.append(Problem(f"{rel} chunk {c}", "chunk file missing"))
+                listed += 1
+            c += 1
+        if missing > listed:
+            problems.append(
+                Problem(rel, f"{missing} chunk files missing in all (of {n_chunks}; first listed)")
+            )
+        for c in sorted(have):
+            tasks.append((rec, rel, arr, c))
+
+
 def verify_cache(
     path: str | os.PathLike,
     *,
@@ -88,22 +230,21 @@ def verify_cache(
     Returns:
         Problems; an empty list (with include_info=False) means the cache is intact.
     """
-    import pyarrow.parquet as pq
     import zarr
 
     problems: list[Problem] = []
     st = spec.Storage(str(path), read_only=True, storage_options=storage_options)
-    zs = st.zarr_store()
     if not st.exists("zarr.json"):
         return [Problem(str(path), "not a cache: no zarr.json at the root")]
     try:
+        zs = st.zarr_store()
         attrs = zarr.open_group(zs, mode="r").attrs.asdict().get(spec.ROOT_ATTR)
     except Exception as e:
-        return [Problem("zarr.json", f"unreadable root group ({e})")]
+        return [Problem("zarr.json", f"unreadable root group ({type(e).__name__}: {_one_line(e)})")]
     if not isinstance(attrs, dict):
         return [Problem("zarr.json", f"no '{spec.ROOT_ATTR}' root attribute: not a kdcache cache")]
     ver = attrs.get("format_version")
-    if ver not in spec.SUPPORTED_FORMAT_VERSIONS:
+    if not _is_int(ver) or ver not in spec.SUPPORTED_FORMAT_VERSIONS:
         return [
             Problem(
                 "zarr.json",
@@ -111,21 +252,30 @@ def verify_cache(
             )
         ]
 
-    tasks: list[
-        tuple[TeacherRecord, str, object, int]
-    ] = []  # (record, array rel path, array, chunk)
+    tasks: list[tuple[TeacherRecord, str, object, int]] = []  # (record, array rel, array, chunk)
+    with_record = set()
     for t in st.listdir(spec.TEACHERS_DIR):
         tp = spec.teacher_path(t)
+        if t == "zarr.json":
+            continue
+        if st.exists(f"{tp}/zarr.json"):
+            with_record.add(t)
         if not st.exists(f"{tp}/zarr.json"):
-            if t != "zarr.json":
-                problems.append(Problem(tp, "directory without zarr.json under teachers/", "info"))
+            problems.append(Problem(tp, "directory without zarr.json under teachers/", "info"))
+            continue
+        if not spec.NAME_RE.match(t):
+            problems.append(Problem(tp, "not a valid teacher name (readers ignore it)"))
             continue
         try:
-            rec = TeacherRecord.from_dict(
-                zarr.open_group(zs, path=tp, mode="r").attrs.asdict()[spec.TEACHER_ATTR]
+            rec = record_from_attrs(
+                zarr.open_group(zs, path=tp, mode="r").attrs.asdict().get(spec.TEACHER_ATTR)
             )
         except Exception as e:
-            problems.append(Problem(f"{tp}/zarr.json", f"bad teacher record ({e})"))
+            problems.append(
+                Problem(
+                    f"{tp}/zarr.json", f"bad teacher record ({type(e).__name__}: {_one_line(e)})"
+                )
+            )
             continue
         if rec.name != t:
             problems.append(
@@ -133,13 +283,22 @@ def verify_cache(
                     f"{tp}/zarr.json", f"record name {rec.name!r} differs from the directory name"
                 )
             )
-        markers = {f[:-5] for f in st.listdir(f"{spec.COMMITS_DIR}/{t}") if f.endswith(".json")}
+            continue
+        commit_files = st.listdir(f"{spec.COMMITS_DIR}/{t}")
+        index_files = st.listdir(f"{spec.INDEX_DIR}/{t}")
+        markers = {f[:-5] for f in commit_files if f.endswith(".json") and ".tmp-" not in f}
         shard_dirs = set(st.listdir(f"{tp}/{spec.SHARDS_DIR}")) - {"zarr.json"}
-        for f in st.listdir(f"{spec.COMMITS_DIR}/{t}") + st.listdir(f"{spec.INDEX_DIR}/{t}"):
+        for f in commit_files + index_files:
             if ".tmp-" in f:
                 problems.append(
                     Problem(f"{t}/{f}", "temporary file left by an interrupted commit", "info")
                 )
+        for s in sorted(markers):
+            if spec.parse_shard_name(s) is None:
+                problems.append(
+                    Problem(spec.commit_path(t, s), "not a shard name (readers ignore it)", "info")
+                )
+        markers = {s for s in markers if spec.parse_shard_name(s) is not None}
         for s in sorted(shard_dirs - markers):
             problems.append(
                 Problem(
@@ -148,7 +307,7 @@ def verify_cache(
                     "info",
                 )
             )
-        for f in st.listdir(f"{spec.INDEX_DIR}/{t}"):
+        for f in index_files:
             if f.endswith(".parquet") and f[:-8] not in markers:
                 problems.append(
                     Problem(
@@ -159,122 +318,24 @@ def verify_cache(
                 )
         seen: dict[str, str] = {}
         for s in sorted(markers):
-            cp = spec.commit_path(t, s)
             try:
-                marker = json.loads(st.read_bytes(cp))
-                missing = [k for k in spec.COMMIT_KEYS if k not in marker]
-                if missing:
-                    raise ValueError(f"missing keys {missing}")
-            except Exception as e:
-                problems.append(Problem(cp, f"unreadable commit marker ({e})"))
-                continue
-            if marker["teacher"] != t or marker["shard"] != s:
+                _check_shard(st, zs, rec, t, s, seen, problems, tasks)
+            except Exception as e:  # noqa: BLE001 - a finding, never a crash
                 problems.append(
                     Problem(
-                        cp, f"marker names teacher {marker['teacher']!r} shard {marker['shard']!r}"
+                        spec.shard_path(t, s),
+                        f"unexpected damage ({type(e).__name__}: {_one_line(e)})",
                     )
                 )
-            if marker["format_version"] not in spec.SUPPORTED_FORMAT_VERSIONS:
-                problems.append(
-                    Problem(cp, f"format_version {marker['format_version']!r} not supported")
+
+    for t in st.listdir(spec.COMMITS_DIR):
+        if t not in with_record and spec.NAME_RE.match(t) and _has_markers(st, t):
+            problems.append(
+                Problem(
+                    f"{spec.teacher_path(t)}/zarr.json",
+                    f"teacher record missing, but {spec.COMMITS_DIR}/{t}/ holds committed shards",
                 )
-            ip = spec.index_path(t, s)
-            try:
-                data = st.read_bytes(ip)
-            except OSError:
-                problems.append(Problem(ip, "index of a committed shard is missing"))
-                continue
-            if hashlib.sha256(data).hexdigest() != marker["index_sha256"]:
-                problems.append(
-                    Problem(ip, "sha256 does not match the commit marker (index damaged)")
-                )
-                continue
-            try:
-                table = pq.read_table(io.BytesIO(data))
-                utts = table.column("utt_id").to_pylist()
-                offsets = table.column("offset").to_numpy().astype(np.int64)
-                lengths = table.column("length").to_numpy().astype(np.int64)
-                tok_lens = [
-                    None if x is None else len(x) for x in table.column("token_ids").to_pylist()
-                ]
-            except Exception as e:
-                problems.append(Problem(ip, f"unreadable index ({e})"))
-                continue
-            N = int(marker["positions"])
-            if len(utts) != marker["utterances"]:
-                problems.append(
-                    Problem(
-                        ip,
-                        f"{len(utts)} rows but the marker says {marker['utterances']} utterances",
-                    )
-                )
-            if len(utts):
-                expect = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-                if (lengths < 0).any():
-                    problems.append(Problem(ip, "negative length"))
-                bad = np.nonzero(offsets != expect)[0]
-                if len(bad):
-                    problems.append(
-                        Problem(
-                            ip,
-                            f"offsets not contiguous from 0 (first at row {int(bad[0])}, utterance {utts[bad[0]]!r})",
-                        )
-                    )
-            if int(lengths.sum()) != N:
-                problems.append(
-                    Problem(
-                        ip, f"lengths sum to {int(lengths.sum())} but the marker says {N} positions"
-                    )
-                )
-            for u, n, tl in zip(utts, lengths, tok_lens, strict=True):
-                if tl is not None and tl != n:
-                    problems.append(
-                        Problem(ip, f"utterance {u!r}: {tl} token_ids for {int(n)} positions")
-                    )
-                    break
-            for u in utts:
-                if u in seen:
-                    problems.append(
-                        Problem(ip, f"utterance {u!r} also in shard {seen[u]} (duplicate)")
-                    )
-                else:
-                    seen[u] = s
-            # Arrays.
-            C = rec.chunk_positions
-            for name in spec.array_names(rec):
-                rel = f"{spec.shard_path(t, s)}/{name}"
-                try:
-                    arr = zarr.open_array(zs, path=rel, mode="r")
-                except Exception as e:
-                    problems.append(Problem(rel, f"array missing or unreadable ({e})"))
-                    continue
-                row = spec.array_row_shape(rec, name)
-                want = marker.get("arrays", {}).get(name)
-                if want is not None and list(arr.shape) != list(want):
-                    problems.append(
-                        Problem(
-                            rel, f"shape {list(arr.shape)} differs from the commit marker's {want}"
-                        )
-                    )
-                    continue
-                if tuple(arr.shape) != (N, *row):
-                    problems.append(Problem(rel, f"shape {list(arr.shape)}, expected {[N, *row]}"))
-                    continue
-                if np.dtype(arr.dtype) != spec.array_dtype(rec, name):
-                    problems.append(
-                        Problem(rel, f"dtype {arr.dtype}, expected {spec.array_dtype(rec, name)}")
-                    )
-                    continue
-                if tuple(arr.chunks)[0] != C:
-                    problems.append(Problem(rel, f"chunk length {arr.chunks[0]}, record says {C}"))
-                    continue
-                present = _chunk_files(st, rel)
-                suffix = "/0" * len(row)
-                for c in range(-(-N // C)):
-                    if f"c/{c}{suffix}" not in present:
-                        problems.append(Problem(f"{rel} chunk {c}", "chunk file missing"))
-                    else:
-                        tasks.append((rec, rel, arr, c))
+            )
 
     def check(task) -> Problem | None:
         rec, rel, arr, c = task
@@ -283,9 +344,13 @@ def verify_cache(
             x = arr[c * C : min((c + 1) * C, arr.shape[0])]
         except Exception as e:
             return Problem(
-                f"{rel} chunk {c}", f"checksum mismatch or undecodable ({type(e).__name__}: {e})"
+                f"{rel} chunk {c}",
+                f"checksum mismatch or undecodable ({type(e).__name__}: {_one_line(e)})",
             )
         name = rel.rsplit("/", 1)[-1]
+        want = min(C, arr.shape[0] - c * C)
+        if len(x) != want:
+            return Problem(f"{rel} chunk {c}", f"{len(x)} positions decoded, expected {want}")
         if name == spec.TOPK_IDS and x.size and int(x.max()) >= rec.vocab_size:
             return Problem(f"{rel} chunk {c}", f"id {int(x.max())} >= vocab_size {rec.vocab_size}")
         if x.dtype.kind == "f" and np.isnan(x).any():

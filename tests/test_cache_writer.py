@@ -168,3 +168,82 @@ def test_concurrent_ranks(tmp_path, where):
     w2.close()
     CacheWriter(path, rec, rank=1, fsync=False).close()  # rank 1 resumes: its leftover goes
     assert verify_cache(path, include_info=True) == []
+
+
+def _unsorted_mixed(rec, utts):
+    """Every other utterance float32 and with its top-k columns permuted (the writer sorts)."""
+    rng = np.random.default_rng(7)
+    out = []
+    for j, u in enumerate(utts):
+        if j % 2:
+            perm = rng.permutation(rec.k)
+            u = _replace(
+                u,
+                topk_ids=u.topk_ids[:, perm],
+                topk_logprobs=u.topk_logprobs[:, perm].astype(np.float32),
+                tail_logmass=u.tail_logmass.astype(np.float32),
+            )
+        out.append(u)
+    return out
+
+
+@pytest.mark.parametrize("codec", ["float16", "int8"])
+def test_chunked_buffers_roundtrip(tmp_path, codec):
+    """Many chunks (written on the I/O thread while later utterances are validated), an
+    utterance longer than a chunk (buffer growth), unsorted and float32 inputs, rejected
+    utterances in between: the cache holds exactly the good utterances, encoded as if alone."""
+    from fixtures.make_cache_fixtures import expected
+
+    path = tmp_path / "c.kdc"
+    rec = make_record(
+        vocab_size=300, k=5, hidden=(1,), hidden_codec=codec, chunk_positions=8, keepbits=6
+    )
+    utts = make_utts(rec, 40, max_len=13) + [make_utt(rec, "long", 37, 99)]
+    sent = _unsorted_mixed(rec, utts)
+    good = make_utt(rec, "x", 6, 5)
+    bad = list(bad_inputs(rec, good).values())
+    with CacheWriter(path, rec, fsync=False, shard_positions=100) as w:
+        for j, u in enumerate(sent):
+            w.add(u)
+            if j % 4 == 0:
+                b, _ = bad[(j // 4) % len(bad)]
+                if b.utt_id != "utt00000":  # (the duplicate-id case names an added utterance)
+                    with pytest.raises(ValueError):
+                        w.add(_replace(b, utt_id=f"bad{j}"))
+    cache = open_cache(path)
+    assert sorted(cache.utt_ids()) == sorted(u.utt_id for u in utts)
+    assert len(cache.shards["lm"]) > 1
+    for u in utts:
+        got, want = cache.get(u.utt_id, "lm"), expected(rec, u)
+        np.testing.assert_array_equal(got.topk_ids, want["ids"])
+        np.testing.assert_array_equal(got.topk_logprobs, want["lp"])
+        np.testing.assert_array_equal(got.tail_logmass, want["tail"])
+        np.testing.assert_array_equal(got.token_ids, np.asarray(u.token_ids, np.int32))
+    assert verify_cache(path) == []
+
+
+def test_abort_with_a_chunk_in_flight_leaves_no_files(tmp_path):
+    path = tmp_path / "c.kdc"
+    rec = make_record(chunk_positions=4)
+    build_cache(path, [(rec, make_utts(rec, 3, prefix="a"))], fsync=False)
+    before = tree_digest(path)
+    with pytest.raises(RuntimeError):
+        with CacheWriter(path, rec, fsync=False, shard_positions=10**9) as w:
+            for u in make_utts(rec, 30, prefix="b", seed=3):
+                w.add(u)
+            raise RuntimeError("boom")
+    assert tree_digest(path) == before
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 70000.0])
+def test_hidden_nonfinite_or_out_of_range_rejected(tmp_path, dtype, value):
+    rec = make_record(k=4, hidden=(1,))
+    u = make_utt(rec, "u", 5, 1)
+    h = u.hidden[1].astype(dtype)
+    with np.errstate(over="ignore"):
+        h[3, 2] = value  # 70000 becomes inf in float16
+    with CacheWriter(tmp_path / "c.kdc", rec, fsync=False) as w:
+        with pytest.raises(ValueError, match=r"hidden\[1\] (contains NaN or inf|exceeds)"):
+            w.add(_replace(u, hidden={1: h}))
+        w.add(_replace(u, hidden={1: u.hidden[1].astype(dtype)}))

@@ -10,6 +10,13 @@ Usage::
 Leaving the ``with`` block normally commits the open shard; leaving it with an exception does
 not (the open shard's files are removed; committed shards stay). A writer is not thread-safe:
 call ``add`` from one thread.
+
+How it is fast (docs/performance/cache_io.md): ``add`` validates an utterance with a few
+whole-array numpy reductions and copies it (cast to the stored dtypes) into per-array chunk
+buffers; what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
+compressed and written on the writer's own I/O thread (all arrays in one trip to zarr's event
+loop) while ``add`` goes on with the next one; a commit fsyncs the shard's files on several
+threads. The bytes written are those of encoding each utterance alone.
 """
 
 from __future__ import annotations
@@ -61,6 +68,43 @@ def _builder() -> str:
         return f"kdcache {version('kdcache')}"
     except Exception:
         return "kdcache"
+
+
+def _fsync_path(path: str, is_dir: bool) -> None:
+    if is_dir:
+        spec.fsync_dir(path)  # best effort, like Storage.fsync_tree
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _fsync_tree_async:
+    """Context manager: fsync every file and directory under a local directory on a few threads
+    (started on entry); leaving the block waits for all of them and re-raises the first error."""
+
+    def __init__(self, root: str, threads: int = 8):
+        self.root, self.threads = root, threads
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        paths = []
+        for dirpath, _, files in os.walk(self.root):
+            paths.extend((os.path.join(dirpath, f), False) for f in files)
+            paths.append((dirpath, True))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(paths))))
+        self.futures = [self.pool.submit(_fsync_path, p, d) for p, d in paths]
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for f in self.futures:
+                f.result()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class _Lock:
@@ -140,6 +184,9 @@ class CacheWriter:
         self._committed: set[str] = set()
         self._session: set[str] = set()
         self._committed_shards: list[str] = []
+        self._pending = None  # Future of the chunk write in flight on the I/O thread
+        self._spare: dict[str, np.ndarray] | None = None  # second set of chunk buffers
+        self._pool = None  # that thread (made on the first non-final flush)
         self._open(builder or _builder())
         self._scan()
         self._reset_shard()
@@ -265,7 +312,17 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- validation
     def _validate(self, u: UttTargets) -> dict[str, Any]:
-        """Check one utterance and return its encoded arrays; raises ValueError naming it."""
+        """Check one utterance; raises ValueError naming it.
+
+        Returns the checked arrays, not yet encoded (encoding -- clamping to <= 0, float16 /
+        float32 casts, mantissa rounding -- happens once per chunk in _flush, element-wise, so
+        the bytes are those of encoding each utterance alone): ``T``; ``ids``, ``lp``, ``tail``
+        (k > 0; ids permuted along with lp when lp was not sorted); ``hidden``: layer -> array
+        (float16 codec: as given; int8 codec: (q, scale)); ``token_ids`` (int array or None).
+
+        Every check is a few whole-array numpy reductions (no per-position Python work); the
+        message is worked out only when a check fails.
+        """
         rec = self.record
         if not isinstance(u, UttTargets):
             raise TypeError(f"add() takes UttTargets, got {type(u).__name__}")
@@ -292,48 +349,57 @@ class CacheWriter:
         T = ids.shape[0]
         out: dict[str, Any] = {"T": T}
         if k > 0:
-            if not (np.issubdtype(ids.dtype, np.integer) or (T == 0)):
+            if not (ids.dtype.kind in "iu" or T == 0):
                 raise bad(f"topk_ids must be integers, got dtype {ids.dtype}")
             # float64 input stays float64 (one rounding to float16, not two); others -> float32.
             lp = np.asarray(u.topk_logprobs)
-            lp = lp if lp.dtype == np.float64 else lp.astype(np.float32)
+            if lp.dtype != np.float64 and lp.dtype != np.float32:
+                lp = lp.astype(np.float32)
             if lp.shape != (T, k):
                 raise bad(
                     f"topk_logprobs must have shape [{T}, {k}] like topk_ids, got {list(lp.shape)}"
                 )
             tail = np.asarray(u.tail_logmass)
-            tail = tail if tail.dtype == np.float64 else tail.astype(np.float32)
+            if tail.dtype != np.float64 and tail.dtype != np.float32:
+                tail = tail.astype(np.float32)
             if tail.shape != (T,):
                 raise bad(f"tail_logmass must have shape [{T}], got {list(tail.shape)}")
             if T:
                 # One cheap test per condition on the fast path; the message is worked out only
                 # when a test fails. (NaN fails every comparison, so "<= 1e-3" also catches it.)
-                hi = int(ids.max())
-                lo = int(ids.min()) if ids.dtype.kind == "i" else 0
+                hi = ids.max()
+                lo = ids.min() if ids.dtype.kind == "i" else 0
                 if lo < 0 or hi >= rec.vocab_size:
                     raise bad(
-                        f"topk_ids must be in 0..{rec.vocab_size - 1} (vocab_size), got range {lo}..{hi}"
+                        f"topk_ids must be in 0..{rec.vocab_size - 1} (vocab_size), got range "
+                        f"{int(lo)}..{int(hi)}"
                     )
                 if k > 1:
                     srt = np.sort(ids, axis=1)
                     same = srt[:, 1:] == srt[:, :-1]
-                    if same.any():
+                    if np.count_nonzero(same):  # (count_nonzero: no Python-level wrapper)
                         row = int(np.nonzero(same.any(axis=1))[0][0])
                         raise bad(f"topk_ids repeat an id within position {row}")
-                for what, x in (("topk_logprobs", lp), ("tail_logmass", tail)):
-                    if not (x <= 1e-3).all():
-                        if np.isnan(x).any() or (x == np.inf).any():
-                            raise bad(f"{what} contain NaN or +inf")
-                        raise bad(f"{what} must be <= 0 (log-probabilities), max is {x.max():.4g}")
-                if k > 1 and not (lp[:, :-1] >= lp[:, 1:]).all():
+                    # Sorted descending with a first column <= 1e-3 means every entry is <= 1e-3
+                    # and none is NaN (a NaN fails its comparison): two tests cover three checks.
+                    ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == T * (k - 1)
+                    lp_ok = ordered and lp[:, 0].max() <= 1e-3
+                else:
+                    ordered = True
+                    lp_ok = lp.max() <= 1e-3
+                if not lp_ok:
+                    self._check_logprobs(bad, "topk_logprobs", lp)
+                if not tail.max() <= 1e-3:
+                    self._check_logprobs(bad, "tail_logmass", tail)
+                if not ordered:
                     # Not sorted: sort descending and permute the ids along (stable).
                     order = np.argsort(-lp, axis=1, kind="stable")
                     lp = np.take_along_axis(lp, order, axis=1)
                     ids = np.take_along_axis(ids, order, axis=1)
                 if self.check_mass:
                     with np.errstate(under="ignore"):
-                        err = np.abs(np.exp(lp).sum(axis=1) + np.exp(tail) - 1.0)
-                    if not (err <= MASS_TOLERANCE).all():
+                        err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
+                    if np.count_nonzero(err <= MASS_TOLERANCE) != T:
                         worst = int(np.argmax(err))
                         mass = float(
                             np.exp(lp[worst].astype(np.float64)).sum() + np.exp(float(tail[worst]))
@@ -342,39 +408,40 @@ class CacheWriter:
                             f"probability mass at position {worst} is {mass:.4f}, not 1: topk_logprobs "
                             "must be log-softmax outputs and tail_logmass = log(1 - sum(exp(topk_logprobs)))"
                         )
-            out[spec.TOPK_IDS] = ids.astype(rec.id_dtype).reshape(T, k)
-            out[spec.TOPK_LOGPROBS] = spec.round_mantissa(
-                np.minimum(lp, 0.0).astype(np.float16), rec.logprob_keepbits
-            ).reshape(T, k)
-            out[spec.TAIL_LOGMASS] = spec.round_mantissa_f32(
-                np.minimum(tail, 0.0).astype(spec.TAIL_LOGMASS_DTYPE), spec.TAIL_KEEPBITS
-            ).reshape(T)
+            out["ids"], out["lp"], out["tail"] = ids, lp, tail
 
         hidden = u.hidden or {}
-        want = {int(x) for x in rec.hidden_layers}
-        got = {int(x) for x in hidden}
-        if got != want:
+        if {int(x) for x in hidden} != self._want_layers:
+            got = {int(x) for x in hidden}
             raise bad(
-                f"hidden layers {sorted(got)} do not match the record's hidden_layers {sorted(want)}"
+                f"hidden layers {sorted(got)} do not match the record's hidden_layers "
+                f"{sorted(self._want_layers)}"
             )
+        hid: dict[int, Any] = {}
         for layer_key, x in hidden.items():
             layer = int(layer_key)
             D = rec.hidden_dims[str(layer)]
             x = np.asarray(x)
             if x.shape != (T, D):
                 raise bad(f"hidden[{layer}] must have shape [{T}, {D}], got {list(x.shape)}")
-            if T and not np.isfinite(x).all():
-                raise bad(f"hidden[{layer}] contains NaN or inf")
-            if rec.hidden_codec == "float16":
-                if T and np.abs(x).max() > 65504:
-                    raise bad(
-                        f"hidden[{layer}] exceeds the float16 range (|x| > 65504); use hidden_codec='int8'"
-                    )
-                out[f"{spec.HIDDEN_DIR}/{layer}"] = x.astype(np.float16)
-            else:
-                q, scale = encode_hidden_int8(x)
-                out[f"{spec.HIDDEN_DIR}/{layer}"] = q
-                out[f"{spec.HIDDEN_SCALE_DIR}/{layer}"] = scale
+            if T and D:
+                if x.dtype == np.float16:
+                    # Bit test (float16 reductions are slow in numpy): finite iff the exponent
+                    # bits are not all ones; a finite float16 is always within +-65504.
+                    if np.bitwise_and(x.view(np.uint16), 0x7FFF).max() >= 0x7C00:
+                        raise bad(f"hidden[{layer}] contains NaN or inf")
+                else:
+                    # max/min propagate NaN, so two reductions check finiteness and the range.
+                    hi, lo = x.max(), x.min()
+                    if not (np.isfinite(hi) and np.isfinite(lo)):
+                        raise bad(f"hidden[{layer}] contains NaN or inf")
+                    if rec.hidden_codec == "float16" and (hi > 65504 or lo < -65504):
+                        raise bad(
+                            f"hidden[{layer}] exceeds the float16 range (|x| > 65504); "
+                            "use hidden_codec='int8'"
+                        )
+            hid[layer] = x if rec.hidden_codec == "float16" else encode_hidden_int8(x)
+        out["hidden"] = hid
 
         tok = u.token_ids
         if tok is not None:
@@ -383,13 +450,20 @@ class CacheWriter:
                 raise bad(
                     f"token_ids must have shape [{T}] (one per position), got {list(tok.shape)}"
                 )
-            if T and not np.issubdtype(tok.dtype, np.integer):
+            if T and tok.dtype.kind not in "iu":
                 raise bad(f"token_ids must be integers, got dtype {tok.dtype}")
             if T and (tok.min() < 0 or tok.max() > np.iinfo(np.int32).max):
                 raise bad("token_ids must be in 0..2**31-1")
-            tok = tok.astype(np.int32)
         out["token_ids"] = tok
         return out
+
+    @staticmethod
+    def _check_logprobs(bad, what: str, x: np.ndarray) -> None:
+        """Slow path of the log-prob checks: raise naming the problem, if there is one."""
+        if not (x <= 1e-3).all():
+            if np.isnan(x).any() or (x == np.inf).any():
+                raise bad(f"{what} contain NaN or +inf")
+            raise bad(f"{what} must be <= 0 (log-probabilities), max is {x.max():.4g}")
 
     # ---------------------------------------------------------------- adding
     def add(self, u: UttTargets) -> None:
@@ -400,83 +474,199 @@ class CacheWriter:
         """
         if self._closed:
             raise RuntimeError("CacheWriter is closed")
-        enc = self._validate(u)
-        T = enc.pop("T")
+        v = self._validate(u)
+        T = v["T"]
         if self._shard is None:
             self._start_shard()
-        for name in self._names:
-            self._buf[name].append(enc[name])
-        self._rows["utt_id"].append(u.utt_id)
-        self._rows["offset"].append(self._written + self._buf_n)
-        self._rows["length"].append(T)
-        self._rows["input_hash"].append(u.input_hash)
-        self._rows["text"].append(u.text)
-        tok = enc["token_ids"]
-        self._rows["token_ids"].append(None if tok is None else tok.tolist())
+        # Copy into the chunk buffers (one copy per array, casting on the way); nothing before
+        # this point touched them, so a rejected utterance leaves no trace.
+        a, b = self._buf_n, self._buf_n + T
+        if b > self._cap:
+            self._grow(b)
+        buf = self._buf
+        if self.record.k > 0:
+            buf[spec.TOPK_IDS][a:b] = v["ids"]  # in 0..vocab_size-1 (checked): exact cast
+            # Clamp in the input's precision and cast once (float64 -> float16 directly).
+            np.minimum(v["lp"], 0.0, out=buf[spec.TOPK_LOGPROBS][a:b])
+            np.minimum(v["tail"], 0.0, out=buf[spec.TAIL_LOGMASS][a:b])
+        for layer, x in v["hidden"].items():
+            if self.record.hidden_codec == "float16":
+                buf[f"{spec.HIDDEN_DIR}/{layer}"][a:b] = x  # == x.astype(float16)
+            else:
+                buf[f"{spec.HIDDEN_DIR}/{layer}"][a:b] = x[0]
+                buf[f"{spec.HIDDEN_SCALE_DIR}/{layer}"][a:b] = x[1]
+        rows = self._rows
+        rows["utt_id"].append(u.utt_id)
+        rows["offset"].append(self._written + a)
+        rows["length"].append(T)
+        rows["input_hash"].append(u.input_hash)
+        rows["text"].append(u.text)
+        tok = v["token_ids"]
+        rows["token_ids"].append(None if tok is None else tok.tolist())
         self._session.add(u.utt_id)
-        self._buf_n += T
-        if self._buf_n >= self.record.chunk_positions:
+        self._buf_n = b
+        if b >= self.record.chunk_positions:
             self._flush(final=False)
         if self._written + self._buf_n >= self.shard_positions:
             self._commit()
+
+    def _new_buffers(self, cap: int) -> dict[str, np.ndarray]:
+        rec = self.record
+        return {
+            name: np.empty((cap, *spec.array_row_shape(rec, name)), spec.array_dtype(rec, name))
+            for name in self._names
+        }
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self._cap)
+        new = self._new_buffers(cap)
+        for name, x in self._buf.items():
+            new[name][: self._buf_n] = x[: self._buf_n]
+        self._buf, self._cap = new, cap
 
     def _reset_shard(self) -> None:
         self._shard: str | None = None
         self._arrays: dict[str, Any] = {}
         self._names = spec.array_names(self.record)
-        self._buf: dict[str, list[np.ndarray]] = {n: [] for n in self._names}
+        self._want_layers = {int(x) for x in self.record.hidden_layers}
+        # Chunk buffers, stored dtypes; encoding that is cheaper per chunk (mantissa rounding)
+        # is done in _flush. Rows [0, _buf_n) hold buffered positions.
+        self._cap = self.record.chunk_positions
+        self._buf: dict[str, np.ndarray] = self._new_buffers(self._cap)
         self._buf_n = 0
         self._written = 0
         self._rows: dict[str, list] = {c: [] for c in spec.INDEX_COLUMNS}
 
     def _start_shard(self) -> None:
+        import asyncio
+
         import zarr
+        import zarr.api.asynchronous as za
+        from zarr.core.sync import sync
 
         rec = self.record
         shard = spec.shard_name(self.rank, self._next_seq)
         self._next_seq += 1
         sp = spec.shard_path(rec.name, shard)
         zarr.create_group(self._zstore, path=sp, overwrite=True)
-        if rec.hidden_layers:
-            zarr.create_group(self._zstore, path=f"{sp}/{spec.HIDDEN_DIR}")
-            if rec.hidden_codec == "int8":
-                zarr.create_group(self._zstore, path=f"{sp}/{spec.HIDDEN_SCALE_DIR}")
         C = rec.chunk_positions
-        for name in self._names:
-            row = spec.array_row_shape(rec, name)
-            self._arrays[name] = zarr.create_array(
-                self._zstore,
-                name=f"{sp}/{name}",
-                shape=(0, *row),
-                chunks=(C, *row) if row else (C,),
-                dtype=spec.array_dtype(rec, name),
-                fill_value=0,
-                config={"write_empty_chunks": True},
-                dimension_names=[
-                    "position",
-                    "k" if name in (spec.TOPK_IDS, spec.TOPK_LOGPROBS) else "feature",
-                ][: 1 + len(row)],
-                **spec.array_codecs(name),
+
+        async def create_all():
+            # Subgroups first (creating an array would otherwise race to make its parent).
+            groups = [spec.HIDDEN_DIR] if rec.hidden_layers else []
+            if rec.hidden_layers and rec.hidden_codec == "int8":
+                groups.append(spec.HIDDEN_SCALE_DIR)
+            await asyncio.gather(
+                *(za.create_group(store=self._zstore, path=f"{sp}/{g}") for g in groups)
             )
+            arrays = []
+            for name in self._names:
+                row = spec.array_row_shape(rec, name)
+                arrays.append(
+                    za.create_array(
+                        self._zstore,
+                        name=f"{sp}/{name}",
+                        shape=(0, *row),
+                        chunks=(C, *row) if row else (C,),
+                        dtype=spec.array_dtype(rec, name),
+                        fill_value=0,
+                        config={"write_empty_chunks": True},
+                        dimension_names=[
+                            "position",
+                            "k" if name in (spec.TOPK_IDS, spec.TOPK_LOGPROBS) else "feature",
+                        ][: 1 + len(row)],
+                        **spec.array_codecs(name),
+                    )
+                )
+            return await asyncio.gather(*arrays)
+
+        # The arrays' metadata files are written concurrently (one trip to zarr's event loop);
+        # self._arrays holds zarr AsyncArrays.
+        self._arrays = dict(zip(self._names, sync(create_all()), strict=True))
         self._shard = shard
 
+    def _encode_chunk(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per-chunk part of the encoding (element-wise, so equal to encoding per utterance)."""
+        rec = self.record
+        if rec.k > 0:
+            data[spec.TOPK_LOGPROBS] = spec.round_mantissa(
+                data[spec.TOPK_LOGPROBS], rec.logprob_keepbits
+            )
+            data[spec.TAIL_LOGMASS] = spec.round_mantissa_f32(
+                data[spec.TAIL_LOGMASS], spec.TAIL_KEEPBITS
+            )
+        return data
+
+    def _write_chunk(self, a: int, b: int, data: dict[str, np.ndarray]) -> None:
+        """Encode and write positions [a, b) of every array (runs on the writer's I/O thread)."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        data = self._encode_chunk(data)
+
+        async def write_all():
+            async def one(arr, x):
+                await arr.resize((b, *x.shape[1:]))
+                await arr.setitem(slice(a, b), x)
+
+            await asyncio.gather(*(one(self._arrays[n], data[n]) for n in self._names))
+
+        # One trip to zarr's event loop for all arrays: their chunks compress concurrently.
+        sync(write_all())
+
+    def _wait_pending(self) -> None:
+        fut, self._pending = self._pending, None
+        if fut is not None:
+            fut.result()  # re-raises a write error here, before anything else is written
+
     def _flush(self, final: bool) -> None:
-        """Write whole chunks (and, when final, the last partial chunk) of the buffer."""
+        """Write whole chunks (and, when final, the last partial chunk) of the buffer.
+
+        A non-final flush hands the chunk to the writer's I/O thread and returns: the next chunk
+        is validated while this one compresses. One write is in flight at most; a final flush
+        (and _commit, abort) waits for it.
+        """
         C = self.record.chunk_positions
         n = self._buf_n if final else (self._buf_n // C) * C
         if n == 0:
+            if final:
+                self._wait_pending()
             return
         a, b = self._written, self._written + n
-        for name in self._names:
-            parts = self._buf[name]
-            data = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            arr = self._arrays[name]
-            arr.resize((b, *arr.shape[1:]))
-            arr[a:b] = data[:n]
-            rest = data[n:]
-            self._buf[name] = [rest] if len(rest) else []
+        # The previous chunk's write is done after this: its buffers are free again.
+        self._wait_pending()
+        # Hand the filled buffers to the write and go on in the spare set (the buffers of the
+        # previous write), moving the leftover positions there: no copy of the chunk itself.
+        rest = self._buf_n - n
+        old = self._buf
+        data = {name: x[:n] for name, x in old.items()}
+        spare, self._spare = self._spare, None
+        if spare is None or len(spare[self._names[0]]) < self._cap:
+            spare = self._new_buffers(self._cap)
+        if rest:
+            for name, x in old.items():
+                spare[name][:rest] = x[n : n + rest]
+        self._buf = spare
         self._written = b
-        self._buf_n -= n
+        self._buf_n = rest
+        if final:
+            self._write_chunk(a, b, data)
+        else:
+            self._pending = self._io().submit(self._write_chunk, a, b, data)
+        self._spare = old  # reused only after the next _wait_pending
+
+    def _io(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-write")
+        return self._pool
+
+    def _shutdown_io(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _commit(self) -> None:
         import pyarrow as pa
@@ -490,9 +680,16 @@ class CacheWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        st.write_atomic(spec.index_path(rec.name, shard), data, fsync=self.fsync)
-        if self.fsync:
-            st.fsync_tree(spec.shard_path(rec.name, shard))
+        if self.fsync and st.local:
+            # fsync the shard's files and directories on several threads while the index is
+            # written (ext4 and most journaled file systems batch concurrent fsyncs into one
+            # journal commit); all of it finishes before the marker is written.
+            with _fsync_tree_async(st.full(spec.shard_path(rec.name, shard))):
+                st.write_atomic(spec.index_path(rec.name, shard), data, fsync=True)
+        else:
+            st.write_atomic(spec.index_path(rec.name, shard), data, fsync=self.fsync)
+            if self.fsync:
+                st.fsync_tree(spec.shard_path(rec.name, shard))
         marker = {
             "format_version": spec.FORMAT_VERSION,
             "teacher": rec.name,
@@ -522,12 +719,18 @@ class CacheWriter:
             self._commit()
         finally:
             self._closed = True
+            self._shutdown_io()
 
     def abort(self) -> None:
         """Close without committing the open shard; its files are removed (committed ones stay)."""
         if self._closed:
             return
         self._closed = True
+        try:
+            self._wait_pending()  # a write in flight must not land after the files are removed
+        except Exception:
+            pass  # the shard is being dropped anyway
+        self._shutdown_io()
         if self._shard is not None:
             try:
                 self._storage.remove(spec.index_path(self.record.name, self._shard))

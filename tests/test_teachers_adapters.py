@@ -171,3 +171,13 @@ def test_causal_lm_windows(tiny_llama):
             logits = t.model(torch.tensor([x[lo:hi]])).logits[0, j - lo]
         top = torch.topk(torch.log_softmax(logits, -1), 3)
         np.testing.assert_array_equal(got[0].topk_ids[j], top.indices.numpy())
+
+
+def test_resolve_hidden_layers_counts_negative_from_the_end():
+    from kdcache.teachers.base import resolve_hidden_layers
+
+    assert resolve_hidden_layers([-1, 0, 3, -7], 7) == (6, 0, 3, 0)
+    with pytest.raises(ValueError, match="--hidden-layers 7 out of range"):
+        resolve_hidden_layers([7], 7)
+    with pytest.raises(ValueError, match="--hidden-layers -8 out of range"):
+        resolve_hidden_layers([-8], 7)

@@ -88,6 +88,22 @@ class Adapter(Protocol):
         ...
 
 
+def resolve_hidden_layers(hidden_layers: Iterable[int], n_states: int) -> tuple[int, ...]:
+    """Map ``--hidden-layers`` (negative counts from the end) to indices 0..n_states-1.
+
+    Index 0 is the embedding output and n_states-1 the last layer, as in transformers'
+    ``output_hidden_states``. Raises ValueError naming the option for an index out of range.
+    """
+    layers = []
+    for layer in hidden_layers:
+        if not -n_states <= layer < n_states:
+            raise ValueError(
+                f"--hidden-layers {layer} out of range: the model has {n_states} hidden states "
+                f"(0 = embeddings .. {n_states - 1} = last layer, or -1)")
+        layers.append(layer % n_states)
+    return tuple(layers)
+
+
 def windows(n: int, width: int) -> list[tuple[int, int]]:
     """Overlapping windows ``[start, end)`` covering ``range(n)``, each at most ``width`` long.
 

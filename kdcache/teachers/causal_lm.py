@@ -18,7 +18,7 @@ context (:func:`kdcache.teachers.base.left_owner`). Windows after the first do n
 
 from __future__ import annotations
 
-from kdcache.teachers.base import Row, left_owner, windows
+from kdcache.teachers.base import Row, left_owner, resolve_hidden_layers, windows
 from kdcache.teachers.loading import (
     ModelSource,
     hf_tokenizer_hash,
@@ -67,15 +67,7 @@ class CausalLMTeacher:
         if k > self.vocab_size:
             raise ValueError(f"--top-k {k} is larger than the vocabulary ({self.vocab_size})")
         self.k = k
-        n_states = cfg.num_hidden_layers + 1
-        layers = []
-        for layer in hidden_layers:
-            if not -n_states <= layer < n_states:
-                raise ValueError(
-                    f"--hidden-layers {layer} out of range: the model has {n_states} hidden states "
-                    f"(0 = embeddings .. {n_states - 1} = last layer, or -1)")
-            layers.append(layer % n_states)
-        self.hidden_layers = tuple(layers)
+        self.hidden_layers = resolve_hidden_layers(hidden_layers, cfg.num_hidden_layers + 1)
         self.hidden_dims = {layer: int(cfg.hidden_size) for layer in self.hidden_layers}
         tok = self.tokenizer
         if bos_id is None:

@@ -18,7 +18,7 @@ taken from the window where its context on the shorter side is longest
 
 from __future__ import annotations
 
-from kdcache.teachers.base import BuildError, Row, centre_owner, windows
+from kdcache.teachers.base import BuildError, Row, centre_owner, resolve_hidden_layers, windows
 from kdcache.teachers.loading import (
     ModelSource,
     hf_tokenizer_hash,
@@ -80,15 +80,7 @@ class MaskedLMTeacher:
         if k > self.vocab_size:
             raise ValueError(f"--top-k {k} is larger than the vocabulary ({self.vocab_size})")
         self.k = k
-        n_states = cfg.num_hidden_layers + 1
-        layers = []
-        for layer in hidden_layers:
-            if not -n_states <= layer < n_states:
-                raise ValueError(
-                    f"--hidden-layers {layer} out of range: the model has {n_states} hidden states "
-                    f"(0 = embeddings .. {n_states - 1} = last layer, or -1)")
-            layers.append(layer % n_states)
-        self.hidden_layers = tuple(layers)
+        self.hidden_layers = resolve_hidden_layers(hidden_layers, cfg.num_hidden_layers + 1)
         self.hidden_dims = {layer: int(cfg.hidden_size) for layer in self.hidden_layers}
         tok = self.tokenizer
         if tok.cls_token_id is None or tok.sep_token_id is None:

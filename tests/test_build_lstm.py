@@ -56,3 +56,11 @@ def _train_then_build(tmp_path):
         # The cache keeps spec.DEFAULT_LOGPROB_KEEPBITS mantissa bits of each log-prob.
         np.testing.assert_allclose(u.topk_logprobs, ref.values.numpy(), rtol=2**-7, atol=1e-3)
         np.testing.assert_allclose(u.hidden[2], states[2][0, 1:].numpy(), atol=2e-3)
+
+    # `kdcache inspect --utt` decodes the teacher's tokens with the recorded tokenizer.
+    from kdcache.cache_format.inspect import utterance_view
+
+    view = utterance_view(c, "u000", top=2)
+    first_piece = tok.id_to_piece(tok.encode(SENTENCES[0])[0])
+    row0 = next(line for line in view.splitlines() if line.split()[:1] == ["0"])
+    assert repr(first_piece) in row0  # a piece, not a bare id

@@ -138,11 +138,19 @@ def _token_decoder(tokenizer_id: str):
     """
     if not tokenizer_id:
         return None
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:  # kdcache's own tokenizer dirs (train-lm, `kdcache tokenizer`), HF dirs, .gguf files
+        from kdcache.data.tokenizer import Tokenizer
+
+        kd_tok = Tokenizer.load(tokenizer_id)
+        return lambda i: kd_tok.id_to_piece(int(i))
+    except Exception:
+        pass
     try:
         import glob
-        import os
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer
 
         kw = {}

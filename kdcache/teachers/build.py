@@ -120,7 +120,10 @@ def load_teacher(teacher: str, model: str, *, k: int, temperature: float = 1.0,
             raise
         except (ValueError, FileNotFoundError) as e:
             raise BuildError(str(e)) from None
-        t.model_id, t.tokenizer_id = model, t.tokenizer.name
+        # The tokenizer's directory (not its name), so `kdcache inspect --utt` can load it.
+        from kdcache.teachers.lstm_lm import TOKENIZER_DIR
+
+        t.model_id, t.tokenizer_id = model, os.path.join(model, TOKENIZER_DIR)
         return t
     from transformers.utils import logging as hf_logging
 

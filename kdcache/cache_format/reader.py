@@ -24,6 +24,7 @@ import numpy as np
 
 from kdcache.cache_format import spec
 from kdcache.cache_format.spec import CacheError, TeacherRecord, UttTargets
+from kdcache.cache_format.storage import Storage, open_storage
 
 __all__ = ["open_cache", "KDCache", "ShardIndex", "check_marker", "record_from_attrs"]
 
@@ -188,7 +189,7 @@ def _index_schema_problem(table) -> str | None:
     return None
 
 
-def _read_index(storage: spec.Storage, teacher: str, shard: str, marker: dict) -> ShardIndex:
+def _read_index(storage: Storage, teacher: str, shard: str, marker: dict) -> ShardIndex:
     import hashlib
 
     import pyarrow as pa
@@ -283,7 +284,7 @@ def _read_index(storage: spec.Storage, teacher: str, shard: str, marker: dict) -
     )
 
 
-def _has_markers(storage: spec.Storage, teacher: str) -> bool:
+def _has_markers(storage: Storage, teacher: str) -> bool:
     """Whether commits/<teacher>/ holds a commit marker (a file named like a shard)."""
     return any(
         f.endswith(".json") and spec.parse_shard_name(f[:-5]) is not None
@@ -564,7 +565,7 @@ class KDCache:
         import zarr
 
         self.path = str(path)
-        self._storage = spec.Storage(self.path, read_only=True, storage_options=storage_options)
+        self._storage = open_storage(self.path, read_only=True, storage_options=storage_options)
         self._zstore = self._storage.zarr_store()
         try:
             root = zarr.open_group(self._zstore, mode="r")

@@ -22,8 +22,9 @@ Layout of a cache directory ``NAME.kdc/``::
 N is the shard's flat position axis: the utterances of a shard concatenated in the order of its
 index, like an Arrow list array. ``offset``/``length`` in the index point into it.
 
-Shard names are ``r<rank>-<seq>`` (shard_name); codecs per array come from array_codecs();
-``Storage`` is the byte-level access (local directory or fsspec URL) everyone shares.
+Shard names are ``r<rank>-<seq>`` (shard_name); codecs per array come from array_codecs().
+Byte-level access (local directory or fsspec URL) is storage.py; the checks that a stored record,
+marker, index or array is what this module says are validate.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from typing import Any
 
 import numpy as np
 
+# Byte-level access lives in storage.py; Storage and is_url stay importable from here (the crash
+# test hooks spec.Storage.write_atomic; teachers/build.py and benches used spec.is_url).
+from kdcache.cache_format.storage import Storage, is_url  # noqa: F401
+
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 CACHE_SUFFIX = ".kdc"
@@ -44,7 +49,8 @@ CACHE_SUFFIX = ".kdc"
 ROOT_ATTR = "kdcache"
 TEACHER_ATTR = "kdcache_teacher"
 
-# Directory and array names.
+# Directory, file and array names.
+LOCK_FILE = ".kdcache.lock"  # at the root, held by writers while they create groups; not data
 TEACHERS_DIR = "teachers"
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -254,8 +260,8 @@ def round_mantissa(x: np.ndarray, keepbits: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Additions (issue 2): errors, shard names, paths, codecs, storage access. Everything below is
-# shared by writer, reader, verify and inspect.
+# Additions (issue 2): errors, shard names, paths, codecs. Everything below is shared by writer,
+# reader, verify and inspect.
 # --------------------------------------------------------------------------------------------
 
 
@@ -364,159 +370,6 @@ def record_differences(stored: TeacherRecord, new: TeacherRecord) -> list[str]:
     """Names of fields (other than HARMLESS_RECORD_FIELDS) whose values differ."""
     a, b = stored.to_dict(), new.to_dict()
     return [k for k in a if k not in HARMLESS_RECORD_FIELDS and a[k] != b[k]]
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-class Storage:
-    """Byte-level access to a cache root: a local directory or an fsspec URL.
-
-    Local paths use plain os calls (atomic rename, fsync); URLs go through fsspec, where a single
-    put is atomic on object stores (s3, gs) and there is no rename.
-    """
-
-    def __init__(self, path: str, *, read_only: bool, storage_options: dict | None = None):
-        import os
-
-        path = str(path)
-        if path.startswith("file://"):
-            path = path[len("file://") :]
-        self.url = path
-        self.read_only = read_only
-        self.local = not is_url(path)
-        self.storage_options = storage_options or {}
-        if self.local:
-            self.root = os.path.abspath(path)
-            self.fs = None
-        else:
-            import fsspec
-
-            self.fs, self.root = fsspec.core.url_to_fs(path, **self.storage_options)
-            self.root = self.root.rstrip("/")
-
-    def zarr_store(self):
-        import zarr.storage
-
-        if self.local:
-            return zarr.storage.LocalStore(self.root, read_only=self.read_only)
-        return zarr.storage.FsspecStore.from_url(
-            self.url, storage_options=self.storage_options or None, read_only=self.read_only
-        )
-
-    def full(self, rel: str) -> str:
-        import os
-
-        if self.local:
-            return os.path.join(self.root, *rel.split("/")) if rel else self.root
-        return f"{self.root}/{rel}" if rel else self.root
-
-    def exists(self, rel: str) -> bool:
-        import os
-
-        return os.path.exists(self.full(rel)) if self.local else self.fs.exists(self.full(rel))
-
-    def read_bytes(self, rel: str) -> bytes:
-        if self.local:
-            with open(self.full(rel), "rb") as f:
-                return f.read()
-        return self.fs.cat_file(self.full(rel))
-
-    def listdir(self, rel: str) -> list[str]:
-        """Sorted entry names under rel ([] when it does not exist)."""
-        import os
-
-        if self.local:
-            p = self.full(rel)
-            return sorted(os.listdir(p)) if os.path.isdir(p) else []
-        p = self.full(rel)
-        if not self.fs.exists(p):
-            return []
-        return sorted(
-            x.rstrip("/").rsplit("/", 1)[-1]
-            for x in self.fs.ls(p, detail=False)
-            if x.rstrip("/") != p
-        )
-
-    def size_tree(self, rel: str = "") -> int:
-        """Total bytes of all files under rel."""
-        import os
-
-        if self.local:
-            total = 0
-            for dirpath, _, files in os.walk(self.full(rel)):
-                for f in files:
-                    try:
-                        total += os.path.getsize(os.path.join(dirpath, f))
-                    except OSError:
-                        pass
-            return total
-        return int(self.fs.du(self.full(rel)))
-
-    def write_atomic(self, rel: str, data: bytes, *, fsync: bool = True) -> None:
-        """Write a file so that readers see either nothing or all of it."""
-        import os
-
-        if not self.local:
-            self.fs.makedirs(self.full(rel).rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(self.full(rel), data)
-            return
-        dest = self.full(rel)
-        d = os.path.dirname(dest)
-        os.makedirs(d, exist_ok=True)
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        if fsync:
-            fsync_dir(d)
-
-    def remove(self, rel: str) -> None:
-        import os
-        import shutil
-
-        p = self.full(rel)
-        if self.local:
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.exists(p):
-                os.remove(p)
-        elif self.fs.exists(p):
-            self.fs.rm(p, recursive=True)
-
-    def fsync_tree(self, rel: str) -> None:
-        """fsync every file and directory under rel (local only; no-op for URLs)."""
-        import os
-
-        if not self.local:
-            return
-        for dirpath, _, files in os.walk(self.full(rel)):
-            for f in files:
-                fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            fsync_dir(dirpath)
-
-
-def fsync_dir(path: str) -> None:
-    import os
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass

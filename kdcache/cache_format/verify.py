@@ -25,6 +25,7 @@ from kdcache.cache_format.reader import (
     record_from_attrs,
 )
 from kdcache.cache_format.spec import TeacherRecord
+from kdcache.cache_format.storage import open_storage
 
 __all__ = ["Problem", "verify_cache"]
 
@@ -45,26 +46,6 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.where}: {self.what}"
-
-
-def _chunk_files(storage: spec.Storage, rel: str) -> set[str] | None:
-    """Chunk keys ('c/0/0', ...) present under one array directory."""
-    base = storage.full(f"{rel}/c")
-    out = set()
-    if storage.local:
-        if not os.path.isdir(base):
-            return out
-        for dirpath, _, files in os.walk(base):
-            for f in files:
-                r = os.path.relpath(os.path.join(dirpath, f), storage.full(rel))
-                out.add(r.replace(os.sep, "/"))
-        return out
-    if not storage.fs.exists(base):
-        return out
-    prefix = storage.full(rel).rstrip("/") + "/"
-    for p in storage.fs.find(base):
-        out.add(p[len(prefix) :] if p.startswith(prefix) else p.split(rel + "/", 1)[-1])
-    return out
 
 
 # Missing chunk files listed one by one, at most this many per array (then a count).
@@ -174,14 +155,14 @@ def _check_shard(st, zs, rec, t, s, seen, problems, tasks) -> None:
         if chunks != (C, *row):
             problems.append(Problem(rel, f"chunks {list(chunks)}, expected {[C, *row]}"))
             continue
-        present = _chunk_files(st, rel)
+        # Chunk files are c/<i>/0... (one chunk across the row): <i>/0... below c/.
         suffix = "/0" * len(row)
         n_chunks = -(-N // C)
         have = set()
-        for key in present:
+        for key in st.files(f"{rel}/c"):
             parts = key.split("/")
-            if len(parts) == 2 + len(row) and parts[1].isdigit() and key.endswith(suffix):
-                i = int(parts[1])
+            if len(parts) == 1 + len(row) and parts[0].isdigit() and key.endswith(suffix):
+                i = int(parts[0])
                 if i < n_chunks:
                     have.add(i)
         missing = n_chunks - len(have)
@@ -233,7 +214,7 @@ def verify_cache(
     import zarr
 
     problems: list[Problem] = []
-    st = spec.Storage(str(path), read_only=True, storage_options=storage_options)
+    st = open_storage(str(path), read_only=True, storage_options=storage_options)
     if not st.exists("zarr.json"):
         return [Problem(str(path), "not a cache: no zarr.json at the root")]
     try:

@@ -26,18 +26,19 @@ import hashlib
 import io
 import json
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 from kdcache.cache_format import spec
 from kdcache.cache_format.spec import CacheError, TeacherRecord, UttTargets
+from kdcache.cache_format.storage import open_storage
 
 __all__ = ["CacheWriter", "UttTargets", "encode_hidden_int8"]
 
 # Tolerance of the probability-mass check: sum(exp(topk)) + exp(tail) must be within this of 1.
 MASS_TOLERANCE = 0.02
-LOCK_FILE = ".kdcache.lock"
 
 
 def encode_hidden_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,70 +69,6 @@ def _builder() -> str:
         return f"kdcache {version('kdcache')}"
     except Exception:
         return "kdcache"
-
-
-def _fsync_path(path: str, is_dir: bool) -> None:
-    if is_dir:
-        spec.fsync_dir(path)  # best effort, like Storage.fsync_tree
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _fsync_tree_async:
-    """Context manager: fsync every file and directory under a local directory on a few threads
-    (started on entry); leaving the block waits for all of them and re-raises the first error."""
-
-    def __init__(self, root: str, threads: int = 8):
-        self.root, self.threads = root, threads
-
-    def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        paths = []
-        for dirpath, _, files in os.walk(self.root):
-            paths.extend((os.path.join(dirpath, f), False) for f in files)
-            paths.append((dirpath, True))
-        self.pool = ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(paths))))
-        self.futures = [self.pool.submit(_fsync_path, p, d) for p, d in paths]
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            for f in self.futures:
-                f.result()
-        finally:
-            self.pool.shutdown(wait=True)
-
-
-class _Lock:
-    """Exclusive lock (flock) on a file inside a local cache root; no-op for URLs."""
-
-    def __init__(self, storage: spec.Storage):
-        self.storage = storage
-        self.fd: int | None = None
-
-    def __enter__(self):
-        if self.storage.local:
-            import fcntl
-
-            os.makedirs(self.storage.root, exist_ok=True)
-            self.fd = os.open(
-                os.path.join(self.storage.root, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644
-            )
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 class CacheWriter:
@@ -178,7 +115,7 @@ class CacheWriter:
         self.shard_positions = int(shard_positions)
         self.fsync = fsync
         self.check_mass = check_mass
-        self._storage = spec.Storage(self.path, read_only=False, storage_options=storage_options)
+        self._storage = open_storage(self.path, read_only=False, storage_options=storage_options)
         self._zstore = self._storage.zarr_store()
         self._closed = False
         self._committed: set[str] = set()
@@ -196,9 +133,9 @@ class CacheWriter:
         st, rec, t = self._storage, self.record, self.record.name
         # Create-or-validate each group. Local caches hold an flock meanwhile; on URLs (no lock)
         # a rank that loses the creation race finds the group made by the winner and validates it.
-        with _Lock(st):
+        with st.lock(spec.LOCK_FILE):
             if not st.exists("zarr.json"):
-                others = [x for x in st.listdir("") if x != LOCK_FILE]
+                others = [x for x in st.listdir("") if x != spec.LOCK_FILE]
                 if others:
                     raise CacheError(
                         f"{self.path}: exists, is not empty and is not a kdcache cache"
@@ -680,16 +617,11 @@ class CacheWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         data = buf.getvalue()
-        if self.fsync and st.local:
-            # fsync the shard's files and directories on several threads while the index is
-            # written (ext4 and most journaled file systems batch concurrent fsyncs into one
-            # journal commit); all of it finishes before the marker is written.
-            with _fsync_tree_async(st.full(spec.shard_path(rec.name, shard))):
-                st.write_atomic(spec.index_path(rec.name, shard), data, fsync=True)
-        else:
+        # fsync the shard's files and directories (on several threads) while the index is
+        # written; all of it finishes before the marker is written.
+        sync = st.fsyncing(spec.shard_path(rec.name, shard)) if self.fsync else nullcontext()
+        with sync:
             st.write_atomic(spec.index_path(rec.name, shard), data, fsync=self.fsync)
-            if self.fsync:
-                st.fsync_tree(spec.shard_path(rec.name, shard))
         marker = {
             "format_version": spec.FORMAT_VERSION,
             "teacher": rec.name,

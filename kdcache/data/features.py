@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache.cache_format.storage import fsync_tree
 from kdcache.data.manifest import Utterance
 
 __all__ = [
@@ -270,7 +271,7 @@ def write_features(
             "extractor": f"kaldi-native-fbank {getattr(knf, '__version__', '')}".strip(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _fsync_tree(tmp)
+        fsync_tree(str(tmp))
         if out.exists():  # overwrite: move the old one aside, then swap
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.rename(out, old)
@@ -317,21 +318,6 @@ def _remove_stale_tmp(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
         except (ValueError, PermissionError):
             pass
-
-
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

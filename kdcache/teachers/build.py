@@ -261,6 +261,7 @@ def build_cache(
     from tqdm import tqdm
 
     from kdcache.cache_format import spec
+    from kdcache.cache_format.storage import is_url, open_storage
     from kdcache.cache_format.writer import CacheWriter
     from kdcache.data.manifest import load_manifest
 
@@ -358,7 +359,7 @@ def build_cache(
     if unk_count:
         log.warning("%d token positions are the tokenizer's unknown token (characters it cannot "
                     "encode); they keep their targets like any other token", unk_count)
-    size = spec.Storage(out, read_only=True).size_tree() if not spec.is_url(out) else 0
+    size = open_storage(out, read_only=True).size_tree() if not is_url(out) else 0
     return BuildSummary(
         cache=str(out), teacher=name, rank=rank, world_size=world_size,
         utterances_total=len(mine), utterances_done=done, utterances_resumed=resumed,

@@ -92,6 +92,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # targets were computed from, so stale targets are detected.
 INDEX_COLUMNS = ("utt_id", "offset", "length", "input_hash", "text", "token_ids")
 
+
 # Keys of a commit marker JSON object.
 COMMIT_KEYS = (
     "format_version",
@@ -239,24 +240,40 @@ class TeacherRecord:
         return cls(**d)
 
 
-def round_mantissa(x: np.ndarray, keepbits: int) -> np.ndarray:
-    """Round float16 values to ``keepbits`` mantissa bits (round to nearest, ties away).
+# Mantissa bits and the unsigned integer types (same width, and twice as wide for the carry) of
+# the float dtypes round_mantissa handles.
+_FLOAT_BITS = {
+    np.dtype(np.float16): (10, np.uint16, np.uint32),
+    np.dtype(np.float32): (23, np.uint32, np.uint64),
+}
 
-    Zeroed low bits compress far better; the result is still plain float16, so readers need no
-    decoder. keepbits=10 returns the input unchanged.
+
+def round_mantissa(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.ndarray:
+    """Round float16 (or float32) values to ``keepbits`` mantissa bits (of 10, or of 23): round
+    to nearest on the magnitude bits, ties away from zero.
+
+    Zeroed low bits compress far better; the result is still a plain float of that dtype, so
+    readers need no decoder. keepbits >= 10 (23) returns the input unchanged. Values that would
+    round up to infinity (the carry reaches the exponent) are kept as they were.
     """
-    x = np.asarray(x, dtype=np.float16)
-    if keepbits >= 10:
+    dtype = np.dtype(dtype)
+    mbits, uint, wide = _FLOAT_BITS[dtype]
+    x = np.asarray(x, dtype=dtype)
+    if keepbits >= mbits:
         return x
-    drop = 10 - keepbits
-    bits = x.view(np.uint16).astype(np.uint32)
+    drop = mbits - keepbits
+    bits = x.view(uint).astype(wide)
     finite = np.isfinite(x)
-    half = np.uint32(1 << (drop - 1))
-    mask = np.uint32((0xFFFF >> drop) << drop)
-    rounded = ((bits + half) & mask).astype(np.uint16)
-    out = np.where(finite, rounded, bits.astype(np.uint16)).view(np.float16)
-    # Rounding up can carry into the exponent and overflow to inf; keep the original there.
+    half = wide(1 << (drop - 1))
+    mask = wide((np.iinfo(uint).max >> drop) << drop)
+    rounded = ((bits + half) & mask).astype(uint)
+    out = np.where(finite, rounded, bits.astype(uint)).view(dtype)
     return np.where(np.isfinite(out) | ~finite, out, x)
+
+
+def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
+    """round_mantissa for float32 (used for tail_logmass with TAIL_KEEPBITS)."""
+    return round_mantissa(x, keepbits, np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,18 +420,3 @@ class UttTargets:
     def num_positions(self) -> int:
         return int(np.shape(self.topk_ids)[0])
 
-
-def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
-    """Round float32 values to ``keepbits`` mantissa bits (of 23; round half up on the bits).
-
-    Same idea as round_mantissa, for float32 (used for tail_logmass with TAIL_KEEPBITS).
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if keepbits >= 23:
-        return x
-    drop = 23 - keepbits
-    bits = x.view(np.uint32).astype(np.uint64)
-    finite = np.isfinite(x)
-    rounded = ((bits + (1 << (drop - 1))) & ((0xFFFFFFFF >> drop) << drop)).astype(np.uint32)
-    out = np.where(finite, rounded, bits.astype(np.uint32)).view(np.float32)
-    return np.where(np.isfinite(out) | ~finite, out, x)

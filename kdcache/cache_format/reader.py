@@ -9,293 +9,33 @@ second decode.
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import queue
 import random
-import re
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from kdcache.cache_format import spec
-from kdcache.cache_format.spec import CacheError, TeacherRecord, UttTargets
-from kdcache.cache_format.storage import Storage, open_storage
+from kdcache.cache_format import spec, validate
+from kdcache.cache_format.spec import (
+    CacheError,
+    CommitMarker,
+    ShardIndex,
+    TeacherRecord,
+    UttTargets,
+)
+from kdcache.cache_format.storage import open_storage
+from kdcache.cache_format.validate import (  # noqa: F401 - check_marker, record_from_attrs: API
+    MAX_CHUNK_BYTES,
+    check_marker,
+    one_line,
+    record_from_attrs,
+)
 
 __all__ = ["open_cache", "KDCache", "ShardIndex", "check_marker", "record_from_attrs"]
-
-
-@dataclass
-class ShardIndex:
-    """One committed shard of one teacher: its marker and its index columns as arrays."""
-
-    teacher: str
-    name: str
-    marker: dict[str, Any]
-    utt_ids: list[str]
-    offsets: np.ndarray  # [U] int64
-    lengths: np.ndarray  # [U] int64
-    input_hash: list[str]
-    text: list[str]
-    token_values: np.ndarray  # flat int32 values of the token_ids list column
-    token_offsets: np.ndarray  # [U + 1] int64 into token_values
-    token_valid: np.ndarray  # [U] bool: token_ids present (not null)
-
-    @property
-    def positions(self) -> int:
-        return int(self.marker["positions"])
-
-    def token_ids(self, row: int) -> np.ndarray | None:
-        if not self.token_valid[row]:
-            return None
-        return self.token_values[self.token_offsets[row] : self.token_offsets[row + 1]]
-
-
-# Largest decoded chunk (chunk_positions x one position of the widest array) a record may ask
-# for: a damaged or hostile record must not make a reader allocate without bound.
-MAX_CHUNK_BYTES = 1 << 31
-
-_INT = "int"
-_RECORD_TYPES: dict[str, Any] = {
-    "name": str,
-    "kind": str,
-    "model_id": str,
-    "model_hash": str,
-    "tokenizer_id": str,
-    "tokenizer_hash": str,
-    "vocab_size": _INT,
-    "k": _INT,
-    "temperature": (int, float),
-    "units": str,
-    "frame_shift_ms": (int, float, type(None)),
-    "hidden_layers": list,
-    "hidden_dims": dict,
-    "hidden_codec": str,
-    "logprob_keepbits": _INT,
-    "chunk_positions": _INT,
-    "options": dict,
-}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _type_ok(v: Any, t: Any) -> bool:
-    if t == _INT:
-        return _is_int(v)
-    if isinstance(v, bool):
-        return False
-    return isinstance(v, t)
-
-
-def record_from_attrs(d: Any) -> TeacherRecord:
-    """A TeacherRecord from stored attributes, refusing wrong JSON types (not coercing them).
-
-    Raises:
-        ValueError: naming the field.
-    """
-    if not isinstance(d, dict):
-        raise ValueError(f"'{spec.TEACHER_ATTR}' attribute is {type(d).__name__}, not an object")
-    for key, t in _RECORD_TYPES.items():
-        if key in d and not _type_ok(d[key], t):
-            raise ValueError(f"field {key!r} has the wrong type ({type(d[key]).__name__})")
-    if not all(_is_int(x) for x in d.get("hidden_layers", [])):
-        raise ValueError("hidden_layers must be a list of integers")
-    dims = d.get("hidden_dims", {})
-    if not all(_is_int(v) and v >= 0 for v in dims.values()):
-        raise ValueError("hidden_dims values must be non-negative integers")
-    if "temperature" in d and not np.isfinite(d["temperature"]):
-        raise ValueError("temperature must be finite")
-    rec = TeacherRecord.from_dict(d)
-    if rec.vocab_size > 1 << 32:
-        raise ValueError(f"vocab_size {rec.vocab_size} does not fit uint32 ids")
-    widest = max(
-        [rec.k * 8] + [v * 4 for v in rec.hidden_dims.values()]  # int8 dequantised to float32
-    )
-    if rec.chunk_positions * max(widest, 8) > MAX_CHUNK_BYTES:
-        raise ValueError(
-            f"chunk_positions {rec.chunk_positions} x {widest} bytes per position exceeds "
-            f"{MAX_CHUNK_BYTES} bytes per decoded chunk"
-        )
-    return rec
-
-
-def check_marker(marker: Any, teacher: str, shard: str) -> dict[str, Any]:
-    """Validate a commit marker's keys and JSON types; returns it. Raises ValueError."""
-    if not isinstance(marker, dict):
-        raise ValueError(f"not a JSON object ({type(marker).__name__})")
-    missing = [k for k in spec.COMMIT_KEYS if k not in marker]
-    if missing:
-        raise ValueError(f"missing keys {missing}")
-    if marker["teacher"] != teacher or marker["shard"] != shard:
-        raise ValueError(
-            f"names teacher {marker['teacher']!r} shard {marker['shard']!r}, but its path says "
-            f"teacher {teacher!r} shard {shard!r}"
-        )
-    if not _is_int(marker["format_version"]) or (
-        marker["format_version"] not in spec.SUPPORTED_FORMAT_VERSIONS
-    ):
-        raise ValueError(f"format_version {marker['format_version']!r} not supported")
-    for key in ("utterances", "positions"):
-        if not _is_int(marker[key]) or marker[key] < 0:
-            raise ValueError(f"{key} {marker[key]!r} is not a non-negative integer")
-    h = marker["index_sha256"]
-    if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
-        raise ValueError(f"index_sha256 {str(h)[:80]!r} is not a hex sha256")
-    arrays = marker.get("arrays", {})
-    if not isinstance(arrays, dict) or not all(
-        isinstance(v, list) and all(_is_int(x) for x in v) for v in arrays.values()
-    ):
-        raise ValueError("'arrays' must map array names to shapes (lists of integers)")
-    return marker
-
-
-def _index_schema_problem(table) -> str | None:
-    """Why an index table's columns do not have the format's types (None when they do)."""
-    import pyarrow as pa
-
-    def string(t):
-        return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-    want = {
-        "utt_id": string,
-        "offset": pa.types.is_integer,
-        "length": pa.types.is_integer,
-        "input_hash": string,
-        "text": lambda t: string(t) or pa.types.is_null(t),
-        "token_ids": lambda t: (
-            pa.types.is_null(t)
-            or (
-                (pa.types.is_list(t) or pa.types.is_large_list(t))
-                and pa.types.is_integer(t.value_type)
-            )
-        ),
-    }
-    missing = [c for c in spec.INDEX_COLUMNS if c not in table.column_names]
-    if missing:
-        return f"index lacks columns {missing}"
-    for c, ok in want.items():
-        t = table.schema.field(c).type
-        if not ok(t):
-            return f"index column {c!r} has type {t}, expected {spec.index_schema().field(c).type}"
-    for c in ("utt_id", "offset", "length", "input_hash"):
-        if table.column(c).null_count:
-            return f"index column {c!r} has nulls"
-    return None
-
-
-def _read_index(storage: Storage, teacher: str, shard: str, marker: dict) -> ShardIndex:
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rel = spec.index_path(teacher, shard)
-    where = storage.full(rel)
-    try:
-        data = storage.read_bytes(rel)
-    except (FileNotFoundError, OSError) as e:
-        raise CacheError(f"{where}: index of committed shard is missing ({e})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != marker.get("index_sha256"):
-        raise CacheError(
-            f"{where}: sha256 {digest[:16]}... does not match the commit marker "
-            f"({str(marker.get('index_sha256'))[:16]}...); the index is damaged"
-        )
-    try:
-        table = pq.read_table(io.BytesIO(data))
-        why = _index_schema_problem(table)
-        if why is None:
-            tok = table.column("token_ids").cast(pa.list_(pa.int32())).combine_chunks()
-            if isinstance(tok, pa.ChunkedArray):  # empty table
-                tok = pa.array([], type=pa.list_(pa.int32()))
-            utt_ids = table.column("utt_id").to_pylist()
-            offsets = table.column("offset").to_numpy().astype(np.int64)
-            lengths = table.column("length").to_numpy().astype(np.int64)
-            input_hash = table.column("input_hash").to_pylist()
-            text = [t if t is not None else "" for t in table.column("text").to_pylist()]
-            n = len(table)
-            if n:
-                offs = np.asarray(tok.offsets, dtype=np.int64)
-                vals = np.asarray(tok.values.to_numpy(zero_copy_only=False), dtype=np.int32)
-                valid = ~np.asarray(tok.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-            else:
-                offs, vals = np.zeros(1, np.int64), np.zeros(0, np.int32)
-                valid = np.zeros(0, bool)
-    except Exception as e:
-        raise CacheError(
-            f"{where}: cannot read the parquet index ({type(e).__name__}: {_one_line(e)})"
-        ) from None
-    if why is not None:
-        raise CacheError(f"{where}: {why}")
-    # The index must describe the shard's position axis exactly: rows = the marker's
-    # utterances, lengths >= 0, offsets contiguous from 0, lengths summing to its positions.
-    N = int(marker["positions"])
-    if n != marker["utterances"]:
-        raise CacheError(f"{where}: {n} rows but the commit marker says {marker['utterances']}")
-    if n:
-        if (lengths < 0).any():
-            r = int(np.argmax(lengths < 0))
-            raise CacheError(f"{where}: utterance {utt_ids[r]!r} has negative length")
-        ends = np.cumsum(lengths)
-        bad = np.nonzero(offsets != ends - lengths)[0]
-        if len(bad):
-            r = int(bad[0])
-            raise CacheError(
-                f"{where}: offsets not contiguous from 0 (row {r}, utterance {utt_ids[r]!r}: "
-                f"offset {int(offsets[r])}, expected {int(ends[r] - lengths[r])})"
-            )
-        total = int(ends[-1])
-    else:
-        total = 0
-    if total != N:
-        raise CacheError(
-            f"{where}: lengths sum to {total} but the commit marker says {N} positions"
-        )
-    tok_len = np.diff(offs)
-    bad = np.nonzero(valid & (tok_len != lengths))[0]
-    if len(bad):
-        r = int(bad[0])
-        raise CacheError(
-            f"{where}: utterance {utt_ids[r]!r} has {int(tok_len[r])} token_ids for "
-            f"{int(lengths[r])} positions"
-        )
-    if len(set(utt_ids)) != n:
-        seen: set[str] = set()
-        dup = next(u for u in utt_ids if u in seen or seen.add(u))
-        raise CacheError(f"{where}: utterance {dup!r} appears twice in this shard")
-    return ShardIndex(
-        teacher=teacher,
-        name=shard,
-        marker=marker,
-        utt_ids=utt_ids,
-        offsets=offsets,
-        lengths=lengths,
-        input_hash=input_hash,
-        text=text,
-        token_values=vals,
-        token_offsets=offs,
-        token_valid=valid,
-    )
-
-
-def _has_markers(storage: Storage, teacher: str) -> bool:
-    """Whether commits/<teacher>/ holds a commit marker (a file named like a shard)."""
-    return any(
-        f.endswith(".json") and spec.parse_shard_name(f[:-5]) is not None
-        for f in storage.listdir(f"{spec.COMMITS_DIR}/{teacher}")
-    )
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception message on one line, at most 300 characters."""
-    s = " ".join(str(e).split())
-    return s if len(s) <= 300 else s[:297] + "..."
 
 
 class _LRU:
@@ -339,7 +79,7 @@ class _TeacherData:
         self.lru = _LRU(lru_bytes)
         self._names: dict[bool, list[str]] = {}
         self.lock = threading.Lock()
-        self.markers: dict[str, dict[str, Any]] = {}  # shard -> its validated commit marker
+        self.markers: dict[str, CommitMarker] = {}  # shard -> its validated commit marker
 
     def array(self, shard: str, name: str):
         key = (shard, name)
@@ -353,45 +93,14 @@ class _TeacherData:
                 a = zarr.open_array(self.cache._zstore, path=path, mode="r")
             except Exception as e:
                 raise CacheError(
-                    f"{where}: cannot open array ({type(e).__name__}: {_one_line(e)})"
+                    f"{where}: cannot open array ({type(e).__name__}: {one_line(e)})"
                 ) from None
-            self._check_array(shard, name, a, where)
+            probs = validate.array_problems(self.record, self.markers[shard], name, a)
+            if probs:
+                raise CacheError(f"{where}: {probs[0]}")
             with self.lock:
                 self.arrays[key] = a
         return a
-
-    def _check_array(self, shard: str, name: str, a, where: str) -> None:
-        """The array's metadata must be what the record and the commit marker say: a damaged
-        zarr.json must not make a reader return rows of the wrong width, type or count."""
-        rec = self.record
-        row = spec.array_row_shape(rec, name)
-        marker = self.markers[shard]
-        N = int(marker["positions"])
-        try:
-            shape, chunks, dtype = tuple(a.shape), tuple(a.chunks), np.dtype(a.dtype)
-            key = a.metadata.encode_chunk_key((0,) * len(shape))
-        except Exception as e:
-            raise CacheError(
-                f"{where}: unusable array metadata ({type(e).__name__}: {_one_line(e)})"
-            ) from None
-        if shape != (N, *row):
-            raise CacheError(
-                f"{where}: shape {list(shape)}, but the record and commit marker say {[N, *row]}"
-            )
-        want = marker.get("arrays", {}).get(name)
-        if want is not None and list(want) != list(shape):
-            raise CacheError(
-                f"{where}: shape {list(shape)} differs from the commit marker's {want}"
-            )
-        if dtype != spec.array_dtype(rec, name):
-            raise CacheError(f"{where}: dtype {dtype}, expected {spec.array_dtype(rec, name)}")
-        if key != "c" + "/0" * len(shape):
-            raise CacheError(f"{where}: chunk key encoding gives {key!r}, expected the v3 default")
-        if chunks != (rec.chunk_positions, *row):
-            raise CacheError(
-                f"{where}: chunks {list(chunks)}, expected {[rec.chunk_positions, *row]} "
-                "(the record's chunk_positions)"
-            )
 
     def chunk(self, shard: str, name: str, c: int) -> np.ndarray:
         """Decoded chunk c of one array: ids int64, top-k log-probs and tails float32, hidden as
@@ -437,20 +146,16 @@ class _TeacherData:
             if isinstance(raw, BaseException):
                 raise CacheError(
                     f"{path}: chunk {c} is damaged or unreadable "
-                    f"({type(raw).__name__}: {_one_line(raw)})"
+                    f"({type(raw).__name__}: {one_line(raw)})"
                 ) from None
             if ok is not True:
                 raise CacheError(f"{path}: chunk {c} is missing (the cache is damaged)")
             raw = np.asarray(raw)
-            want = min(self.C, self.markers[shard]["positions"] - c * self.C)
-            if len(raw) != want:
-                raise CacheError(f"{path}: chunk {c} has {len(raw)} positions, expected {want}")
+            want = min(self.C, self.markers[shard].positions - c * self.C)
+            probs = validate.chunk_problems(self.record, name, raw, want)
+            if probs:
+                raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
             if name == spec.TOPK_IDS:
-                if raw.size and int(raw.max()) >= self.record.vocab_size:
-                    raise CacheError(
-                        f"{path}: chunk {c} holds id {int(raw.max())} >= vocab_size "
-                        f"{self.record.vocab_size} (the cache is damaged)"
-                    )
                 v = raw.astype(np.int64)
             elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
                 v = raw.astype(np.float32)
@@ -573,19 +278,12 @@ class KDCache:
         except Exception as e:
             raise CacheError(
                 f"{self._storage.full('zarr.json')}: not a cache (no readable zarr group there: "
-                f"{type(e).__name__}: {_one_line(e)})"
+                f"{type(e).__name__}: {one_line(e)})"
             ) from None
-        if not isinstance(attrs, dict):
-            raise CacheError(
-                f"{self.path}: a zarr group but not a kdcache cache (no '{spec.ROOT_ATTR}' attribute)"
-            )
-        ver = attrs.get("format_version")
-        if not _is_int(ver) or ver not in spec.SUPPORTED_FORMAT_VERSIONS:
-            raise CacheError(
-                f"{self.path}: format_version {ver!r} is not supported by this kdcache "
-                f"(supported: {list(spec.SUPPORTED_FORMAT_VERSIONS)}); upgrade kdcache"
-            )
-        self.format_version = int(ver)
+        probs = validate.root_problems(attrs)
+        if probs:
+            raise CacheError(f"{self.path}: {probs[0]}")
+        self.format_version = int(attrs["format_version"])
         self.root_attrs = dict(attrs)
         self.teachers: dict[str, TeacherRecord] = {}
         self.shards: dict[str, list[ShardIndex]] = {}
@@ -595,36 +293,16 @@ class KDCache:
             tp = spec.teacher_path(name)
             if not spec.NAME_RE.match(name) or not self._storage.exists(f"{tp}/zarr.json"):
                 continue
-            try:
-                d = (
-                    zarr.open_group(self._zstore, path=tp, mode="r")
-                    .attrs.asdict()
-                    .get(spec.TEACHER_ATTR)
-                )
-                rec = record_from_attrs(d)
-                if rec.name != name:
-                    raise ValueError(f"record name {rec.name!r} differs from its directory name")
-            except Exception as e:
-                raise CacheError(
-                    f"{self._storage.full(tp + '/zarr.json')}: bad teacher record "
-                    f"({type(e).__name__}: {_one_line(e)})"
-                ) from None
-            self.teachers[name] = rec
+            self.teachers[name] = rec = self._read_record(name)
             data = self._data[name] = _TeacherData(self, rec, lru_bytes)
-            shards, where = [], {}
+            shards: list[ShardIndex] = []
+            where: dict[str, tuple[int, int]] = {}
             for fname in self._storage.listdir(f"{spec.COMMITS_DIR}/{name}"):
                 if not fname.endswith(".json") or spec.parse_shard_name(fname[:-5]) is None:
                     continue
                 shard = fname[:-5]
-                rel = spec.commit_path(name, shard)
-                try:
-                    marker = check_marker(json.loads(self._storage.read_bytes(rel)), name, shard)
-                except Exception as e:
-                    raise CacheError(
-                        f"{self._storage.full(rel)}: bad commit marker "
-                        f"({type(e).__name__}: {_one_line(e)})"
-                    ) from None
-                si = _read_index(self._storage, name, shard, marker)
+                marker = self._read_marker(name, shard)
+                si = self._read_index(name, shard, marker)
                 data.markers[shard] = marker
                 for row, u in enumerate(si.utt_ids):
                     if u in where:
@@ -638,15 +316,51 @@ class KDCache:
             self.shards[name] = shards
             self._where[name] = where
         # Committed shards of a teacher whose record is gone: refuse rather than silently drop
-        # a teacher (the writer creates the record before it commits anything).
-        for name in self._storage.listdir(spec.COMMITS_DIR):
-            if name in self.teachers or not spec.NAME_RE.match(name):
-                continue
-            if _has_markers(self._storage, name):
-                raise CacheError(
-                    f"{self._storage.full(spec.teacher_path(name) + '/zarr.json')}: teacher "
-                    f"record missing, but {spec.COMMITS_DIR}/{name}/ holds committed shards"
-                )
+        # a teacher.
+        for rel, what in validate.orphan_commits(self._storage, set(self.teachers)):
+            raise CacheError(f"{self._storage.full(rel)}: {what}")
+
+    def _read_record(self, name: str) -> TeacherRecord:
+        import zarr
+
+        tp = spec.teacher_path(name)
+        where = self._storage.full(f"{tp}/zarr.json")
+        try:
+            d = zarr.open_group(self._zstore, path=tp, mode="r").attrs.asdict()
+        except Exception as e:
+            raise CacheError(
+                f"{where}: bad teacher record ({type(e).__name__}: {one_line(e)})"
+            ) from None
+        rec, probs = validate.parse_record(d.get(spec.TEACHER_ATTR), name)
+        if probs:
+            raise CacheError(f"{where}: bad teacher record ({probs[0]})")
+        return rec
+
+    def _read_marker(self, teacher: str, shard: str) -> CommitMarker:
+        rel = spec.commit_path(teacher, shard)
+        where = self._storage.full(rel)
+        try:
+            d = json.loads(self._storage.read_bytes(rel))
+        except Exception as e:
+            raise CacheError(
+                f"{where}: bad commit marker ({type(e).__name__}: {one_line(e)})"
+            ) from None
+        marker, probs = validate.parse_marker(d, teacher, shard)
+        if probs:
+            raise CacheError(f"{where}: bad commit marker ({probs[0]})")
+        return marker
+
+    def _read_index(self, teacher: str, shard: str, marker: CommitMarker) -> ShardIndex:
+        rel = spec.index_path(teacher, shard)
+        where = self._storage.full(rel)
+        try:
+            data = self._storage.read_bytes(rel)
+        except OSError as e:
+            raise CacheError(f"{where}: index of committed shard is missing ({e})") from None
+        si, probs = validate.parse_index(data, marker, teacher, shard)
+        if probs:
+            raise CacheError(f"{where}: {probs[0]}")
+        return si
 
     # ---------------------------------------------------------------- random access
     def utt_ids(self, teacher: str | None = None) -> list[str]:

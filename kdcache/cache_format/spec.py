@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,15 +94,50 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 INDEX_COLUMNS = ("utt_id", "offset", "length", "input_hash", "text", "token_ids")
 
 
-# Keys of a commit marker JSON object.
-COMMIT_KEYS = (
-    "format_version",
-    "teacher",
-    "shard",
-    "utterances",
-    "positions",
-    "index_sha256",
-    "committed_at",
+@dataclass(frozen=True)
+class CommitMarker:
+    """The commit marker of one shard, ``commits/<teacher>/<shard>.json``; a shard exists for
+    readers only once it exists. Fields in the order they are written.
+
+    Attributes:
+        format_version: FORMAT_VERSION of the writer.
+        teacher, shard: The names its path carries.
+        utterances: Rows of the shard's index part.
+        positions: N, the length of every array of the shard.
+        index_sha256: sha256 (hex) of the bytes of ``index/<teacher>/<shard>.parquet``.
+        committed_at: ISO 8601 UTC time of the commit.
+        rank: Writer rank (optional for readers).
+        arrays: Array name -> shape, as written (optional for readers; checked when present).
+    """
+
+    format_version: int
+    teacher: str
+    shard: str
+    utterances: int
+    positions: int
+    index_sha256: str
+    committed_at: str
+    rank: int | None = None
+    arrays: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CommitMarker:
+        """From a marker's JSON object (validate.parse_marker checks it first); keys this
+        version does not know are ignored."""
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+# Keys every commit marker has (the fields of CommitMarker without a default).
+COMMIT_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(CommitMarker)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 )
 
 
@@ -420,3 +456,29 @@ class UttTargets:
     def num_positions(self) -> int:
         return int(np.shape(self.topk_ids)[0])
 
+
+@dataclass
+class ShardIndex:
+    """One committed shard of one teacher, as read: its marker and its index columns as arrays
+    (validate.parse_index builds it from checked bytes)."""
+
+    teacher: str
+    name: str
+    marker: dict[str, Any]  # the commit marker (CommitMarker.to_dict())
+    utt_ids: list[str]
+    offsets: np.ndarray  # [U] int64
+    lengths: np.ndarray  # [U] int64
+    input_hash: list[str]
+    text: list[str]
+    token_values: np.ndarray  # flat int32 values of the token_ids list column
+    token_offsets: np.ndarray  # [U + 1] int64 into token_values
+    token_valid: np.ndarray  # [U] bool: token_ids present (not null)
+
+    @property
+    def positions(self) -> int:
+        return int(self.marker["positions"])
+
+    def token_ids(self, row: int) -> np.ndarray | None:
+        if not self.token_valid[row]:
+            return None
+        return self.token_values[self.token_offsets[row] : self.token_offsets[row + 1]]

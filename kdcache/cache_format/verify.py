@@ -6,26 +6,16 @@ An empty list (or only ``info`` findings) means the cache is intact. Uncommitted
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
-from kdcache.cache_format import spec
-from kdcache.cache_format.reader import (
-    _has_markers,
-    _is_int,
-    _one_line,
-    check_marker,
-    record_from_attrs,
-)
+from kdcache.cache_format import spec, validate
 from kdcache.cache_format.spec import TeacherRecord
-from kdcache.cache_format.storage import open_storage
+from kdcache.cache_format.storage import Storage, open_storage
+from kdcache.cache_format.validate import one_line
 
 __all__ = ["Problem", "verify_cache"]
 
@@ -52,19 +42,19 @@ class Problem:
 MAX_LISTED_MISSING = 20
 
 
-def _check_shard(st, zs, rec, t, s, seen, problems, tasks) -> None:
+def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, tasks) -> None:
     """Marker, index and array metadata of one committed shard; chunk reads go to ``tasks``."""
-    import pyarrow.parquet as pq
     import zarr
-
-    from kdcache.cache_format.reader import _index_schema_problem
 
     cp = spec.commit_path(t, s)
     try:
-        marker = json.loads(st.read_bytes(cp))
-        check_marker(marker, t, s)
+        d = json.loads(st.read_bytes(cp))
     except Exception as e:
-        problems.append(Problem(cp, f"bad commit marker ({type(e).__name__}: {_one_line(e)})"))
+        problems.append(Problem(cp, f"bad commit marker ({type(e).__name__}: {one_line(e)})"))
+        return
+    marker, probs = validate.parse_marker(d, t, s)
+    problems.extend(Problem(cp, f"bad commit marker ({p})") for p in probs)
+    if marker is None:
         return
     ip = spec.index_path(t, s)
     try:
@@ -72,89 +62,31 @@ def _check_shard(st, zs, rec, t, s, seen, problems, tasks) -> None:
     except OSError:
         problems.append(Problem(ip, "index of a committed shard is missing"))
         return
-    if hashlib.sha256(data).hexdigest() != marker["index_sha256"]:
-        problems.append(Problem(ip, "sha256 does not match the commit marker (index damaged)"))
+    si, probs = validate.parse_index(data, marker, t, s)
+    problems.extend(Problem(ip, p) for p in probs)
+    if si is None:
         return
-    try:
-        table = pq.read_table(io.BytesIO(data))
-        why = _index_schema_problem(table)
-        if why is None:
-            utts = table.column("utt_id").to_pylist()
-            offsets = table.column("offset").to_numpy().astype(np.int64)
-            lengths = table.column("length").to_numpy().astype(np.int64)
-            tok_lens = [
-                None if x is None else len(x) for x in table.column("token_ids").to_pylist()
-            ]
-    except Exception as e:
-        problems.append(Problem(ip, f"unreadable index ({type(e).__name__}: {_one_line(e)})"))
-        return
-    if why is not None:
-        problems.append(Problem(ip, why))
-        return
-    N = int(marker["positions"])
-    if len(utts) != marker["utterances"]:
-        problems.append(
-            Problem(ip, f"{len(utts)} rows but the marker says {marker['utterances']} utterances")
-        )
-    if len(utts):
-        expect = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        if (lengths < 0).any():
-            r = int(np.argmax(lengths < 0))
-            problems.append(Problem(ip, f"utterance {utts[r]!r}: negative length"))
-        bad = np.nonzero(offsets != expect)[0]
-        if len(bad):
-            problems.append(
-                Problem(
-                    ip,
-                    f"offsets not contiguous from 0 (first at row {int(bad[0])}, utterance {utts[bad[0]]!r})",
-                )
-            )
-    if int(lengths.sum()) != N:
-        problems.append(
-            Problem(ip, f"lengths sum to {int(lengths.sum())} but the marker says {N} positions")
-        )
-    for u, n, tl in zip(utts, lengths, tok_lens, strict=True):
-        if tl is not None and tl != n:
-            problems.append(Problem(ip, f"utterance {u!r}: {tl} token_ids for {int(n)} positions"))
-            break
-    for u in utts:
-        if u in seen:
-            where = "this shard" if seen[u] == s else f"shard {seen[u]}"
-            problems.append(Problem(ip, f"utterance {u!r} also in {where} (duplicate)"))
-        else:
+    for u in dict.fromkeys(si.utt_ids):  # twice in this shard: parse_index said so
+        if u not in seen:
             seen[u] = s
+        elif seen[u] != s:
+            problems.append(Problem(ip, f"utterance {u!r} also in shard {seen[u]} (duplicate)"))
     # Arrays.
-    C = rec.chunk_positions
+    N, C = marker.positions, rec.chunk_positions
     for name in spec.array_names(rec):
         rel = f"{spec.shard_path(t, s)}/{name}"
         try:
             arr = zarr.open_array(zs, path=rel, mode="r")
-            shape, chunks, dtype = tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)
-            key = arr.metadata.encode_chunk_key((0,) * len(shape))
         except Exception as e:
             problems.append(
-                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {_one_line(e)})")
+                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {one_line(e)})")
             )
+            continue
+        probs = validate.array_problems(rec, marker, name, arr)
+        if probs:
+            problems.extend(Problem(rel, p) for p in probs)
             continue
         row = spec.array_row_shape(rec, name)
-        want = marker.get("arrays", {}).get(name)
-        if want is not None and list(shape) != list(want):
-            problems.append(
-                Problem(rel, f"shape {list(shape)} differs from the commit marker's {want}")
-            )
-            continue
-        if shape != (N, *row):
-            problems.append(Problem(rel, f"shape {list(shape)}, expected {[N, *row]}"))
-            continue
-        if dtype != spec.array_dtype(rec, name):
-            problems.append(Problem(rel, f"dtype {dtype}, expected {spec.array_dtype(rec, name)}"))
-            continue
-        if key != "c" + "/0" * len(shape):
-            problems.append(Problem(rel, f"chunk key encoding gives {key!r}, not the v3 default"))
-            continue
-        if chunks != (C, *row):
-            problems.append(Problem(rel, f"chunks {list(chunks)}, expected {[C, *row]}"))
-            continue
         # Chunk files are c/<i>/0... (one chunk across the row): <i>/0... below c/.
         suffix = "/0" * len(row)
         n_chunks = -(-N // C)
@@ -180,7 +112,7 @@ def _check_shard(st, zs, rec, t, s, seen, problems, tasks) -> None:
                 Problem(rel, f"{missing} chunk files missing in all (of {n_chunks}; first listed)")
             )
         for c in sorted(have):
-            tasks.append((rec, rel, arr, c))
+            tasks.append((rec, rel, name, arr, c))
 
 
 def verify_cache(
@@ -221,19 +153,12 @@ def verify_cache(
         zs = st.zarr_store()
         attrs = zarr.open_group(zs, mode="r").attrs.asdict().get(spec.ROOT_ATTR)
     except Exception as e:
-        return [Problem("zarr.json", f"unreadable root group ({type(e).__name__}: {_one_line(e)})")]
-    if not isinstance(attrs, dict):
-        return [Problem("zarr.json", f"no '{spec.ROOT_ATTR}' root attribute: not a kdcache cache")]
-    ver = attrs.get("format_version")
-    if not _is_int(ver) or ver not in spec.SUPPORTED_FORMAT_VERSIONS:
-        return [
-            Problem(
-                "zarr.json",
-                f"format_version {ver!r} not supported (supported: {list(spec.SUPPORTED_FORMAT_VERSIONS)})",
-            )
-        ]
+        return [Problem("zarr.json", f"unreadable root group ({type(e).__name__}: {one_line(e)})")]
+    probs = validate.root_problems(attrs)
+    if probs:
+        return [Problem("zarr.json", p) for p in probs]
 
-    tasks: list[tuple[TeacherRecord, str, object, int]] = []  # (record, array rel, array, chunk)
+    tasks: list[tuple[TeacherRecord, str, str, object, int]] = []  # (record, rel, name, array, c)
     with_record = set()
     for t in st.listdir(spec.TEACHERS_DIR):
         tp = spec.teacher_path(t)
@@ -248,22 +173,17 @@ def verify_cache(
             problems.append(Problem(tp, "not a valid teacher name (readers ignore it)"))
             continue
         try:
-            rec = record_from_attrs(
-                zarr.open_group(zs, path=tp, mode="r").attrs.asdict().get(spec.TEACHER_ATTR)
-            )
+            d = zarr.open_group(zs, path=tp, mode="r").attrs.asdict().get(spec.TEACHER_ATTR)
         except Exception as e:
             problems.append(
                 Problem(
-                    f"{tp}/zarr.json", f"bad teacher record ({type(e).__name__}: {_one_line(e)})"
+                    f"{tp}/zarr.json", f"bad teacher record ({type(e).__name__}: {one_line(e)})"
                 )
             )
             continue
-        if rec.name != t:
-            problems.append(
-                Problem(
-                    f"{tp}/zarr.json", f"record name {rec.name!r} differs from the directory name"
-                )
-            )
+        rec, probs = validate.parse_record(d, t)
+        problems.extend(Problem(f"{tp}/zarr.json", f"bad teacher record ({p})") for p in probs)
+        if rec is None:
             continue
         commit_files = st.listdir(f"{spec.COMMITS_DIR}/{t}")
         index_files = st.listdir(f"{spec.INDEX_DIR}/{t}")
@@ -305,38 +225,27 @@ def verify_cache(
                 problems.append(
                     Problem(
                         spec.shard_path(t, s),
-                        f"unexpected damage ({type(e).__name__}: {_one_line(e)})",
+                        f"unexpected damage ({type(e).__name__}: {one_line(e)})",
                     )
                 )
 
-    for t in st.listdir(spec.COMMITS_DIR):
-        if t not in with_record and spec.NAME_RE.match(t) and _has_markers(st, t):
-            problems.append(
-                Problem(
-                    f"{spec.teacher_path(t)}/zarr.json",
-                    f"teacher record missing, but {spec.COMMITS_DIR}/{t}/ holds committed shards",
-                )
-            )
+    problems.extend(Problem(rel, what) for rel, what in validate.orphan_commits(st, with_record))
 
-    def check(task) -> Problem | None:
-        rec, rel, arr, c = task
+    def check(task) -> list[Problem]:
+        rec, rel, name, arr, c = task
         C = rec.chunk_positions
         try:
             x = arr[c * C : min((c + 1) * C, arr.shape[0])]
         except Exception as e:
-            return Problem(
-                f"{rel} chunk {c}",
-                f"checksum mismatch or undecodable ({type(e).__name__}: {_one_line(e)})",
-            )
-        name = rel.rsplit("/", 1)[-1]
+            return [
+                Problem(
+                    f"{rel} chunk {c}",
+                    f"checksum mismatch or undecodable ({type(e).__name__}: {one_line(e)})",
+                )
+            ]
         want = min(C, arr.shape[0] - c * C)
-        if len(x) != want:
-            return Problem(f"{rel} chunk {c}", f"{len(x)} positions decoded, expected {want}")
-        if name == spec.TOPK_IDS and x.size and int(x.max()) >= rec.vocab_size:
-            return Problem(f"{rel} chunk {c}", f"id {int(x.max())} >= vocab_size {rec.vocab_size}")
-        if x.dtype.kind == "f" and np.isnan(x).any():
-            return Problem(f"{rel} chunk {c}", "contains NaN")
-        return None
+        probs = validate.chunk_problems(rec, name, x, want, nan=True)
+        return [Problem(f"{rel} chunk {c}", p) for p in probs]
 
     bar = None
     if progress and len(tasks) >= 64:  # small caches verify in well under a second
@@ -345,9 +254,8 @@ def verify_cache(
         bar = tqdm(total=len(tasks), unit="chunk", desc="verify")
     done = 0
     with ThreadPoolExecutor(max(1, workers)) as ex:
-        for p in ex.map(check, tasks):
-            if p is not None:
-                problems.append(p)
+        for probs in ex.map(check, tasks):
+            problems.extend(probs)
             done += 1
             if bar is not None:
                 bar.update(1)

@@ -24,14 +24,13 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
-from kdcache.cache_format import spec
+from kdcache.cache_format import spec, validate
 from kdcache.cache_format.spec import CacheError, TeacherRecord, UttTargets
 from kdcache.cache_format.storage import open_storage
 
@@ -146,17 +145,9 @@ class CacheWriter:
                     "builder": builder,
                 }
                 self._create_group("", {spec.ROOT_ATTR: root})
-            attrs = self._open_group("").attrs.asdict()
-            if spec.ROOT_ATTR not in attrs:
-                raise CacheError(
-                    f"{self.path}: a zarr group but not a kdcache cache (no '{spec.ROOT_ATTR}' attribute)"
-                )
-            ver = attrs[spec.ROOT_ATTR].get("format_version")
-            if ver not in spec.SUPPORTED_FORMAT_VERSIONS:
-                raise CacheError(
-                    f"{self.path}: format_version {ver!r} is not supported by this kdcache "
-                    f"(supported: {list(spec.SUPPORTED_FORMAT_VERSIONS)})"
-                )
+            probs = validate.root_problems(self._open_group("").attrs.asdict().get(spec.ROOT_ATTR))
+            if probs:
+                raise CacheError(f"{self.path}: {probs[0]}")
             if not st.exists(f"{spec.TEACHERS_DIR}/zarr.json"):
                 self._create_group(spec.TEACHERS_DIR, None)
             tp = spec.teacher_path(t)
@@ -622,22 +613,18 @@ class CacheWriter:
         sync = st.fsyncing(spec.shard_path(rec.name, shard)) if self.fsync else nullcontext()
         with sync:
             st.write_atomic(spec.index_path(rec.name, shard), data, fsync=self.fsync)
-        marker = {
-            "format_version": spec.FORMAT_VERSION,
-            "teacher": rec.name,
-            "shard": shard,
-            "utterances": len(self._rows["utt_id"]),
-            "positions": self._written,
-            "index_sha256": hashlib.sha256(data).hexdigest(),
-            "committed_at": _now(),
-            "rank": self.rank,
-            "arrays": {name: list(self._arrays[name].shape) for name in self._names},
-        }
-        st.write_atomic(
-            spec.commit_path(rec.name, shard),
-            json.dumps(marker, indent=1).encode(),
-            fsync=self.fsync,
+        marker = spec.CommitMarker(
+            format_version=spec.FORMAT_VERSION,
+            teacher=rec.name,
+            shard=shard,
+            utterances=len(self._rows["utt_id"]),
+            positions=self._written,
+            index_sha256=hashlib.sha256(data).hexdigest(),
+            committed_at=_now(),
+            rank=self.rank,
+            arrays={name: list(self._arrays[name].shape) for name in self._names},
         )
+        st.write_atomic(spec.commit_path(rec.name, shard), marker.to_json(), fsync=self.fsync)
         self._committed.update(self._rows["utt_id"])
         self._committed_shards.append(shard)
         self._reset_shard()

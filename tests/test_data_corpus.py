@@ -98,6 +98,7 @@ def test_synthesis_is_deterministic_whatever_the_worker(corpus, tmp_path):
         _jobs_for,
         available_variants,
         load_sentences,
+        split_voices,
         synthesize,
     )
 
@@ -105,14 +106,39 @@ def test_synthesis_is_deterministic_whatever_the_worker(corpus, tmp_path):
     summary = json.loads((corpus / "corpus.json").read_text())
     utts = load_manifest(corpus / "train" / "manifest.jsonl")[:2]
     sents = {s[2]: s for s in load_sentences()}
+    accents, variants = split_voices("train", available_variants(), summary["voice_split"])
     jobs, _ = _jobs_for("train", [sents[u.text] for u in utts], corpus / "train" / "wav",
-                        summary["seed"], available_variants())
+                        summary["seed"], variants, accents)
     assert SPLITS[0] == "train"
     for job, u in zip(jobs, utts, strict=True):
         assert job.path == u.audio
         mine = replace(job, path=str(tmp_path / Path(job.path).name))
         synthesize(mine)
         assert Path(mine.path).read_bytes() == Path(u.audio).read_bytes()
+
+
+def test_dev_and_test_voices_are_never_heard_in_training(corpus):
+    from kdcache.data.demo_corpus import HELDOUT_ACCENTS, HELDOUT_VARIANTS
+
+    summary = json.loads((corpus / "corpus.json").read_text())
+    assert summary["voice_split"] == "heldout"
+    spk = {s: {u.speaker for u in load_manifest(corpus / s / "manifest.jsonl")}
+           for s in ("train", "dev", "test")}
+    accent = {s: {x.split("_")[0] for x in v} for s, v in spk.items()}
+    variant = {s: {x.split("_", 1)[1] for x in v} for s, v in spk.items()}
+    assert not (variant["dev"] | variant["test"]) & variant["train"]
+    assert (variant["dev"] | variant["test"]) <= set(HELDOUT_VARIANTS)
+    assert not accent["train"] & set(HELDOUT_ACCENTS)
+
+
+def test_shared_voices_mode_is_the_old_split():
+    from kdcache.data.demo_corpus import VOICES, CorpusError, split_voices
+
+    assert split_voices("train", ("", "m1", "m3"), "shared") == (VOICES, ("", "m1", "m3"))
+    assert split_voices("test", ("", "m1", "m3"), "heldout")[1] == ("m3",)
+    assert "m3" not in split_voices("train", ("", "m1", "m3"), "heldout")[1]
+    with pytest.raises(CorpusError, match="unknown voices mode"):
+        split_voices("train", ("",), "mixed")
 
 
 def test_existing_output_is_refused(corpus):

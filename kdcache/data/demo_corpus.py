@@ -68,6 +68,14 @@ VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3"
             "Annie", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward",
             "Gene", "grandma", "grandpa", "Jacky", "john", "Lee", "linda", "max", "Michael",
             "Mike", "norbert", "paul", "quincy", "rob", "robert", "steph", "travis", "victor", "zac")
+# Held out from training (``voices="heldout"``, the default): dev and test are spoken only by
+# these variants, so their error rates measure voices the student never heard; the accent in
+# HELDOUT_ACCENTS is heard by dev and test only. ``voices="shared"`` is the corpus of format
+# version 1 (every split draws from every voice).
+HELDOUT_VARIANTS = ("m3", "m7", "f2", "f5", "klatt3", "Andy", "belinda", "david", "grandma",
+                    "linda", "norbert", "quincy", "steph")
+HELDOUT_ACCENTS = ("en-gb-scotland",)
+VOICE_MODES = ("heldout", "shared")
 SPEED_WPM = (130, 210)
 PITCH = (25, 75)
 # SNR in dB; None is clean speech.
@@ -265,13 +273,33 @@ def synthesize(job: SynthJob) -> float:
     return len(x) / SAMPLE_RATE
 
 
+def split_voices(split: str, variants: tuple[str, ...], mode: str = "heldout"
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(accents, variants) a split draws from. ``heldout``: train never hears
+    :data:`HELDOUT_VARIANTS` nor :data:`HELDOUT_ACCENTS`; dev and test use only the held-out
+    variants (with every accent). ``shared``: every split uses everything."""
+    if mode not in VOICE_MODES:
+        raise CorpusError(f"unknown voices mode {mode!r}: choose from {', '.join(VOICE_MODES)}")
+    if mode == "shared":
+        return VOICES, variants
+    held = tuple(v for v in variants if v in HELDOUT_VARIANTS)
+    if split == "train":
+        return (tuple(a for a in VOICES if a not in HELDOUT_ACCENTS),
+                tuple(v for v in variants if v not in HELDOUT_VARIANTS))
+    if not held:
+        raise CorpusError("this espeak-ng has none of the held-out voice variants "
+                          f"{HELDOUT_VARIANTS}: build with voices='shared'")
+    return VOICES, held
+
+
 def _jobs_for(split: str, sentences: list[tuple[str, str, str]], wav_dir: Path, seed: int,
-              variants: tuple[str, ...]) -> tuple[list[SynthJob], list[Utterance]]:
+              variants: tuple[str, ...], voices: tuple[str, ...] = VOICES
+              ) -> tuple[list[SynthJob], list[Utterance]]:
     split_no = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_no, 1])
     jobs, utts = [], []
     for i, (_, spoken, norm) in enumerate(sentences):
-        voice = VOICES[rng.integers(len(VOICES))]
+        voice = voices[rng.integers(len(voices))]
         variant = variants[rng.integers(len(variants))]
         speaker = f"{voice}_{variant or 'default'}"
         utt_id = f"{speaker}-{split}-{i:05d}"
@@ -307,6 +335,7 @@ def build_demo_corpus(
     workers: int = 2,
     overwrite: bool = False,
     progress: bool = True,
+    voices: str = "heldout",
 ) -> dict:
     """Build the demo corpus into ``out`` (atomically: a temporary sibling renamed at the end).
 
@@ -317,6 +346,7 @@ def build_demo_corpus(
         workers: Processes running espeak-ng and sox.
         overwrite: Replace an existing ``out``.
         progress: Show a progress bar.
+        voices: ``heldout`` (dev/test voices and one accent never in train) or ``shared``.
 
     Returns:
         The summary also written to ``out/corpus.json``.
@@ -332,6 +362,7 @@ def build_demo_corpus(
     t0 = time.perf_counter()
     spec = SIZES[size]
     variants = available_variants()
+    split_voices("dev", variants, voices)  # refuse a bad mode before any work
 
     sentences = load_sentences()
     rng = np.random.default_rng([seed, 0])
@@ -356,7 +387,9 @@ def build_demo_corpus(
         for split in SPLITS:
             wav_dir = tmp / split / "wav"
             wav_dir.mkdir(parents=True)
-            jobs, utts = _jobs_for(split, [sentences[i] for i in picked[split]], wav_dir, seed, variants)
+            accents, split_variants = split_voices(split, variants, voices)
+            jobs, utts = _jobs_for(split, [sentences[i] for i in picked[split]], wav_dir, seed,
+                                   split_variants, accents)
             all_jobs += jobs
             split_utts[split] = utts
         durations = dict(zip((j.path for j in all_jobs), _run_jobs(all_jobs, workers, progress), strict=True))
@@ -387,6 +420,10 @@ def build_demo_corpus(
                               "words": sum(len(t.split()) for t in lm_text)}
         summary["sentences_by_source"] = sources
         summary["voices"] = list(VOICES)
+        summary["voice_split"] = voices
+        summary["heldout"] = ({"accents": list(HELDOUT_ACCENTS),
+                               "variants": [v for v in variants if v in HELDOUT_VARIANTS]}
+                              if voices == "heldout" else None)
         summary["variants"] = [v or "default" for v in variants]
         summary["tools"] = {"espeak-ng": _version(["espeak-ng", "--version"]),
                             "sox": _version(["sox", "--version"])}

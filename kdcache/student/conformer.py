@@ -63,18 +63,22 @@ class ConvSubsampling(nn.Module):
     """Stacked Conv2d(3x3, stride 2) + ReLU over (time, freq), then Linear to d_model.
 
     An output frame t only sees input frames 2t..2t+2, so valid outputs never read padding.
+    ``channels`` sets the conv width (0 = d_model). With d_model channels the second conv costs
+    d_model^2 x 9 MACs per output cell: at d_model 144 that is more than the whole Conformer
+    stack of a small CPU student (docs/training.md), so the CPU recipes use 32.
     """
 
-    def __init__(self, input_dim: int, d_model: int, subsampling: int) -> None:
+    def __init__(self, input_dim: int, d_model: int, subsampling: int, channels: int = 0) -> None:
         super().__init__()
         self.subsampling = subsampling
+        width = channels or d_model  # 0 = d_model channels (ESPnet's Conv2dSubsampling)
         layers: list[nn.Module] = []
         freq, channels = input_dim, 1
         for _ in range(int(math.log2(subsampling))):
-            layers += [nn.Conv2d(channels, d_model, 3, 2), nn.ReLU()]
-            freq, channels = (freq - 1) // 2, d_model
+            layers += [nn.Conv2d(channels, width, 3, 2), nn.ReLU()]
+            freq, channels = (freq - 1) // 2, width
         self.conv = nn.Sequential(*layers)
-        self.out = nn.Linear(d_model * freq, d_model)
+        self.out = nn.Linear(width * freq, d_model)
 
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """Args: feats [B, T, F], feat_lens [B]. Returns: x [B, T', D], lens [B]."""
@@ -190,9 +194,11 @@ class ConformerEncoder(nn.Module):
         conv_kernel: int,
         dropout: float,
         subsampling: int,
+        subsampling_channels: int = 0,
     ) -> None:
         super().__init__()
-        self.subsampling = ConvSubsampling(input_dim, d_model, subsampling)
+        self.subsampling = ConvSubsampling(input_dim, d_model, subsampling, subsampling_channels)
+        self.xscale = math.sqrt(d_model)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             ConformerBlock(d_model, num_heads, ff_mult, conv_kernel, dropout)
@@ -220,7 +226,12 @@ class ConformerEncoder(nn.Module):
             )
         x, lens = self.subsampling(feats, feat_lens)
         mask = lengths_to_mask(lens, x.shape[1])
-        x = self.drop(x + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype))
+        # Scale the content by sqrt(d_model) before adding the unit-amplitude positions
+        # (Vaswani et al. 2017; ESPnet's PositionalEncoding). Without it the subsampling output
+        # (std ~0.1 at init) was swamped by the positions (std 0.71), and the CTC head sat on its
+        # blank plateau for hundreds of steps (docs/training.md, "Convergence on 2 CPU cores").
+        pos = sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
+        x = self.drop(x * self.xscale + pos)
         layers: dict[int, Tensor] = {}
         for i, block in enumerate(self.blocks, start=1):
             x = block(x, mask)

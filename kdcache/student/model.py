@@ -47,6 +47,7 @@ class StudentConfig:
     conv_kernel: int = 15  # depthwise conv kernel (odd)
     dropout: float = 0.1
     subsampling: int = 4  # conv2d frame-rate reduction: 2, 4 or 8
+    subsampling_channels: int = 0  # conv2d width in the subsampling; 0 = d_model
     # attention decoder (joint CTC/attention; LST, multitask, essence KD attach here)
     decoder_layers: int = 2  # 0 = no attention decoder
     decoder_heads: int = 4
@@ -89,6 +90,7 @@ class StudentConfig:
         check(self.conv_kernel % 2 == 1, "conv_kernel must be odd")
         check(self.cif_conv_kernel % 2 == 1, "cif_conv_kernel must be odd")
         check(self.subsampling in (2, 4, 8), "subsampling must be 2, 4 or 8")
+        check(self.subsampling_channels >= 0, "subsampling_channels must be >= 0 (0 = d_model)")
         check(self.num_layers >= 1, "num_layers must be >= 1")
         check(self.decoder_layers >= 0, "decoder_layers must be >= 0")
         check(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
@@ -240,7 +242,7 @@ class Student(nn.Module):
         d, v = cfg.d_model, cfg.vocab_size
         self.encoder = ConformerEncoder(
             cfg.input_dim, d, cfg.num_heads, cfg.ff_mult, cfg.num_layers, cfg.conv_kernel,
-            cfg.dropout, cfg.subsampling,
+            cfg.dropout, cfg.subsampling, cfg.subsampling_channels,
         )
         self.ctc = nn.Linear(d, v)
 

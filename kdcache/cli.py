@@ -42,6 +42,7 @@ app.command("tokenizer")(_data.tokenizer)
 # Student stage.
 train_app.command("run")(_train.run)
 train_app.command("eval")(_train.evaluate)
+train_app.command("study")(_train.study)
 
 if __name__ == "__main__":
     app()

@@ -20,6 +20,8 @@ def run(
     config: Path = typer.Option(None, "--config", help="YAML config file (e.g. recipes/lst.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest checkpoint."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip training utterances the cache lacks (warns)."),
+    dev_data: Path = typer.Option(None, "--dev-data", help="Dev manifest: CTC-greedy WER/CER every train.eval_every steps into RUN_DIR/dev.csv (learning curves)."),
+    dev_features: Path = typer.Option(None, "--dev-features", help="Feature store of the dev utterances."),
     overrides: list[str] = typer.Argument(None, help="key=value config overrides, dotted for sections: optim.lr=1e-3"),
 ) -> None:
     """Train a student ASR model, distilling from a kdcache (no teacher is loaded)."""
@@ -47,6 +49,8 @@ def run(
                 overrides=list(overrides or []),
                 resume=resume,
                 allow_missing=allow_missing,
+                dev_data=dev_data,
+                dev_features=dev_features,
             )
         )
     except (ConfigError, CacheMismatchError, FileNotFoundError) as e:
@@ -94,3 +98,37 @@ def evaluate(
         typer.echo(f"kdtrain eval: error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(json.dumps({k: res[k] for k in ("wer", "cer", "utterances", "decode", "out_dir")}))
+
+
+def study(
+    plan: Path = typer.Option(..., "--plan", help="Study plan YAML (e.g. recipes/cpu/study.yaml): data, arms, seeds, steps."),
+    root: Path = typer.Option(Path("."), "--root", help="Directory the plan's data and cache paths are relative to (e.g. demo)."),
+    out: Path = typer.Option(..., "--out", help="Study directory: runs/<arm>/seed<N>/, study.json, study.md, curves.png."),
+    jobs: int = typer.Option(1, "--jobs", help="Runs side by side (each gets cores / jobs threads)."),
+    arms: list[str] = typer.Option(None, "--arm", help="Run only these arms (repeatable); the summary covers every finished run."),
+    seeds: int = typer.Option(0, "--seeds", help="Use the first N seeds of the plan (0 = all)."),
+    steps: int = typer.Option(0, "--steps", help="Override the plan's steps per run (0 = the plan's)."),
+    summarize_only: bool = typer.Option(False, "--summarize", help="Only rewrite study.json / study.md / curves.png from finished runs."),
+) -> None:
+    """Train and evaluate every recipe of a plan against the identical baseline, N seeds each;
+    resumable (finished runs are skipped, killed ones resume). Writes study.json (per run:
+    dev/test WER and CER, steps, time, caches, config hash, commit, machine), study.md (mean +- sd,
+    paired differences against the baseline, 95% bootstrap interval over test utterances) and
+    curves.png (dev CER against step)."""
+    from kdcache.student.config import ConfigError
+    from kdcache.student.study import load_plan, run_study, summarize
+
+    try:
+        p = load_plan(plan)
+        if seeds:
+            p.seeds = p.seeds[:seeds]
+        if steps:
+            p.steps = steps
+        if summarize_only:
+            summarize(p, root, out)
+        else:
+            run_study(p, root, out, jobs=jobs, arms=list(arms or []))
+    except (ConfigError, RuntimeError, FileNotFoundError) as e:
+        typer.echo(f"kdtrain study: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo((out / "study.md").read_text())

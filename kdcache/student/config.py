@@ -98,6 +98,7 @@ class TrainConfig:
     progress: bool = True  # tqdm bar
     tensorboard: bool = False  # also log to RUN_DIR/tb when tensorboard is installed
     allow_missing: bool = False  # skip training utterances the cache lacks (with a warning)
+    eval_every: int = 500  # with --dev-data: CTC-greedy dev WER/CER every this many steps (dev.csv)
 
 
 @dataclass
@@ -228,6 +229,7 @@ class RunConfig:
         check(self.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
         check(self.train.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
         check(self.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
+        check(self.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = never)")
         check(0.0 <= self.lst.kd_weight <= 1.0, "lst.kd_weight", "must be in [0, 1]")
         check(self.lst.temperature > 0, "lst.temperature", "must be > 0")
         check(0.0 <= self.multitask.lam <= 1.0, "multitask.lam", "must be in [0, 1]")

@@ -47,6 +47,18 @@ def score(refs: list[str], hyps: list[str]) -> dict[str, float]:
     return {"wer": wer_err / max(n_w, 1), "cer": cer_err / max(n_c, 1)}
 
 
+def set_name(data: str | os.PathLike) -> str:
+    """A name for the set a manifest holds, distinct for the splits of one corpus: a Kaldi dir's
+    own name (``corpus/test`` -> ``test``); for a manifest file, its directory's name and its
+    stem (``corpus/dev/cuts.jsonl.gz`` -> ``dev-cuts``), so that decoding test and then dev never
+    writes both into one directory."""
+    p = Path(str(data))
+    if p.is_dir() or not p.suffix:
+        return p.name or "data"
+    stem = p.name.split(".")[0]
+    return f"{p.parent.name}-{stem}" if p.parent.name else stem
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -71,14 +83,16 @@ def evaluate_run(
     Returns:
         The results dict also written to ``results.json``.
     """
-    import numpy as np
-    import torch
-
-    from kdcache.data.features import open_features
-    from kdcache.data.manifest import load_manifest
-    from kdcache.data.text import normalize_text
     from kdcache.student import decode as dec
-    from kdcache.student.recipe import build_model, load_tokenizer, pick_device, restore_model
+    from kdcache.student.config import load_config
+    from kdcache.student.rundir import (
+        build_model,
+        decode_split,
+        load_tokenizer,
+        pick_device,
+        prepare_split,
+        restore_model,
+    )
 
     if decode not in DECODERS:
         raise ValueError(f"--decode {decode!r}: use one of {DECODERS}")
@@ -86,8 +100,6 @@ def evaluate_run(
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a kdtrain run directory?")
-    from kdcache.student.config import load_config
-
     cfg = load_config(cfg_path)
     tok = load_tokenizer(run_dir / "tokenizer")
     dev = pick_device(device)
@@ -99,46 +111,19 @@ def evaluate_run(
     if decode == "attention_beam" and model.decoder is None:
         raise ValueError("--decode attention_beam: this run's model has no attention decoder")
 
-    utts = [u for u in load_manifest(data) if u.text is not None]
-    store = open_features(features)
-    missing = [u.id for u in utts if u.id not in store]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} utterances of {data} have no features in {features}: "
-            f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}"
-        )
-    texts = {u.id: normalize_text(u.text) for u in utts}
-    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
-    from kdcache.student.data import eval_batches
-
+    split = prepare_split(data, features, tok)
     search = dec.DecodeConfig(
         method={"ctc_greedy": "ctc_greedy", "attention_beam": "attention", "cif": "cif_greedy"}[decode],
         beam_size=beam,
         ctc_weight=ctc_weight if decode == "attention_beam" else 0.0,
     )
-    hyps: dict[str, str] = {}
-    with torch.inference_mode():
-        for batch in eval_batches(
-            list(texts),
-            tokens,
-            texts,
-            store,
-            max_frames=max_frames or cfg.data.max_frames,
-            max_utts=cfg.data.max_utts,
-            pad_id=tok.pad_id,
-            cmvn=cfg.data.cmvn,
-        ):
-            batch = batch.to(dev)
-            ids = dec.decode(model, batch.feats, batch.feat_lens, search)
-            for utt_id, seq in zip(batch.utt_ids, ids, strict=True):
-                hyps[utt_id] = normalize_text(tok.decode([int(i) for i in seq]))
-
-    order = [u.id for u in utts]
-    refs = [texts[u] for u in order]
+    hyps = decode_split(model, split, tok, search, dev, max_frames=max_frames or cfg.data.max_frames,
+                        max_utts=cfg.data.max_utts, cmvn=cfg.data.cmvn)
+    order = split.utt_ids
+    refs = [split.texts[u] for u in order]
     hyp_list = [hyps[u] for u in order]
     scores = score(refs, hyp_list)
-    name = f"{Path(str(data)).name.split('.')[0]}-{decode}"
-    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / name
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / f"{set_name(data)}-{decode}"
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(
         out / "hyp.jsonl",

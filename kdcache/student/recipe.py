@@ -56,13 +56,24 @@ from kdcache.student.checkpoint import (
 )
 from kdcache.student.config import ConfigError, RunConfig, build_config, load_config, save_config
 from kdcache.student.data import Batch, DataState, KDDataset, make_loader
-from kdcache.student.model import Student, StudentConfig, decoder_targets
+from kdcache.student.model import StudentConfig, decoder_targets
+from kdcache.student.rundir import (  # noqa: F401  (build_model, restore_model: public here too)
+    RUN_FILE,
+    CsvLog,
+    Split,
+    build_model,
+    decode_split,
+    load_tokenizer,
+    pick_device,
+    prepare_split,
+    read_metrics,
+    restore_model,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_RECIPES = ("lst", "multitask", "essence", "hierarchical", "interaed", "cif_hkd")
 MIN_FRAMES = {2: 3, 4: 7, 8: 15}  # shortest input each conv subsampling accepts
-RUN_FILE = "run.json"  # input paths of the run, so --resume needs only --out
 
 
 @dataclass
@@ -79,6 +90,8 @@ class RunInputs:
     overrides: list[str] = field(default_factory=list)
     resume: bool = False
     allow_missing: bool = False
+    dev_data: Path | None = None  # dev manifest: decoded every train.eval_every steps (dev.csv)
+    dev_features: Path | None = None
 
 
 @dataclass
@@ -89,34 +102,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Small helpers shared with evaluate.py
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_tokenizer(path: str | Path):
-    from kdcache.data.tokenizer import Tokenizer
-
-    return Tokenizer.load(path)
-
-
-def build_model(cfg: RunConfig, tokenizer=None) -> Student:
-    """The student of a resolved config (``cfg.model`` already holds vocab and heads)."""
-    return Student(cfg.model)
-
-
-def restore_model(model: Student, run_dir: Path, checkpoint: str | Path | None = None):
-    """Load weights from ``checkpoint`` or the newest of ``run_dir``; return (step, path)."""
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    state = load_checkpoint(path)
-    model.load_state_dict(state["model"])
-    return int(state["step"]), path
+# Schedule
 
 
 def noam_factor(step: int, warmup: int, kind: str) -> float:
@@ -150,7 +136,7 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
             inputs,
             **{
                 k: restore(saved.get(k))
-                for k in ("data", "features", "tokenizer", "cache")
+                for k in ("data", "features", "tokenizer", "cache", "dev_data", "dev_features")
                 if getattr(inputs, k) is None
             },
         )
@@ -423,55 +409,7 @@ def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch
 # Logging
 
 
-class MetricsLog:
-    """RUN_DIR/metrics.csv, one row per logged step, flushed per row. On resume the rows after
-    the checkpoint's step are dropped, so the file always describes one consistent run."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-        self.fields: list[str] | None = None
-        self._f = None
-        self._w = None
-        if not enabled:
-            return
-        if resume_step is not None and path.exists():
-            with open(path, newline="") as f:
-                rows = list(csv.reader(f))
-            if rows:
-                self.fields = rows[0]
-                keep = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
-                tmp = path.with_suffix(".csv.tmp")
-                with open(tmp, "w", newline="") as f:
-                    csv.writer(f).writerows([self.fields, *keep])
-                os.replace(tmp, path)
-        elif path.exists():
-            path.unlink()
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self._f is None:
-            new = self.fields is None
-            if new:
-                self.fields = list(row)
-            self._f = open(self.path, "a", newline="")
-            self._w = csv.DictWriter(self._f, fieldnames=self.fields, extrasaction="ignore")
-            if new:
-                self._w.writeheader()
-        self._w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of RUN_DIR/metrics.csv as dicts (strings)."""
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+MetricsLog = CsvLog  # RUN_DIR/metrics.csv
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,10 +464,6 @@ def _gather(obj: Any, world: int) -> list[Any]:
 
 def train(inputs: RunInputs) -> TrainResult:
     """Set up and run (or resume) a kdtrain run; returns when train.max_steps is reached."""
-    from kdcache.data.features import open_features
-    from kdcache.data.manifest import load_manifest
-    from kdcache.data.text import normalize_text
-
     cfg, inputs = _resolve_config(inputs)
     run_dir = Path(inputs.out)
     for what in ("data", "features", "tokenizer"):
@@ -552,16 +486,16 @@ def train(inputs: RunInputs) -> TrainResult:
 
     # ---- data: manifest, tokens, features, cache
     tok = load_tokenizer(inputs.tokenizer)
-    utts = [u for u in load_manifest(inputs.data) if u.text is not None]
-    texts = {u.id: normalize_text(u.text) for u in utts}
-    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
-    store = open_features(inputs.features, in_memory=False)
-    no_feats = [u for u in texts if u not in store]
-    if no_feats:
-        raise ConfigError(
-            f"{len(no_feats)} training utterances have no features in {inputs.features}: "
-            f"{', '.join(repr(u) for u in no_feats[:5])}{', ...' if len(no_feats) > 5 else ''}"
-        )
+    try:
+        split = prepare_split(inputs.data, inputs.features, tok, what="training")
+        dev = None
+        if inputs.dev_data is not None or inputs.dev_features is not None:
+            if inputs.dev_data is None or inputs.dev_features is None:
+                raise ConfigError("--dev-data and --dev-features go together")
+            dev = prepare_split(inputs.dev_data, inputs.dev_features, tok, what="dev")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    texts, tokens, store = split.texts, split.tokens, split.store
     # The fastest speed factor shortens an utterance; it must still survive the subsampling.
     min_frames = math.ceil(MIN_FRAMES[cfg.model.subsampling] * max([1.0, *cfg.data.speed_perturb]))
     num_frames = {u: store.num_frames(u) for u in texts}
@@ -612,7 +546,7 @@ def train(inputs: RunInputs) -> TrainResult:
         save_config(cfg, run_dir / "config.yaml")
         tok.save(run_dir / "tokenizer")
         paths = {k: str(Path(getattr(inputs, k)).resolve()) if getattr(inputs, k) else None
-                 for k in ("data", "features", "tokenizer")}  # fmt: skip
+                 for k in ("data", "features", "tokenizer", "dev_data", "dev_features")}  # fmt: skip
         resolved = [str(Path(p).resolve()) for p in cache_paths]
         paths["cache"] = (resolved[0] if len(resolved) == 1 else resolved) if resolved else None
         tmp = run_dir / (RUN_FILE + ".tmp")
@@ -630,6 +564,7 @@ def train(inputs: RunInputs) -> TrainResult:
         opt, lambda s: noam_factor(s + 1, cfg.optim.warmup_steps, cfg.optim.scheduler)
     )
     step = 0
+    elapsed = 0.0  # training seconds (data + forward + backward + update; not dev decoding)
     data_state = DataState(num_workers=cfg.data.num_workers)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout etc. differ per rank
     np.random.seed((cfg.train.seed + rank) % 2**32)
@@ -647,6 +582,7 @@ def train(inputs: RunInputs) -> TrainResult:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
+        elapsed = float(state.get("elapsed", 0.0))
         data_state = DataState.from_dict(state["data"][rank])
         if data_state.num_workers != cfg.data.num_workers:
             raise ConfigError(
@@ -676,6 +612,8 @@ def train(inputs: RunInputs) -> TrainResult:
 
     # ---- loop
     metrics = MetricsLog(run_dir / "metrics.csv", step if ckpt is not None else None, is_main)
+    dev_log = CsvLog(run_dir / "dev.csv", step if ckpt is not None else None,
+                     is_main and dev is not None)
     tb = None
     if is_main and cfg.train.tensorboard:
         try:
@@ -730,6 +668,7 @@ def train(inputs: RunInputs) -> TrainResult:
             step += 1
             losses_seen.append(total)
             bar.update(1)
+            elapsed += time.perf_counter() - t0
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 row = {"step": step, "loss": total, **terms_sum, "lr": lr, "grad_norm": grad_norm,
                        "utts": n_utts, "frames": n_frames,
@@ -740,21 +679,50 @@ def train(inputs: RunInputs) -> TrainResult:
                     for k, v in row.items():
                         if k != "step":
                             tb.add_scalar(k, v, step)
+            if dev is not None and is_main and cfg.train.eval_every > 0 and (
+                    step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+                res = _dev_eval(unwrap(model), dev, tok, cfg, device)
+                dev_log.write({"step": step, "train_seconds": round(elapsed, 2), **res})
+                bar.write(f"step {step}: dev WER {100 * res['dev_wer']:.2f}% CER "
+                          f"{100 * res['dev_cer']:.2f}% (ctc greedy, {elapsed / 60:.1f} min)")
+                model.train()
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-                _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main)
+                _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main,
+                            elapsed)
     finally:
         bar.close()
         metrics.close()
+        dev_log.close()
         if tb is not None:
             tb.close()
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+    if is_main:
+        tmp = run_dir / "train_summary.json.tmp"
+        tmp.write_text(json.dumps({"step": step, "train_seconds": round(elapsed, 2),
+                                   "device": str(device), "threads": torch.get_num_threads()}) + "\n")
+        os.replace(tmp, run_dir / "train_summary.json")
     return TrainResult(step=step, losses=losses_seen, run_dir=run_dir)
 
 
-def _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main) -> None:
+def _dev_eval(model, dev: Split, tok, cfg: RunConfig, device) -> dict[str, float]:
+    """CTC-greedy WER/CER of ``model`` on the dev split (cheap enough to run during training).
+    Leaves the model in eval mode; RNG state is not touched (decoding draws nothing)."""
+    from kdcache.student.decode import DecodeConfig
+    from kdcache.student.evaluate import score
+
+    model.eval()
+    hyps = decode_split(model, dev, tok, DecodeConfig(method="ctc_greedy"), device,
+                        max_frames=cfg.data.max_frames, max_utts=cfg.data.max_utts,
+                        cmvn=cfg.data.cmvn)  # fmt: skip
+    s = score([dev.texts[u] for u in dev.utt_ids], [hyps[u] for u in dev.utt_ids])
+    return {"dev_wer": s["wer"], "dev_cer": s["cer"]}
+
+
+def _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main,
+                elapsed: float = 0.0) -> None:
     datas = _gather(data_state.to_dict(), world)
     rngs = _gather(rng_state(), world)
     if not is_main:
@@ -770,6 +738,7 @@ def _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_mai
             "data": datas,
             "rng": rngs,
             "world_size": world,
+            "elapsed": elapsed,
             "config": dataclasses.asdict(cfg),
         },
         keep=cfg.train.keep_checkpoints,

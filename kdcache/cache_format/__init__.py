@@ -3,7 +3,8 @@
 Importing this package is cheap: zarr and pyarrow load on first use.
 """
 
-from kdcache.cache_format.reader import KDCache, ShardIndex, open_cache
+from kdcache.cache_format.multi import MultiCache, open_caches
+from kdcache.cache_format.reader import CacheReader, KDCache, ShardIndex, open_cache
 from kdcache.cache_format.spec import (
     FORMAT_VERSION,
     CacheError,
@@ -18,14 +19,17 @@ from kdcache.cache_format.writer import CacheWriter
 __all__ = [
     "FORMAT_VERSION",
     "CacheError",
+    "CacheReader",
     "CacheWriter",
     "KDCache",
+    "MultiCache",
     "Problem",
     "ShardIndex",
     "TeacherRecord",
     "UttTargets",
     "content_hash",
     "open_cache",
+    "open_caches",
     "round_mantissa",
     "verify_cache",
 ]

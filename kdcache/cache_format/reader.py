@@ -15,7 +15,7 @@ import queue
 import random
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,7 +35,30 @@ from kdcache.cache_format.validate import (  # noqa: F401 - check_marker, record
     record_from_attrs,
 )
 
-__all__ = ["open_cache", "KDCache", "ShardIndex", "check_marker", "record_from_attrs"]
+__all__ = ["open_cache", "CacheReader", "KDCache", "ShardIndex", "check_marker", "record_from_attrs"]
+
+
+@runtime_checkable
+class CacheReader(Protocol):
+    """What the student's data pipeline reads from a cache: a :class:`KDCache`, or several read
+    as one (:class:`kdcache.cache_format.multi.MultiCache`).
+
+    ``supports_stream`` says whether ``stream`` works (whole-chunk reads); a reader without it is
+    read with ``get``, one utterance at a time.
+    """
+
+    path: str
+    supports_stream: bool
+    teachers: dict[str, TeacherRecord]  # name -> record
+    shards: dict[str, list[ShardIndex]]  # name -> committed shards
+
+    def utt_ids(self, teacher: str) -> list[str]: ...
+
+    def get(self, utt_id: str, teacher: str, *, hidden: bool = True) -> UttTargets: ...
+
+    def chunk_groups(self, teacher: str, **kwargs: Any) -> list[tuple[int, int]]: ...
+
+    def stream(self, **kwargs: Any) -> Iterator[dict[str, UttTargets]]: ...
 
 
 class _LRU:
@@ -262,7 +285,10 @@ class KDCache:
         root_attrs: The root ``kdcache`` record (format_version, created, builder).
         teachers: name -> TeacherRecord, sorted by name.
         shards: name -> committed ShardIndex list, sorted by shard name.
+        supports_stream: True: ``stream`` reads whole chunks (see :class:`CacheReader`).
     """
+
+    supports_stream = True
 
     def __init__(
         self, path: str, *, storage_options: dict | None = None, lru_bytes: int = 256 << 20

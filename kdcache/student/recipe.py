@@ -422,7 +422,7 @@ def _pick_reader(cfg: RunConfig, cache, teachers: list[str], n_utts: int, world:
     Several caches (--cache repeated) are read with random access."""
     if cache is None:
         return "random"
-    if hasattr(cache, "caches"):  # MultiCache
+    if not cache.supports_stream:  # several caches (MultiCache)
         if cfg.data.reader == "stream":
             raise ConfigError("data.reader=stream reads one cache; several --cache paths need "
                               "data.reader=random (or auto)")  # fmt: skip

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import typer
 
+from kdcache.student.objectives import OBJECTIVES, RECIPES, recipes_help
+
+_NO_CACHE = " / ".join(o.name for o in OBJECTIVES.values() if not o.needs_cache)
+_SEVERAL = " / ".join(o.name for o in OBJECTIVES.values() if o.several_teachers)
+
 
 def run(
     out: Path = typer.Option(..., "--out", help="Run directory (config.yaml, checkpoints/, metrics.csv)."),
     data: Path = typer.Option(None, "--data", help="Training manifest (Kaldi dir, lhotse cuts or JSONL)."),
     features: Path = typer.Option(None, "--features", help="Feature store of the training utterances."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Student tokenizer directory."),
-    cache: list[Path] = typer.Option(None, "--cache", help="Teacher-target cache (NAME.kdc); not needed for --recipe none. Repeatable for --recipe hierarchical (teachers of all the caches)."),
-    recipe: str = typer.Option(None, "--recipe", help="none | lst | multitask | essence | interaed | cif_hkd | hierarchical."),
+    cache: list[Path] = typer.Option(None, "--cache", help=f"Teacher-target cache (NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches)."),
+    recipe: str = typer.Option(None, "--recipe", help=f"Training recipe. {recipes_help()}"),
     config: Path = typer.Option(None, "--config", help="YAML config file (e.g. recipes/lst.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest checkpoint."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip training utterances the cache lacks (warns)."),
@@ -33,8 +38,8 @@ def run(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if recipe is None and config is None and not resume:
-        typer.echo("kdtrain run: error: pass --recipe (none, lst, multitask, essence, interaed, "
-                   "cif_hkd, hierarchical) or a --config that sets it", err=True)
+        typer.echo(f"kdtrain run: error: pass --recipe ({', '.join(RECIPES)}) or a --config that "
+                   f"sets it", err=True)
         raise typer.Exit(2)
     try:
         result = train(

@@ -1,26 +1,10 @@
-"""The kdtrain recipe: setup, the training loop, one loss step per recipe, cleanup. One file.
+"""The kdtrain recipe: setup, the training loop, cleanup. One file.
 
-Recipes (``recipe=``), all on the same Conformer student (kdcache.student.model):
-
-=============  ==============================================================================
-none           ctc_weight CTC + (1 - ctc_weight) CE_ls(decoder)                   (baseline)
-lst            ... decoder: (1-w) CE_ls + w H(teacher_T, student), T=5, w=0.1      (paper 001)
-multitask      ... decoder: lam CE(y, u_SL) + (1-lam) KL(teacher_T || u_KD), aux head (000)
-essence        ... decoder: alpha CE + (1-alpha) H(renormalised top-k teacher)     (paper 003)
-hierarchical   ... decoder: lam CE + (1-lam) sum_t w_t KL(teacher_t || u_KD,t)     (paper 000)
-               + sum_t' w_t' [lam CE(t' tokens, a_t') + (1-lam) KL(teacher_t' || a_t')] for
-               teachers t' in other units, each through its own aux decoder a_t'
-interaed       CTC + beta sum_l H(s, aux decoder on encoder layer l)              (paper 002)
-cif_hkd        CE(CIF decoder) + CTC + quantity + ACD (InfoNCE) + LRD (MSE)       (paper 004)
-=============  ==============================================================================
-
-Positions: the cache has one position per token of the normalised transcript; decoder output i
-(i < L) predicts token i and lines up with cache position i; output L predicts eos and gets only
-the recipe's hard-label term (no teacher has a position there: the losses' ``teacher_mask``).
-CIF output i is token i too. A hierarchical teacher in other units (another tokenizer) has its
-own aux decoder, teacher-forced on that teacher's token ids from the cache: aux output i (i < L_t)
-is cache position i of that teacher, output L_t predicts the aux decoder's eos.
-Every loss is a mean over valid positions; the terms are logged separately in metrics.csv.
+The loss of each recipe (``recipe=``) is a function in kdcache.student.objectives, and its
+registry ``OBJECTIVES`` says what the recipe needs (a cache, the attention decoder, hidden states,
+several teachers) and which heads it adds to the student; this module reads it and never names a
+recipe. :func:`loss_step` runs the student's forward pass and the recipe's objective. The terms
+of every loss are logged separately in metrics.csv.
 
 Determinism: given the same inputs, seed and data.num_workers, the losses of a run on CPU are a
 pure function of the step, and a run resumed from a checkpoint logs exactly the numbers an
@@ -30,7 +14,6 @@ uninterrupted run logs (tests/test_train_recipes.py checks it).
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
 import logging
@@ -43,9 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kdcache.student import losses
 from kdcache.student.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -56,7 +37,8 @@ from kdcache.student.checkpoint import (
 )
 from kdcache.student.config import ConfigError, RunConfig, build_config, load_config, save_config
 from kdcache.student.data import Batch, DataState, KDDataset, make_loader
-from kdcache.student.model import StudentConfig, decoder_targets
+from kdcache.student.model import StudentConfig
+from kdcache.student.objectives import OBJECTIVES, Context, cif_hidden_layer
 from kdcache.student.rundir import (  # noqa: F401  (build_model, restore_model: public here too)
     RUN_FILE,
     CsvLog,
@@ -72,7 +54,6 @@ from kdcache.student.rundir import (  # noqa: F401  (build_model, restore_model:
 
 log = logging.getLogger(__name__)
 
-CACHE_RECIPES = ("lst", "multitask", "essence", "hierarchical", "interaed", "cif_hkd")
 MIN_FRAMES = {2: 3, 4: 7, 8: 15}  # shortest input each conv subsampling accepts
 
 
@@ -162,7 +143,7 @@ def _cache_paths(cache) -> list[Path]:
 
 
 def _teacher_names(cfg: RunConfig, cache) -> list[str]:
-    if cfg.recipe == "hierarchical":
+    if OBJECTIVES[cfg.recipe].several_teachers:
         names = list(cfg.hierarchical.teachers) or sorted(cache.teachers)
     elif cfg.teacher:
         names = [cfg.teacher]
@@ -178,26 +159,10 @@ def _teacher_names(cfg: RunConfig, cache) -> list[str]:
     return names
 
 
-def _hidden_layer(cfg: RunConfig, record) -> int:
-    if not record.hidden_layers:
-        raise ConfigError(
-            f"recipe cif_hkd needs teacher hidden states; teacher {record.name!r} stores none "
-            f"(build the cache with hidden layers)"
-        )
-    layer = cfg.cif_hkd.layer
-    if layer == -1:
-        return int(record.hidden_layers[-1])
-    if layer not in record.hidden_layers:
-        raise ConfigError(
-            f"cif_hkd.layer={layer}: teacher {record.name!r} stores layers {list(record.hidden_layers)}"
-        )
-    return int(layer)
-
-
 def own_units_teachers(cfg: RunConfig, tokenizer, records: dict) -> list[str]:
     """Teachers of the hierarchical recipe whose units are not the student's (their tokenizer
     hash differs): each is distilled through an aux decoder on its own tokens."""
-    if cfg.recipe != "hierarchical":
+    if not OBJECTIVES[cfg.recipe].several_teachers:
         return []
     h = tokenizer.content_hash()
     return [n for n, rec in records.items() if rec.tokenizer_hash != h]
@@ -213,195 +178,33 @@ def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dic
         bos_id=tokenizer.bos_id,
         eos_id=tokenizer.eos_id,
     )
-    r = cfg.recipe
-    if r in ("none", "lst", "multitask", "essence", "hierarchical") and m.decoder_layers < 1:
-        raise ConfigError(f"recipe {r} distils into the attention decoder: set model.decoder_layers >= 1")
-    if r in ("multitask", "hierarchical"):
-        own = own_units_teachers(cfg, tokenizer, records)
-        m = dataclasses.replace(
-            m,
-            aux_kd_heads={n: rec.vocab_size for n, rec in records.items() if n not in own},
-            aux_kd_source="decoder",
-            aux_decoders={n: records[n].vocab_size for n in own},
-            aux_decoder_layers=cfg.hierarchical.aux_decoder_layers,
+    objective = OBJECTIVES[cfg.recipe]
+    if objective.needs_decoder and m.decoder_layers < 1:
+        raise ConfigError(
+            f"recipe {cfg.recipe} distils into the attention decoder: set model.decoder_layers >= 1"
         )
-    elif r == "interaed":
-        m = dataclasses.replace(m, interaed_layers=list(cfg.interaed.layers))
-    elif r == "cif_hkd":
-        (name, rec), = records.items()
-        dim = rec.hidden_dims[str(_hidden_layer(cfg, rec))]
-        # The CIF decoder is this recipe's decoder; an attention decoder would get no gradient
-        # (wasted compute, and DDP refuses parameters without gradients).
-        m = dataclasses.replace(
-            m,
-            use_cif=True,
-            decoder_layers=0,
-            acd_proj={name: dim},
-            lrd_proj={name: dim},
-            lrd_source="cif",
-        )
+    if objective.student is not None:
+        m = objective.student(m, cfg, records, own_units_teachers(cfg, tokenizer, records))
     return StudentConfig.from_dict(m.to_dict())  # re-validate
 
 
-@dataclass
-class Context:
-    """What the loss step needs besides the model and the batch."""
-
-    cfg: RunConfig
-    teachers: list[str]
-    records: dict[str, Any]
-    hidden_layer: int | None = None
-    generator: torch.Generator | None = None
-    own_units: list[str] = field(default_factory=list)  # hierarchical: teachers with aux decoders
-
-
 # --------------------------------------------------------------------------------------------
-# The loss step: one case per recipe
-
-
-def _ctc_loss(out, batch: Batch, blank_id: int) -> torch.Tensor:
-    logp = out.ctc_logits.float().log_softmax(-1).transpose(0, 1)  # [T', B, V]
-    targets = batch.tokens.masked_fill(batch.tokens < 0, 0)
-    return F.ctc_loss(
-        logp, targets, out.enc_lens, batch.token_lens, blank=blank_id,
-        reduction="mean", zero_infinity=True,
-    )  # fmt: skip
-
-
-def _to_decoder_positions(t, n: int) -> tuple[torch.Tensor, ...]:
-    """Pad a TeacherBatch from L token positions to the decoder's n = L+1 (eos) positions.
-
-    Returns (topk_ids, topk_logprobs, tail_logmass, teacher_mask); the eos position and padding
-    are outside teacher_mask, so the losses give them the hard-label term only.
-    """
-    pad = n - t.topk_ids.shape[1]
-    return (
-        F.pad(t.topk_ids, (0, 0, 0, pad)),
-        F.pad(t.topk_logprobs, (0, 0, 0, pad)),
-        F.pad(t.tail_logmass, (0, pad)),
-        F.pad(t.mask, (0, pad), value=False),
-    )
+# The loss step
 
 
 def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
-    """Forward the student on ``batch`` and compute the recipe's loss.
+    """Forward the student on ``batch`` and compute the recipe's loss (kdcache.student.objectives).
 
     Returns:
         (scalar loss to backpropagate, {term name: value} for logging).
     """
-    cfg = ctx.cfg
+    objective = OBJECTIVES.get(ctx.cfg.recipe)
+    if objective is None:
+        raise ConfigError(f"unknown recipe {ctx.cfg.recipe!r}")
     mcfg = unwrap(model).cfg
     aux_tokens = {n: (batch.targets[n].token_ids, batch.targets[n].token_lens) for n in ctx.own_units}
     out = model(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens, aux_tokens=aux_tokens or None)
-    terms: dict[str, torch.Tensor] = {}
-    L = batch.tokens.shape[1]
-    tok_mask = torch.arange(L, device=batch.tokens.device)[None] < batch.token_lens[:, None]
-
-    if cfg.recipe == "cif_hkd":
-        h = cfg.cif_hkd
-        name = ctx.teachers[0]
-        hidden = batch.targets[name].hidden[ctx.hidden_layer]
-        terms["ce"] = losses.hard_ce(out.cif_logits, batch.tokens, tok_mask, label_smoothing=cfg.label_smoothing)
-        terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
-        terms["quantity"] = losses.cif_quantity_loss(out.alpha_sum.float(), batch.token_lens)
-        terms["acd"] = losses.acd_infonce_loss(
-            out.acd_proj[name], hidden, tok_mask, tau=h.tau, num_negatives=h.num_negatives,
-            generator=ctx.generator,
-        )  # fmt: skip
-        terms["lrd"] = losses.lrd_loss(out.lrd_proj[name], hidden, tok_mask, kind=h.lrd_kind)
-        loss = (h.ce_weight * terms["ce"] + h.ctc_weight * terms["ctc"] + h.qua_weight * terms["quantity"]
-                + h.acd_weight * terms["acd"] + h.lrd_weight * terms["lrd"])  # fmt: skip
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
-
-    terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
-    if cfg.recipe == "interaed":
-        i = cfg.interaed
-        t = batch.targets[ctx.teachers[0]]
-        aux = [out.interaed_logits[layer][:, :L] for layer in sorted(out.interaed_logits)]
-        terms["interaed"] = losses.interaed_kd_loss(
-            aux, batch.tokens, t.topk_ids, t.topk_logprobs, t.tail_logmass, tok_mask,
-            k=min(i.k, t.topk_ids.shape[-1]), temperature=i.temperature,
-            build_temperature=t.temperature, mix=i.mix,
-        )  # fmt: skip
-        loss = terms["ctc"] + i.kd_weight * terms["interaed"]
-        if out.dec_logits is not None:
-            dt = decoder_targets(batch.tokens, batch.token_lens, mcfg.eos_id)
-            terms["att"] = losses.hard_ce(out.dec_logits, dt, out.dec_mask, label_smoothing=cfg.label_smoothing)
-            loss = loss + (1.0 - cfg.ctc_weight) / max(cfg.ctc_weight, 1e-6) * terms["att"]
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
-
-    # Attention-decoder recipes: a decoder term over positions 0..L (eos included). Teacher
-    # position i is decoder output i; eos (output L) has no teacher position and gets the hard
-    # term only (the losses' teacher_mask).
-    dt = decoder_targets(batch.tokens, batch.token_lens, mcfg.eos_id)
-    dec_mask, ls, n = out.dec_mask, cfg.label_smoothing, out.dec_logits.shape[1]
-    if cfg.recipe == "none":
-        att = losses.hard_ce(out.dec_logits, dt, dec_mask, label_smoothing=ls)
-    elif cfg.recipe == "lst":
-        t = batch.targets[ctx.teachers[0]]
-        ids, lp, tail, tmask = _to_decoder_positions(t, n)
-        att = losses.lst_loss(
-            out.dec_logits, dt, ids, lp, tail, dec_mask, weight=cfg.lst.kd_weight,
-            label_smoothing=ls, temperature=cfg.lst.temperature, build_temperature=t.temperature,
-            teacher_mask=tmask,
-        )  # fmt: skip
-    elif cfg.recipe == "essence":
-        e = cfg.essence
-        t = batch.targets[ctx.teachers[0]]
-        ids, lp, tail, tmask = _to_decoder_positions(t, n)
-        att = losses.essence_kd_loss(
-            out.dec_logits, dt, ids, lp, tail, dec_mask, alpha=e.alpha,
-            k=min(e.k, ids.shape[-1]) or None, temperature=e.temperature,
-            build_temperature=t.temperature, teacher_mask=tmask,
-        )  # fmt: skip
-    elif cfg.recipe == "multitask":
-        m = cfg.multitask
-        name = ctx.teachers[0]
-        t = batch.targets[name]
-        ids, lp, tail, tmask = _to_decoder_positions(t, n)
-        att = losses.multitask_kd_loss(
-            out.dec_logits, out.aux_kd_logits[name], dt, ids, lp, tail, dec_mask, lam=m.lam,
-            temperature=m.temperature, build_temperature=t.temperature, teacher_mask=tmask,
-        )  # fmt: skip
-    elif cfg.recipe == "hierarchical":
-        h = cfg.hierarchical
-        weights = list(h.weights) or [1.0 / len(ctx.teachers)] * len(ctx.teachers)
-        sl = losses.hard_ce(out.dec_logits, dt, dec_mask, reduction="none")
-        per = h.lam * sl
-        own_terms = []
-        for w, name in zip(weights, ctx.teachers, strict=True):
-            t = batch.targets[name]
-            if name in ctx.own_units:
-                # Other units: the aux decoder's own positions 0..L_t (eos at L_t, no teacher
-                # there), the same multitask loss on one output layer: lam CE + (1-lam) KL.
-                a_logits = out.aux_dec_logits[name]
-                v_t = unwrap(model).cfg.aux_decoders[name]
-                a_dt = decoder_targets(t.token_ids, t.token_lens, v_t + 1)
-                a_mask = torch.arange(a_logits.shape[1], device=a_dt.device)[None] <= t.token_lens[:, None]
-                a_ids, a_lp, a_tail, a_tmask = _to_decoder_positions(t, a_logits.shape[1])
-                a_loss = losses.multitask_kd_loss(
-                    a_logits, a_logits, a_dt, a_ids, a_lp, a_tail, a_mask, lam=h.lam,
-                    temperature=h.temperature, build_temperature=t.temperature,
-                    teacher_mask=a_tmask,
-                )  # fmt: skip
-                terms[f"aux_{name}"] = a_loss.detach()
-                own_terms.append(w * a_loss)
-                continue
-            ids, lp, tail, tmask = _to_decoder_positions(t, n)
-            kd = losses.sparse_kd_kl(
-                out.aux_kd_logits[name], ids, lp, tail, tmask, student_temperature=h.temperature,
-                teacher_temperature=h.temperature, build_temperature=t.temperature,
-                reduction="none",
-            )  # fmt: skip
-            terms[f"kd_{name}"] = (kd.sum() / tmask.sum().clamp(min=1)).detach()
-            per = per + (1.0 - h.lam) * w * kd
-        att = (per * dec_mask).sum() / dec_mask.sum().clamp(min=1)
-        for a_loss in own_terms:
-            att = att + a_loss
-    else:
-        raise ConfigError(f"unknown recipe {cfg.recipe!r}")
-    terms["att"] = att
-    loss = cfg.ctc_weight * terms["ctc"] + (1.0 - cfg.ctc_weight) * att
+    loss, terms = objective.loss(mcfg, out, batch, ctx)
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
@@ -469,13 +272,15 @@ def train(inputs: RunInputs) -> TrainResult:
     for what in ("data", "features", "tokenizer"):
         if getattr(inputs, what) is None:
             raise ConfigError(f"--{what} is required")
-    needs_cache = cfg.recipe in CACHE_RECIPES
+    objective = OBJECTIVES[cfg.recipe]
+    needs_cache = objective.needs_cache
     if needs_cache and not inputs.cache:
         raise ConfigError(f"recipe {cfg.recipe!r} distils from a cache: pass --cache")
     cache_paths = _cache_paths(inputs.cache)
-    if needs_cache and len(cache_paths) > 1 and cfg.recipe != "hierarchical":
+    if needs_cache and len(cache_paths) > 1 and not objective.several_teachers:
+        several = ", ".join(o.name for o in OBJECTIVES.values() if o.several_teachers)
         raise ConfigError(f"recipe {cfg.recipe!r} reads one teacher: pass one --cache (several "
-                          f"caches are for recipe hierarchical)")  # fmt: skip
+                          f"caches are for recipe {several})")  # fmt: skip
     rank, world, local_rank = _dist_setup()
     is_main = rank == 0
     device = pick_device(cfg.train.device)
@@ -530,14 +335,10 @@ def train(inputs: RunInputs) -> TrainResult:
             allow_missing=inputs.allow_missing or cfg.train.allow_missing, own_units=own_units,
         )  # fmt: skip
     elif inputs.cache is not None:
-        log.info("recipe none: --cache %s is not read", inputs.cache)
-    hidden_layer = _hidden_layer(cfg, records[teachers[0]]) if cfg.recipe == "cif_hkd" else None
-    if cfg.recipe == "lst" and records[teachers[0]].temperature != cfg.lst.temperature:
-        log.warning(
-            "lst: the cache was built at T=%g, the recipe wants T=%g; re-tempering the rest bin "
-            "is approximate (docs/losses.md): build LST caches at T=%g",
-            records[teachers[0]].temperature, cfg.lst.temperature, cfg.lst.temperature,
-        )  # fmt: skip
+        log.info("recipe %s: --cache %s is not read", cfg.recipe, inputs.cache)
+    hidden_layer = cif_hidden_layer(cfg, records[teachers[0]]) if objective.needs_hidden else None
+    if objective.check_records is not None:
+        objective.check_records(cfg, records)
 
     # ---- model, optimizer, schedule (resolved model config goes into config.yaml)
     cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg, tok, store.num_mel_bins, records))

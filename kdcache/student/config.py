@@ -2,7 +2,9 @@
 
 A run's configuration is one :class:`RunConfig` built in this order, later sources winning:
 
-1. the dataclass defaults below (the papers' defaults for each recipe);
+1. the dataclass defaults below (the papers' defaults for each recipe: the one place they are
+   defined; losses.py's keyword defaults and the recipe sections of recipes/*.yaml equal them,
+   tests/test_paper_defaults.py checks);
 2. ``--config FILE`` (a YAML mapping with the same nesting, e.g. ``recipes/lst.yaml``);
 3. ``--recipe NAME`` (sets ``recipe``);
 4. ``key=value`` overrides on the command line, dotted for nested sections
@@ -104,7 +106,8 @@ class TrainConfig:
 class LSTConfig:
     """Learn Spelling from Teachers (paper 001): decoder output, label interpolation.
 
-    Loss on the decoder: (1-w) CE_ls(y, student) + w CE(teacher_T, student_T), eos gets no KD.
+    Loss on the decoder: (1-w) CE_ls(y, student) + w CE(teacher_T, student), eos gets no KD:
+    the teacher is at temperature T, the student at T = 1 (losses.lst_loss).
     """
 
     kd_weight: float = 0.1  # w
@@ -153,7 +156,8 @@ class InterAEDConfig:
 class CIFHKDConfig:
     """Hierarchical KD on a CIF model (paper 004): ACD on CIF outputs, LRD on decoder states.
 
-    Loss: ce_weight CE + ctc_weight_cif CTC + qua_weight quantity + acd_weight ACD + lrd_weight LRD.
+    Loss: ce_weight CE + ctc_weight CTC + qua_weight quantity + acd_weight ACD + lrd_weight LRD
+    (``cif_hkd.ctc_weight``, not the top-level ``ctc_weight`` of the attention-decoder recipes).
     """
 
     layer: int = -1  # teacher hidden layer in the cache; -1 = the last stored

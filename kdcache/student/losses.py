@@ -67,7 +67,9 @@ __all__ = [
 Tail = Literal["rest_bin", "renormalize"]
 Reduction = Literal["mean", "utterance_mean", "sum", "none"]
 
-# Paper defaults (docs/losses.md gives the section each comes from).
+# Paper defaults (docs/losses.md gives the section each comes from). The config dataclasses
+# (kdcache.student.config) are the source a run reads; these constants and the keyword defaults
+# below must equal them (tests/test_paper_defaults.py checks).
 LST_WEIGHT = 0.1  # 001 via DESIGN; 000 sec. 5.1 sweeps it
 LST_TEMPERATURE = 5.0  # 000 sec. 5.1 ("We fixed the T value to 5.0"), DESIGN
 MULTITASK_TEMPERATURE = 1.0  # 000 sec. 5.1 ("fixing the value of T at 1.0")

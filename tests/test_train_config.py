@@ -109,6 +109,22 @@ def test_every_recipe_has_a_file():
     assert {p.stem for p in RECIPE_DIR.glob("*.yaml")} == set(RECIPES)
 
 
+def test_recipe_registry_names_the_recipes_everywhere():
+    """config.RECIPES and kdtrain run's --recipe help come from objectives.OBJECTIVES, and the
+    command module (which reads the registry at import) still imports no torch."""
+    import subprocess
+    import sys
+
+    from kdcache.commands.train import run
+    from kdcache.student.objectives import OBJECTIVES
+
+    assert RECIPES == tuple(OBJECTIVES) and all(o.name == n for n, o in OBJECTIVES.items())
+    (help_text,) = [d.help for d in run.__defaults__ if "--recipe" in (getattr(d, "param_decls", None) or ())]
+    assert all(f"{name}: " in help_text for name in RECIPES)
+    code = "import sys; import kdcache.cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_parse_override_values():
     assert parse_override("a.b=1e-3") == (["a", "b"], 1e-3)
     assert parse_override("a=[1, 2]") == (["a"], [1, 2])

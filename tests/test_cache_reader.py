@@ -169,3 +169,32 @@ def test_schema_json_in_step_with_spec(two_teacher_cache):
     )
     root = json.loads((path / "zarr.json").read_text())["attributes"]["kdcache"]
     assert set(root) == set(schema["root"]["required"])
+
+
+def test_several_caches_read_as_one(two_teacher_cache, tmp_path):
+    """open_caches: one path -> the KDCache; several -> a MultiCache that answers for each
+    teacher from the cache holding it. Both are CacheReaders; only the KDCache streams."""
+    from kdcache.cache_format import CacheReader, KDCache, MultiCache, open_caches
+
+    path, (a, ua), _ = two_teacher_cache
+    c = make_record("c", vocab_size=300, k=3, chunk_positions=8)
+    uc = make_utts(c, 12, max_len=10, seed=7)
+    other = tmp_path / "other.kdc"
+    build_cache(other, [(c, uc)], shard_positions=50, fsync=False)
+
+    one = open_caches([str(path)])
+    assert isinstance(one, KDCache) and isinstance(one, CacheReader) and one.supports_stream
+    multi = open_caches([str(path), str(other)])
+    assert isinstance(multi, MultiCache) and isinstance(multi, CacheReader)
+    assert not multi.supports_stream
+    assert sorted(multi.teachers) == ["a", "b", "c"]
+    assert multi.utt_ids("c") == open_cache(str(other)).utt_ids("c")
+    u = ua[0]
+    np.testing.assert_array_equal(multi.get(u.utt_id, "a").topk_ids, one.get(u.utt_id, "a").topk_ids)
+    assert multi.chunk_groups("a") == one.chunk_groups("a")
+    with pytest.raises(KeyError, match="teacher 'z'"):
+        multi.get(u.utt_id, "z")
+    with pytest.raises(ValueError, match="data.reader=random"):
+        multi.stream()
+    with pytest.raises(ValueError, match="teacher 'a' is in two caches"):
+        open_caches([str(path), str(path)])

@@ -7,20 +7,10 @@ import os
 
 import numpy as np
 import pytest
-from test_teachers_models import SENTENCES, shared_model, write_manifest
+from tiny_models import SENTENCES, write_manifest
 
 from kdcache.cache_format import content_hash, open_cache
 from kdcache.teachers.build import BuildError, build_cache
-
-
-@pytest.fixture
-def tiny_bert(tmp_path_factory):
-    return shared_model("bert", tmp_path_factory)
-
-
-@pytest.fixture
-def tiny_llama(tmp_path_factory):
-    return shared_model("llama", tmp_path_factory)
 
 
 def targets(path, teacher):

@@ -9,22 +9,12 @@ from pathlib import Path
 
 import pytest
 import typer
-from test_teachers_models import SENTENCES, shared_model, write_manifest
+from tiny_models import SENTENCES, write_manifest
 from typer.testing import CliRunner
 
 from kdcache.commands.build import build, train_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tiny_bert(tmp_path_factory):
-    return shared_model("bert", tmp_path_factory)
-
-
-@pytest.fixture
-def tiny_llama(tmp_path_factory):
-    return shared_model("llama", tmp_path_factory)
 
 
 def app() -> typer.Typer:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import torch
-from test_teachers_models import SENTENCES, write_manifest
+from tiny_models import SENTENCES, write_manifest
 
 from kdcache.cache_format import open_cache
 from kdcache.data.tokenizer import Tokenizer

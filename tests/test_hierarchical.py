@@ -20,6 +20,8 @@ import torch
 
 from kdcache.student.recipe import RunInputs, read_metrics, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact CPU reproducibility
+
 TINY = [
     "model.d_model=48", "model.num_heads=2", "model.num_layers=2", "model.decoder_layers=1",
     "model.decoder_heads=2", "model.ff_mult=2", "model.conv_kernel=7", "data.max_frames=1000",
@@ -28,14 +30,6 @@ TINY = [
 ]  # fmt: skip
 STEPS = 30
 W = ["hierarchical.teachers=[lm,sub_lm]", "hierarchical.weights=[0.5,1.0]"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_teachers_models import SENTENCES, make_bert, shared_model
+from tiny_models import SENTENCES, make_bert
 
 from kdcache.teachers.base import run_rows
 from kdcache.teachers.causal_lm import CausalLMTeacher
@@ -13,16 +13,6 @@ from kdcache.teachers.loading import resolve_model
 from kdcache.teachers.masked_lm import MaskedLMTeacher, MissingHeadError
 
 ATOL = 2e-4
-
-
-@pytest.fixture
-def tiny_bert(tmp_path_factory):
-    return shared_model("bert", tmp_path_factory)
-
-
-@pytest.fixture
-def tiny_llama(tmp_path_factory):
-    return shared_model("llama", tmp_path_factory)
 
 
 def run_all(t, texts, budget=256):

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdcache.student.recipe import RunInputs, read_metrics, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: exact CPU reproducibility
 
 TINY = [
     "model.d_model=48", "model.num_heads=2", "model.num_layers=2", "model.decoder_layers=1",
@@ -32,16 +33,6 @@ PER_RECIPE = {
     "cif_hkd": ["model.decoder_layers=0", "cif_hkd.num_negatives=16"],
 }
 STEPS = 30
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Exact CPU reproducibility needs the same thread count in both runs; one thread is also
-    # the fastest on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the embedded default:
-#   1. an English speech corpus made offline (public-domain text spoken by espeak-ng),
-#   2. 80-dim fbank features, a BPE tokenizer trained on the LM text,
-#   3. teachers run once into caches: an LSTM LM trained on the LM text (the LST paper's teacher),
-#      the real MiniLM BERT (hidden states) and the real SmolLM2-135M causal LM (top-k + hidden),
+#   1. an English speech corpus made offline (public-domain text spoken by espeak-ng; dev and test
+#      voices are never heard in training),
+#   2. 80-dim fbank features and a character tokenizer (the student's units),
+#   3. teachers run once into caches: a character LSTM LM trained on the LM text (the LST paper's
+#      teacher, cached three ways), the real MiniLM BERT (hidden states) and the real
+#      SmolLM2-135M causal LM (top-k + hidden states),
 #   4. inspect + verify every cache,
-#   5. two students from the same features: plain CTC/attention and LST distillation from the cache,
-#   6. WER/CER of both on the test set.
-# Every step is skipped when its output already exists, so an interrupted demo resumes.
-# Time on 2 CPU cores (docs/results.md): ~15 min for corpus, features, LM teacher and the three
-# caches, ~1.6 s per student step (1000 steps: ~27 min per student), ~3 min of evaluation each.
-# 1000 steps show the pipeline working; a converged student needs far more (a GPU, or hours).
+#   5. two students side by side (one core each), same seed, batches and steps: the baseline
+#      (recipes/cpu/none.yaml) and LST distillation from the cache (recipes/cpu/lst.yaml), with
+#      dev CER logged every 100 steps,
+#   6. WER/CER of both on the test set (attention beam 4 + CTC 0.3) and a table.
+# Every step is skipped when its output exists, and killed students resume, so a re-run resumes.
+# Time on 2 CPU cores (docs/results.md): ~12 min for corpus, features, LM teacher and caches,
+# ~20 min for the two students (1200 steps each), ~5 min of evaluation.
 #
 # Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo),
-# KDCACHE_DEMO_STEPS (student optimizer steps), KDCACHE_DEMO_LM_MINUTES (LSTM LM time budget).
+# KDCACHE_DEMO_STEPS (student optimizer steps, default 1200), KDCACHE_DEMO_LM_MINUTES (LSTM LM
+# time budget, default 6), KDCACHE_DEMO_SMOLLM2 (1 = also cache the real SmolLM2, default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -21,60 +25,87 @@ export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 D=${KDCACHE_DEMO_DIR:-demo}
 SIZE=${KDCACHE_DEMO_SIZE:-demo}
-STEPS=${KDCACHE_DEMO_STEPS:-1000}
+STEPS=${KDCACHE_DEMO_STEPS:-1200}
 LM_MINUTES=${KDCACHE_DEMO_LM_MINUTES:-6}
+SMOLLM2=${KDCACHE_DEMO_SMOLLM2:-1}
 C=$D/corpus
-mkdir -p "$D"
+mkdir -p "$D/caches"
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1. demo corpus ($SIZE) -> $C"
 [ -f "$C/corpus.json" ] || kdcache demo-corpus --out "$C" --size "$SIZE"
 
-step "2. features and tokenizer"
+step "2. features and the character tokenizer"
 [ -d "$C/feats/test.fbank" ] || kdcache features "$C"
-[ -f "$D/bpe/kdcache_tokenizer.json" ] || kdcache tokenizer train --kind bpe --vocab-size 500 \
-  --text "$C/lm_text.txt" --out "$D/bpe"
+[ -f "$D/char/kdcache_tokenizer.json" ] || kdcache tokenizer train --kind char \
+  --text "$C/lm_text.txt" --out "$D/char"
 
-step "3a. LSTM LM teacher trained on the LM text (${LM_MINUTES} min budget)"
-[ -f "$D/lstm_lm/lstm_lm.json" ] || kdcache train-lm --text "$C/lm_text.txt" --tokenizer "$D/bpe" \
+step "3a. character LSTM LM teacher trained on the LM text (${LM_MINUTES} min budget)"
+[ -f "$D/lstm_lm/lstm_lm.json" ] || kdcache train-lm --text "$C/lm_text.txt" --tokenizer "$D/char" \
   --out "$D/lstm_lm" --max-minutes "$LM_MINUTES"
+
 step "3b. teacher caches (a re-run resumes and skips committed utterances)"
-kdcache build --teacher lstm_lm --model "$D/lstm_lm" --data "$C/train" --out "$D/lstm.kdc" \
-  --temperature 5 --top-k 16
+# The LSTM LM three ways (the study compares them, docs/results.md): dense (k = V = 31) at T = 5,
+# top-8 + rest bin at T = 5, top-8 at T = 1 (re-tempered in the loss; multitask and essence).
+kdcache build --teacher lstm_lm --model "$D/lstm_lm" --data "$C/train" --out "$D/caches/lstm_t5_dense.kdc" \
+  --temperature 5 --top-k 31
+kdcache build --teacher lstm_lm --model "$D/lstm_lm" --data "$C/train" --out "$D/caches/lstm_t5_k8.kdc" \
+  --temperature 5 --top-k 8
+kdcache build --teacher lstm_lm --model "$D/lstm_lm" --data "$C/train" --out "$D/caches/lstm_t1_k8.kdc" \
+  --temperature 1 --top-k 8
 kdcache build --teacher bert --model minilm --top-k 0 --hidden-layers -1 --data "$C/train" \
-  --out "$D/minilm.kdc"
-kdcache build --teacher causal_lm --model smollm2 --top-k 16 --hidden-layers -1 --data "$C/train" \
-  --out "$D/smollm2.kdc"
+  --out "$D/caches/minilm.kdc"
+caches=(lstm_t5_dense lstm_t5_k8 lstm_t1_k8 minilm)
+if [ "$SMOLLM2" = 1 ]; then
+  kdcache build --teacher causal_lm --model smollm2 --top-k 16 --hidden-layers -1 --data "$C/train" \
+    --out "$D/caches/smollm2.kdc"
+  caches+=(smollm2)
+fi
 
 step "4. inspect and verify"
-for cache in lstm minilm smollm2; do
-  kdcache inspect "$D/$cache.kdc"
-  kdcache verify "$D/$cache.kdc"
+for cache in "${caches[@]}"; do
+  kdcache inspect "$D/caches/$cache.kdc"
+  kdcache verify "$D/caches/$cache.kdc"
 done
 
-step "5. students: no KD and LST from the cached LSTM LM ($STEPS steps each)"
-for recipe in none lst; do
-  if [ ! -f "$D/runs/$recipe/done" ]; then
-    resume=()
-    [ -f "$D/runs/$recipe/run.json" ] && resume=(--resume)
-    kdtrain run --recipe "$recipe" --config "recipes/$recipe.yaml" --cache "$D/lstm.kdc" \
-      --data "$C/train" --features "$C/feats/train.fbank" --tokenizer "$D/bpe" \
-      --out "$D/runs/$recipe" "${resume[@]}" \
-      train.max_steps="$STEPS" optim.warmup_steps=$((STEPS / 6)) data.max_frames=12000
-    touch "$D/runs/$recipe/done"
+step "5. students side by side: no KD and LST from the dense LSTM LM cache ($STEPS steps each)"
+train_student() {  # recipe cache...
+  local recipe=$1 out=$D/runs/$1
+  shift
+  if [ -f "$out/train_summary.json" ] && grep -q "\"step\": $STEPS," "$out/train_summary.json"; then
+    return 0
   fi
-done
+  local args=(--config "recipes/cpu/$recipe.yaml" --data "$C/train" --features "$C/feats/train.fbank"
+              --tokenizer "$D/char" --dev-data "$C/dev" --dev-features "$C/feats/dev.fbank")
+  for c in "$@"; do args+=(--cache "$c"); done
+  [ -f "$out/config.yaml" ] && args=(--resume)
+  OMP_NUM_THREADS=1 kdtrain run --out "$out" "${args[@]}" train.max_steps="$STEPS" \
+    train.progress=false > "$D/runs/$recipe.log" 2>&1
+}
+mkdir -p "$D/runs"
+train_student none & p1=$!
+train_student lst "$D/caches/lstm_t5_dense.kdc" & p2=$!
+ok=0
+wait $p1 || { echo "student none failed: see $D/runs/none.log" >&2; ok=1; }
+wait $p2 || { echo "student lst failed: see $D/runs/lst.log" >&2; ok=1; }
+[ $ok = 0 ]
+kdtrain curves "none=$D/runs/none" "lst=$D/runs/lst" --out "$D/runs/curves.png"
 
-step "6. evaluation on the test set"
+step "6. evaluation on the test set (held-out voices)"
 for recipe in none lst; do
-  kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
-    --decode attention_beam --beam 4 --out "$D/runs/$recipe/eval-test"
+  OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
+    --decode attention_beam --beam 4 --ctc-weight 0.3 --out "$D/runs/$recipe/eval-test" > /dev/null &
 done
+wait
 .venv/bin/python - "$D" <<'EOF'
-import json, sys
+import csv, json, sys
 d = sys.argv[1]
-print(f"\n{'recipe':<8} {'WER':>7} {'CER':>7}   (test set, attention beam 4 + CTC 0.3)")
+print(f"\n{'recipe':<8} {'test WER':>9} {'test CER':>9} {'dev CER*':>9} {'steps':>6} {'train min':>10}")
 for r in ("none", "lst"):
     res = json.load(open(f"{d}/runs/{r}/eval-test/results.json"))
-    print(f"{r:<8} {100 * res['wer']:6.2f}% {100 * res['cer']:6.2f}%")
+    dev = list(csv.DictReader(open(f"{d}/runs/{r}/dev.csv")))[-1]
+    print(f"{r:<8} {100 * res['wer']:8.2f}% {100 * res['cer']:8.2f}% "
+          f"{100 * float(dev['dev_cer']):8.2f}% {res['step']:>6} {float(dev['train_seconds']) / 60:10.1f}")
+print("test: attention beam 4 + CTC 0.3; *dev: CTC greedy at the last step. Curves: "
+      f"{d}/runs/curves.png. One seed: docs/results.md has the multi-seed study.")
 EOF

@@ -151,3 +151,15 @@ arms:
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/*/checkpoints/*.pt")}
     run_study(load_plan(plan), root, out, jobs=1, progress=False)
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/*/checkpoints/*.pt")}
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_shipped_plans_load_and_every_arm_config_resolves(name):
+    from kdcache.student.config import build_config
+    from kdcache.student.study import _config_path
+
+    plan = load_plan(Path(__file__).resolve().parents[1] / "recipes" / "plans" / f"{name}.yaml")
+    assert plan.baseline == "none" and len(plan.seeds) >= 3
+    for arm in plan.arms:
+        cfg = build_config(_config_path(plan, arm), arm.recipe, [*plan.overrides, *arm.overrides])
+        assert (cfg.recipe == "none") == (not arm.cache), arm.name

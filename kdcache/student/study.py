@@ -1,6 +1,6 @@
 """``kdtrain study``: every distillation recipe against the identical baseline, several seeds.
 
-A study plan (YAML, e.g. ``recipes/cpu/study.yaml``) names the data, the arms and the seeds::
+A study plan (YAML, e.g. ``recipes/plans/cpu.yaml``) names the data, the arms and the seeds::
 
     name: cpu-demo
     seeds: [1, 2, 3]
@@ -199,7 +199,8 @@ def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: in
                   "--decode", str(plan.decode.get("method", "attention_beam")),
                   "--beam", str(plan.decode.get("beam", 4)),
                   "--ctc-weight", str(plan.decode.get("ctc_weight", 0.3)),
-                  "--out", str(rd / f"eval-{split}"), "--device", "cpu"]
+                  "--out", str(rd / f"eval-{split}"),
+                  "--device", str(plan.decode.get("device", "auto"))]
             f.write("$ " + " ".join(ev) + "\n")
             f.flush()
             r = subprocess.run(ev, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -501,6 +502,33 @@ def plot_curves(plan: Plan, out: Path, png: Path) -> None:
     ax.set_title(f"study {plan.name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def plot_runs(runs: dict[str, Path], png: Path, *, metric: str = "dev_cer") -> None:
+    """Learning curves of any runs with a dev.csv: ``metric`` against step (left) and against
+    training seconds (right), one line per run (label -> run dir)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdcache.student.rundir import column, read_metrics
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110, sharey=True)
+    for label, rd in runs.items():
+        rows = read_metrics(rd, "dev.csv")
+        y = [100 * v for v in column(rows, metric)]
+        a1.plot(column(rows, "step"), y, marker=".", label=label)
+        a2.plot([t / 60 for t in column(rows, "train_seconds")], y, marker=".", label=label)
+    a1.set_xlabel("optimizer step")
+    a2.set_xlabel("training minutes (as measured, on a shared machine)")
+    a1.set_ylabel(f"{metric.replace('_', ' ')}, % (CTC greedy)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -223,20 +224,53 @@ class RunConfig:
         check(self.data.reader in ("auto", "stream", "random"), "data.reader",
               "must be 'auto', 'stream' or 'random'")
         check(self.data.max_frames > 0, "data.max_frames", "must be > 0")
+        check(self.data.max_utts >= 1, "data.max_utts", "must be >= 1")
+        check(self.data.max_utt_frames >= 1, "data.max_utt_frames", "must be >= 1")
+        check(self.data.bucket_pool >= 1, "data.bucket_pool", "must be >= 1")
+        check(self.data.stream_min_utts >= 0, "data.stream_min_utts", "must be >= 0")
+        check(self.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        check(self.data.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1")
+        sa = self.data.specaug
+        for key in ("num_freq_masks", "freq_mask_width", "num_time_masks", "time_mask_width"):
+            check(getattr(sa, key) >= 0, f"data.specaug.{key}", "must be >= 0")
+        check(0.0 <= sa.time_mask_max_ratio <= 1.0, "data.specaug.time_mask_max_ratio",
+              "must be in [0, 1]")
         check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
         check(all(f > 0 for f in self.data.speed_perturb), "data.speed_perturb",
               "factors must be > 0")
         check(self.optim.scheduler in ("noam", "warmup"), "optim.scheduler",
               "must be 'noam' or 'warmup'")
         check(len(self.optim.betas) == 2, "optim.betas", "needs two values")
+        check(all(0.0 <= b < 1.0 for b in self.optim.betas), "optim.betas", "must be in [0, 1)")
+        check(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr",
+              "must be a finite number > 0")
+        check(self.optim.eps > 0, "optim.eps", "must be > 0")
+        check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
         check(self.optim.accum_steps >= 1, "optim.accum_steps", "must be >= 1")
+        check(self.train.max_steps >= 1, "train.max_steps", "must be >= 1")
+        check(self.train.log_every >= 1, "train.log_every", "must be >= 1")
+        check(self.train.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = all)")
         check(self.train.amp in ("auto", "bf16", "off"), "train.amp", "must be auto, bf16 or off")
         check(self.train.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
         check(self.train.eval_every >= 0, "train.eval_every", "must be >= 0 (0 = never)")
         check(0.0 <= self.lst.kd_weight <= 1.0, "lst.kd_weight", "must be in [0, 1]")
         check(self.lst.temperature > 0, "lst.temperature", "must be > 0")
         check(0.0 <= self.multitask.lam <= 1.0, "multitask.lam", "must be in [0, 1]")
+        check(self.multitask.temperature > 0, "multitask.temperature", "must be > 0")
         check(0.0 <= self.essence.alpha <= 1.0, "essence.alpha", "must be in [0, 1]")
+        check(self.essence.k >= 0, "essence.k", "must be >= 0 (0 = all)")
+        check(self.essence.temperature > 0, "essence.temperature", "must be > 0")
+        check(self.interaed.kd_weight >= 0, "interaed.kd_weight", "must be >= 0")
+        check(self.interaed.k >= 1, "interaed.k", "must be >= 1")
+        check(self.interaed.temperature > 0, "interaed.temperature", "must be > 0")
+        check(0.0 <= self.interaed.mix <= 1.0, "interaed.mix", "must be in [0, 1]")
+        for key in ("ce_weight", "ctc_weight", "qua_weight", "acd_weight", "lrd_weight"):
+            check(getattr(self.cif_hkd, key) >= 0, f"cif_hkd.{key}", "must be >= 0")
+        check(self.cif_hkd.tau > 0, "cif_hkd.tau", "must be > 0")
+        check(self.cif_hkd.num_negatives >= 1, "cif_hkd.num_negatives", "must be >= 1")
+        check(self.hierarchical.temperature > 0, "hierarchical.temperature", "must be > 0")
         check(self.cif_hkd.lrd_kind in ("mse", "cosine"), "cif_hkd.lrd_kind",
               "must be mse or cosine")
         check(not self.hierarchical.weights
@@ -413,8 +447,18 @@ def _set_dotted(d: dict[str, Any], keys: list[str], value: Any) -> None:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({what})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: no such config file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -434,7 +478,8 @@ def build_config(
         try:
             data = _merge(data, load_yaml(config_file))
         except ConfigError as e:
-            raise ConfigError(f"{config_file}: {e}") from e
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(str(config_file)) else f"{config_file}: {msg}") from e
     if recipe is not None:
         data["recipe"] = recipe
     for text in overrides:

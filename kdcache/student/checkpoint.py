@@ -90,9 +90,58 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (truncated, damaged, not a kdtrain checkpoint)."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    # weights_only=False: the state holds RNG tuples and numpy arrays, and it is our own file.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Read one checkpoint.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: the file is truncated, damaged or not a kdtrain checkpoint.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        # weights_only=False: the state holds RNG tuples and numpy arrays, and it is our own file.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch/pickle/zip raise many types for a bad file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is damaged or truncated ({reason})") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"checkpoint {path} is not a kdtrain checkpoint (no model/step)")
+    return state
+
+
+def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu"
+                ) -> tuple[Path, dict[str, Any]] | None:
+    """Load the newest readable checkpoint of a run, newest first: a damaged or truncated one is
+    skipped with a warning naming it, and the previous kept checkpoint is used. None when the
+    run has no checkpoint.
+
+    Raises:
+        CheckpointError: the run has checkpoints and none of them can be read.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    ckpts = list_checkpoints(run_dir)
+    skipped: list[str] = []
+    for _, path in reversed(ckpts):
+        try:
+            state = load_checkpoint(path, map_location)
+        except (CheckpointError, FileNotFoundError) as e:  # FileNotFoundError: pruned meanwhile
+            log.warning("skipping %s", e)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            log.warning("using the previous checkpoint %s instead of %s", path, ", ".join(skipped))
+        return path, state
+    if ckpts:
+        raise CheckpointError(f"{Path(run_dir) / CKPT_DIR}: no readable checkpoint "
+                              f"({', '.join(skipped)} damaged or truncated)")
+    return None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -29,7 +29,7 @@ import torch
 
 from kdcache.student.checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    load_latest,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -369,11 +369,12 @@ def train(inputs: RunInputs) -> TrainResult:
     data_state = DataState(num_workers=cfg.data.num_workers)
     torch.manual_seed(cfg.train.seed + 1 + rank)  # dropout etc. differ per rank
     np.random.seed((cfg.train.seed + rank) % 2**32)
-    ckpt = latest_checkpoint(run_dir) if inputs.resume else None
+    found = load_latest(run_dir, map_location=device) if inputs.resume else None
+    ckpt = found[0] if found is not None else None
     if inputs.resume and ckpt is None:
         log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, map_location=device)
+    if found is not None:
+        state = found[1]
         if state.get("world_size", 1) != world:
             raise ConfigError(
                 f"--resume: the checkpoint was written by {state.get('world_size', 1)} rank(s); "

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdcache.student.checkpoint import latest_checkpoint, load_checkpoint
+from kdcache.student.checkpoint import load_checkpoint, load_latest
 from kdcache.student.config import RunConfig
 from kdcache.student.model import Student
 
@@ -50,10 +50,13 @@ def build_model(cfg: RunConfig, tokenizer=None) -> Student:
 
 def restore_model(model: Student, run_dir: Path, checkpoint: str | Path | None = None):
     """Load weights from ``checkpoint`` or the newest of ``run_dir``; return (step, path)."""
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
-    state = load_checkpoint(path)
+    if checkpoint:
+        path, state = Path(checkpoint), load_checkpoint(checkpoint)
+    else:  # the newest readable one: a truncated newest is skipped with a warning
+        found = load_latest(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir} has no checkpoint yet")
+        path, state = found
     model.load_state_dict(state["model"])
     return int(state["step"]), path
 

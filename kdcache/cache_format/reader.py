@@ -297,6 +297,8 @@ class KDCache:
 
         self.path = str(path)
         self._storage = open_storage(self.path, read_only=True, storage_options=storage_options)
+        if self._storage.local and not os.path.exists(self._storage.root):
+            raise CacheError(f"{self.path}: no such cache (no such file or directory)")
         self._zstore = self._storage.zarr_store()
         try:
             root = zarr.open_group(self._zstore, mode="r")

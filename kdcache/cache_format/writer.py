@@ -70,6 +70,26 @@ def _builder() -> str:
         return "kdcache"
 
 
+def check_out_path(path: str | os.PathLike) -> None:
+    """Refuse a local output path a cache cannot be written to, before anything is created:
+    an existing file, or a non-empty directory that is not a kdcache cache (URLs: no check).
+
+    Raises:
+        CacheError: naming the path and what is there.
+    """
+    from kdcache.cache_format.storage import is_url
+
+    p = str(path)
+    if is_url(p):
+        return
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise CacheError(f"{p}: exists and is a file, not a cache directory; choose another --out")
+    if os.path.isdir(p) and not os.path.exists(os.path.join(p, "zarr.json")):
+        if any(x != spec.LOCK_FILE for x in os.listdir(p)):
+            raise CacheError(f"{p}: exists, is not empty and is not a kdcache cache; choose "
+                             f"another --out")
+
+
 class CacheWriter:
     """Writes one teacher's targets into a cache, creating the cache or adding the teacher.
 
@@ -130,6 +150,7 @@ class CacheWriter:
     # ---------------------------------------------------------------- opening / resume
     def _open(self, builder: str) -> None:
         st, rec, t = self._storage, self.record, self.record.name
+        check_out_path(self.path)  # before the lock file is made in the user's directory
         # Create-or-validate each group. Local caches hold an flock meanwhile; on URLs (no lock)
         # a rank that loses the creation race finds the group made by the winner and validates it.
         with st.lock(spec.LOCK_FILE):

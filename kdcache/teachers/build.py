@@ -262,13 +262,14 @@ def build_cache(
 
     from kdcache.cache_format import spec
     from kdcache.cache_format.storage import is_url, open_storage
-    from kdcache.cache_format.writer import CacheWriter
+    from kdcache.cache_format.writer import CacheWriter, check_out_path
     from kdcache.data.manifest import load_manifest
 
     t0, c0 = time.monotonic(), time.process_time()
     if hidden_codec not in spec.HIDDEN_CODECS:
         raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
     name = spec.check_name(name or teacher, "teacher")
+    check_out_path(out)  # before loading a model for minutes
     try:
         utts = load_manifest(data)
     except FileNotFoundError:
@@ -285,8 +286,9 @@ def build_cache(
     mine = rank_slice(prepared, [t.cost(len(p.token_ids)) for p in prepared], rank, world_size)
     if logprob_keepbits is not None and not 1 <= logprob_keepbits <= 10:
         raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
-    record = teacher_record(t, name, hidden_codec, logprob_keepbits=logprob_keepbits)
     unk = getattr(t, "unk_id", None)
+    _check_unknown_tokens(prepared, unk, model)
+    record = teacher_record(t, name, hidden_codec, logprob_keepbits=logprob_keepbits)
     wkw = {"shard_positions": shard_positions} if shard_positions else {}
     done = positions = empty = unk_count = 0
     with CacheWriter(out, record, rank=rank, **wkw) as writer:
@@ -356,9 +358,6 @@ def build_cache(
             torch.set_float32_matmul_precision(precision)
         if errors:
             raise errors[0]
-    if unk_count:
-        log.warning("%d token positions are the tokenizer's unknown token (characters it cannot "
-                    "encode); they keep their targets like any other token", unk_count)
     size = open_storage(out, read_only=True).size_tree() if not is_url(out) else 0
     return BuildSummary(
         cache=str(out), teacher=name, rank=rank, world_size=world_size,
@@ -367,6 +366,26 @@ def build_cache(
         unk_tokens=unk_count, seconds=time.monotonic() - start, load_seconds=load_seconds,
         load_seconds_cpu=load_cpu, cache_bytes=size,
         bad_utterances=bad)
+
+
+def _check_unknown_tokens(prepared: list[PreparedUtt], unk: int | None, model: str) -> None:
+    """Before anything is written: refuse a teacher whose tokenizer maps every position to its
+    unknown token (the cache would hold nothing but [UNK] targets: a wrong tokenizer, or text in
+    a script it does not know); warn when some positions are unknown."""
+    if unk is None:
+        return
+    total = sum(len(p.token_ids) for p in prepared)
+    n = sum(int((np.asarray(p.token_ids) == unk).sum()) for p in prepared)
+    if total and n == total:
+        example = next((p for p in prepared if len(p.token_ids)), None)
+        raise BuildError(
+            f"--model {model!r}: its tokenizer maps all {total} token positions to its unknown "
+            f"token (e.g. utterance {example.id!r}); the cache would hold only [UNK] targets: "
+            f"use a teacher whose tokenizer covers this text")
+    if n:
+        log.warning("%d of %d token positions (%.1f%%) are the tokenizer's unknown token "
+                    "(characters it cannot encode); they keep their targets like any other token",
+                    n, total, 100 * n / total)
 
 
 def _check_not_stale(out: str, teacher: str, done: list[PreparedUtt]) -> None:

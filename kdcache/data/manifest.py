@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,6 +464,43 @@ def _rec_stem(audio: str) -> str:
     return name
 
 
+_KALDI_SIBLINGS = ("wav.scp", "utt2spk", "segments", "spk2utt")
+_ID = re.compile(r"^[A-Za-z0-9][\w\-.:/]*$")
+
+
+def _id_like(token: str) -> bool:
+    """An utterance id, not a word or a number: letters/digits joined by _ - . : /, with a digit
+    and with something besides digits (``1089-134686-0000``, ``spk1_utt2``; not ``1984``)."""
+    return (bool(_ID.match(token)) and any(c.isdigit() for c in token)
+            and not token.isdigit())
+
+
+def is_kaldi_text(path: str | os.PathLike, lines: list[str] | None = None) -> bool:
+    """Whether a text file is a Kaldi ``text`` table (``<utt-id> <transcript>`` a line) rather
+    than plain sentences: it is named ``text`` next to a wav.scp/utt2spk/segments, or the first
+    token of every non-empty line is a distinct utterance-id-like token (:func:`_id_like`)."""
+    p = Path(path)
+    if p.name == "text" and any((p.parent / n).exists() for n in _KALDI_SIBLINGS):
+        return True
+    if lines is None:
+        lines = [line for _, line in _text_lines(p)]
+    firsts = [line.split(maxsplit=1)[0] for line in lines if line.strip()]
+    return len(firsts) >= 2 and len(set(firsts)) == len(firsts) and all(map(_id_like, firsts))
+
+
+def read_text_lines(path: str | os.PathLike) -> tuple[list[str], bool]:
+    """Non-empty lines of a text file (one sentence a line), and whether it was a Kaldi ``text``
+    table whose utterance ids were stripped (:func:`is_kaldi_text`). Raises ManifestError naming
+    the file and line for non-UTF-8 text."""
+    p = Path(path)
+    lines = [line.rstrip("\r\n") for _, line in _text_lines(p)]
+    lines = [line for line in lines if line.strip()]
+    if is_kaldi_text(p, lines):
+        return [parts[1] for parts in (line.split(maxsplit=1) for line in lines)
+                if len(parts) == 2], True
+    return lines, False
+
+
 def _fmt_time(t: float) -> str:
     if t == -1:
         return "-1"
@@ -473,6 +511,21 @@ def _open_read(p: Path) -> io.TextIOBase:
     if p.name.endswith(".gz"):
         return gzip.open(p, "rt", encoding="utf-8")
     return open(p, encoding="utf-8")
+
+
+def _text_lines(p: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a UTF-8 text file (gzip for ``.gz``); a line that is not
+    UTF-8 raises ManifestError naming the file and the line."""
+    opener = gzip.open if p.name.endswith(".gz") else open
+    with opener(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(
+                    f"{p}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                    f"{e.start + 1}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
 
 
 class _AtomicTextWriter(io.StringIO):
@@ -513,33 +566,31 @@ def _first_record(p: Path) -> dict | None:
 
 def _iter_json_lines(p: Path) -> Iterator[tuple[int, dict]]:
     try:
-        with _open_read(p) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ManifestError(f"{p}:{lineno}: expected a JSON object")
-                yield lineno, rec
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+        for lineno, line in _text_lines(p):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ManifestError(f"{p}:{lineno}: expected a JSON object")
+            yield lineno, rec
+    except (OSError, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise ManifestError(f"{p}: cannot read ({e})") from None
 
 
 def _kaldi_lines(p: Path, allow_empty_value: bool = False) -> Iterator[tuple[int, str, str]]:
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.strip().split(maxsplit=1)
-            if len(parts) == 1 and not allow_empty_value:
-                raise ManifestError(f"{p}:{lineno}: expected '<key> <value>', got {line!r}")
-            yield lineno, parts[0], parts[1].strip() if len(parts) == 2 else ""
+    for lineno, line in _text_lines(p):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) == 1 and not allow_empty_value:
+            raise ManifestError(f"{p}:{lineno}: expected '<key> <value>', got {line!r}")
+        yield lineno, parts[0], parts[1].strip() if len(parts) == 2 else ""
 
 
 def _kaldi_table(p: Path, allow_empty_value: bool = False) -> list[tuple[str, str]]:

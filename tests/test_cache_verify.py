@@ -115,7 +115,7 @@ def test_cli_inspect_and_verify(good_cache, tmp_path):
     res = r.invoke(_app(), ["inspect", str(good_cache), "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 1000
     res = r.invoke(_app(), ["inspect", str(good_cache), "--utt", "missing-utt"])
-    assert res.exit_code == 1 and "missing-utt" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "missing-utt" in res.output and "Traceback" not in res.output
     res = r.invoke(_app(), ["verify", str(good_cache), "--no-progress"])
     assert res.exit_code == 0 and "intact" in res.stdout
     bad = _copy(good_cache, tmp_path)

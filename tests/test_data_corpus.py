@@ -171,7 +171,7 @@ def test_cli_features_on_a_corpus_root(corpus, tmp_path):
         store = open_features(tmp_path / "feats" / f"{split}.fbank")
         assert len(store) == len(load_manifest(corpus / split / "manifest.jsonl"))
     r = CliRunner().invoke(_app(), ["features", str(corpus / "dev"), "--out", str(tmp_path / "feats" / "dev.fbank")])
-    assert r.exit_code == 1 and "already exists" in r.output
+    assert r.exit_code == 2 and "already exists" in r.output
 
 
 def test_cli_tokenizer_train_show_encode(corpus, tmp_path):
@@ -187,6 +187,6 @@ def test_cli_tokenizer_train_show_encode(corpus, tmp_path):
                                "--kind", "char", "--out", str(tmp_path / "char")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(_app(), ["tokenizer", "encode", str(tmp_path / "char")])
-    assert r.exit_code == 1 and "needs --sample" in r.output
+    assert r.exit_code == 2 and "needs --sample" in r.output
     r = runner.invoke(_app(), ["tokenizer", "train", "--kind", "char"])
-    assert r.exit_code == 1 and "needs --text" in r.output
+    assert r.exit_code == 2 and "needs --text" in r.output

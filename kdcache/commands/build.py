@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+from kdcache.commands.errors import fail, user_errors
+
 
 def _layers(spec: str) -> tuple[int, ...]:
     if not spec.strip():
@@ -56,19 +58,14 @@ def build(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
-    try:
+    # ValueError: bad option values, bad manifest lines, the writer's checks.
+    with user_errors(BuildError, MissingHeadError, ValueError):
         summary = build_cache(
             teacher=teacher, model=model, data=str(data), out=out, name=name, k=top_k,
             temperature=temperature, hidden_layers=_layers(hidden_layers),
             hidden_codec=hidden_codec, logprob_keepbits=logprob_keepbits, mlm_mode=mlm_mode, batch_tokens=batch_tokens,
             device=device, rank=rank, world_size=world_size, skip_bad=skip_bad,
             shard_positions=shard_positions, progress=progress)
-    except (BuildError, MissingHeadError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:  # bad option values, bad manifest lines, writer validation
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     for line in summary.lines():
         typer.echo(line)
     if summary.world_size == 1:  # with several ranks the cache is complete only when all end
@@ -86,6 +83,7 @@ def train_lm(
     text: list[Path] = typer.Option(..., "--text", help="Text file(s), one sentence a line (repeat the option)."),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Saved kdcache tokenizer directory."),
     out: Path = typer.Option(..., "--out", help="Output model directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     layers: int = typer.Option(2, "--layers"),
     hidden: int = typer.Option(512, "--hidden"),
     dropout: float = typer.Option(0.2, "--dropout"),
@@ -99,21 +97,19 @@ def train_lm(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train an LSTM language model on external text, for ``kdcache build --teacher lstm_lm``."""
+    from kdcache.commands.data import read_sentences, refuse_overwrite
+    from kdcache.data.text import normalize_text
     from kdcache.teachers.build import pick_device
-    from kdcache.teachers.lstm_lm import read_lines
     from kdcache.teachers.lstm_lm import train_lm as _train
 
     for p in text:
         if not p.is_file():
-            typer.echo(f"error: --text {p}: no such file", err=True)
-            raise typer.Exit(2)
-    try:
-        lines = read_lines([str(p) for p in text])
+            fail(f"--text {p}: no such file")
+    refuse_overwrite(out, overwrite)
+    with user_errors(ValueError):
+        lines = [t for p in text for t in map(normalize_text, read_sentences(p)) if t]
         r = _train(lines, tokenizer, str(out), layers=layers, hidden=hidden, dropout=dropout,
                    epochs=epochs, max_minutes=max_minutes, batch_tokens=batch_tokens, lr=lr,
                    patience=patience, seed=seed, device=pick_device(device), progress=progress)
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
                f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}")

@@ -6,18 +6,19 @@ from pathlib import Path
 
 import typer
 
+from kdcache.commands.errors import EXIT_USAGE, fail
 
-def _fail(e: BaseException, path: str | None = None) -> None:
-    """One line on stderr, exit 1. Errors the cache code does not expect (a bug, or damage it
-    does not yet name) still come out as one line naming the cache, never a traceback."""
+
+def _fail(e: BaseException, path: str | None = None, code: int = EXIT_USAGE) -> None:
+    """One line on stderr; exit 2 (``verify``: 1, its verdict that the cache is not intact).
+    Errors the cache code does not expect (a bug, or damage it does not yet name) still come out
+    as one line naming the cache, never a traceback."""
     from kdcache.cache_format import CacheError
 
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     if path is not None and not isinstance(e, (CacheError, KeyError)):
         msg = f"{path}: {type(e).__name__}: {msg}"
-    msg = " ".join(str(msg).split())
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+    fail(msg, code)
 
 
 def inspect(
@@ -71,9 +72,9 @@ def verify(
     try:
         problems = verify_cache(path, workers=workers, progress=progress, include_info=True)
     except (CacheError, OSError, ValueError) as e:
-        _fail(e, path)
+        _fail(e, path, 1)
     except Exception as e:  # noqa: BLE001 - see _fail
-        _fail(e, path)
+        _fail(e, path, 1)
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
         typer.echo(str(p))

@@ -8,11 +8,16 @@ from pathlib import Path
 
 import typer
 
+from kdcache.commands.errors import fail as _fail
 
-def _fail(e: BaseException) -> None:
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(1)
+
+def refuse_overwrite(out: Path, overwrite: bool, option: str = "--out") -> None:
+    """Refuse to write over an existing output unless ``--overwrite`` (an empty directory is fine)."""
+    if overwrite or not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    _fail(f"{option} {out} already exists: pass --overwrite to replace it, or choose another {option}")
 
 
 class CorpusSize(str, Enum):
@@ -104,6 +109,7 @@ def tokenizer(
     kind: TokenizerKind = typer.Option(TokenizerKind.bpe, "--kind", help="train: char, bpe or phone (English phones through espeak-ng, offline)."),
     vocab_size: int = typer.Option(500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."),
     out: Path | None = typer.Option(None, "--out", help="train/export: directory to write the tokenizer to."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="train/export: replace an existing --out."),
     sample: str | None = typer.Option(None, "--sample", help="show/encode: a sentence to normalise, encode and decode."),
 ) -> None:
     """Train, inspect and export tokenizers: the student's output units (char, BPE, or a teacher's).
@@ -124,6 +130,7 @@ def tokenizer(
                 raise ValueError("train needs --text FILE (one or more) and --out DIR")
             if path is not None:
                 raise ValueError("train takes no PATH argument; use --text and --out")
+            refuse_overwrite(out, overwrite)
             texts = [t for t in (normalize_text(s) for s in _read_texts(text)) if t]
             if not texts:
                 raise ValueError("no text found in " + ", ".join(map(str, text)))
@@ -143,6 +150,7 @@ def tokenizer(
         if action is TokenizerAction.export:
             if out is None:
                 raise ValueError("export needs --out DIR")
+            refuse_overwrite(out, overwrite)
             tok.save(out)
             typer.echo(f"{out}: {tok!r}")
             return
@@ -175,7 +183,18 @@ def _read_texts(paths: list[Path]):
                 if u.text:
                     yield u.text
         else:
-            with open(p, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield line
+            yield from read_sentences(p)
+
+
+def read_sentences(p: Path) -> list[str]:
+    """The lines of a text file; a Kaldi ``text`` file (utterance ids first) loses its ids, with a
+    note on stderr, so that the ids never become training text."""
+    from kdcache.data.manifest import read_text_lines
+
+    if not p.is_file():
+        raise FileNotFoundError(f"--text {p}: no such file")
+    lines, kaldi = read_text_lines(p)
+    if kaldi:
+        typer.echo(f"note: {p} is a Kaldi text file (utterance id first on each line): "
+                   f"the ids are left out", err=True)
+    return lines

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from kdcache.commands.errors import fail, user_errors
 from kdcache.student.objectives import OBJECTIVES, RECIPES, recipes_help
 
 _NO_CACHE = " / ".join(o.name for o in OBJECTIVES.values() if not o.needs_cache)
@@ -32,16 +33,12 @@ def run(
     """Train a student ASR model, distilling from a kdcache (no teacher is loaded)."""
     import logging
 
-    from kdcache.student.checks import CacheMismatchError
-    from kdcache.student.config import ConfigError
     from kdcache.student.recipe import RunInputs, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if recipe is None and config is None and not resume:
-        typer.echo(f"kdtrain run: error: pass --recipe ({', '.join(RECIPES)}) or a --config that "
-                   f"sets it", err=True)
-        raise typer.Exit(2)
-    try:
+        fail(f"pass --recipe ({', '.join(RECIPES)}) or a --config that sets it")
+    with user_errors():
         result = train(
             RunInputs(
                 out=out,
@@ -58,9 +55,6 @@ def run(
                 dev_features=dev_features,
             )
         )
-    except (ConfigError, CacheMismatchError, FileNotFoundError) as e:
-        typer.echo(f"kdtrain run: error: {e}", err=True)
-        raise typer.Exit(2) from None
     import os
 
     if os.environ.get("RANK", "0") != "0":
@@ -87,7 +81,7 @@ def evaluate(
 
     from kdcache.student.evaluate import evaluate_run
 
-    try:
+    with user_errors(ValueError):
         res = evaluate_run(
             run_dir,
             data,
@@ -99,14 +93,11 @@ def evaluate(
             out_dir=out,
             device=device,
         )
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"kdtrain eval: error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo(json.dumps({k: res[k] for k in ("wer", "cer", "utterances", "decode", "out_dir")}))
 
 
 def study(
-    plan: Path = typer.Option(..., "--plan", help="Study plan YAML (e.g. recipes/cpu/study.yaml): data, arms, seeds, steps."),
+    plan: Path = typer.Option(..., "--plan", help="Study plan YAML (e.g. recipes/plans/cpu.yaml): data, arms, seeds, steps."),
     root: Path = typer.Option(Path("."), "--root", help="Directory the plan's data and cache paths are relative to (e.g. demo)."),
     out: Path = typer.Option(..., "--out", help="Study directory: runs/<arm>/seed<N>/, study.json, study.md, curves.png."),
     jobs: int = typer.Option(1, "--jobs", help="Runs side by side (each gets cores / jobs threads)."),
@@ -120,10 +111,9 @@ def study(
     dev/test WER and CER, steps, time, caches, config hash, commit, machine), study.md (mean +- sd,
     paired differences against the baseline, 95% bootstrap interval over test utterances) and
     curves.png (dev CER against step)."""
-    from kdcache.student.config import ConfigError
     from kdcache.student.study import load_plan, run_study, summarize
 
-    try:
+    with user_errors(RuntimeError):
         p = load_plan(plan)
         if seeds:
             p.seeds = p.seeds[:seeds]
@@ -133,7 +123,4 @@ def study(
             summarize(p, root, out)
         else:
             run_study(p, root, out, jobs=jobs, arms=list(arms or []))
-    except (ConfigError, RuntimeError, FileNotFoundError) as e:
-        typer.echo(f"kdtrain study: error: {e}", err=True)
-        raise typer.Exit(2) from None
     typer.echo((out / "study.md").read_text())

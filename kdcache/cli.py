@@ -43,6 +43,7 @@ app.command("tokenizer")(_data.tokenizer)
 train_app.command("run")(_train.run)
 train_app.command("eval")(_train.evaluate)
 train_app.command("study")(_train.study)
+train_app.command("curves")(_train.curves)
 
 if __name__ == "__main__":
     app()

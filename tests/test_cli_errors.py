@@ -322,3 +322,14 @@ def test_one_exit_status_for_input_errors(tmp_path):
     res = r.invoke(app, ["verify", str(tmp_path / "nothing.kdc"), "--no-progress"])
     assert res.exit_code == 1 and "Traceback" not in res.output  # verify's verdict: not intact
     one_error(r.invoke(train_app, ["run", "--out", str(tmp_path / "r")]), "--recipe")
+
+
+def test_curves_names_the_run_without_dev_csv(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdcache.cli import train_app
+
+    r = CliRunner().invoke(train_app, ["curves", f"x={tmp_path}", "--out", str(tmp_path / "c.png")])
+    assert r.exit_code == 2
+    assert "dev.csv not found" in r.output and str(tmp_path) in r.output
+    assert "Traceback" not in r.output

@@ -124,3 +124,24 @@ def study(
         else:
             run_study(p, root, out, jobs=jobs, arms=list(arms or []))
     typer.echo((out / "study.md").read_text())
+
+
+def curves(
+    runs: list[str] = typer.Argument(..., help="Run directories with a dev.csv, each optionally LABEL=RUN_DIR."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    metric: str = typer.Option("dev_cer", "--metric", help="dev_cer or dev_wer."),
+) -> None:
+    """Plot learning curves (dev CER/WER against step and against training time) of runs
+    trained with --dev-data."""
+    from kdcache.student.study import plot_runs
+
+    named = {}
+    for r in runs:
+        label, _, path = r.rpartition("=") if "=" in r else (Path(r).name, "", r)
+        if not (Path(path) / "dev.csv").exists():
+            fail(f"{path}/dev.csv not found (train the run with --dev-data)")
+        named[label] = Path(path)
+    if metric not in ("dev_cer", "dev_wer"):
+        fail(f"--metric {metric!r}: use dev_cer or dev_wer")
+    plot_runs(named, out, metric=metric)
+    typer.echo(str(out))

@@ -56,8 +56,9 @@ def main() -> None:
     layers = tuple(int(x) for x in a.hidden_layers.split(",") if x.strip())
     dev = pick_device(a.device)
     t0 = time.monotonic()
-    t = load_teacher(a.teacher, a.model, k=a.top_k, hidden_layers=layers, mlm_mode=a.mlm_mode,
-                     device=dev)
+    t = load_teacher(
+        a.teacher, a.model, k=a.top_k, hidden_layers=layers, mlm_mode=a.mlm_mode, device=dev
+    )
     load_s = time.monotonic() - t0
     budget = a.batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]
     prepared, _ = prepare(load_manifest(a.data), t.encode, skip_bad=True)
@@ -82,10 +83,20 @@ def main() -> None:
         d = tempfile.mkdtemp()
         try:
             c = time.process_time()
-            s = build_cache(teacher=a.teacher, model=a.model, data=a.data, out=f"{d}/b.kdc",
-                            k=a.top_k, hidden_layers=layers, mlm_mode=a.mlm_mode,
-                            batch_tokens=budget, device=dev, progress=False, loaded=t,
-                            skip_bad=True)
+            s = build_cache(
+                teacher=a.teacher,
+                model=a.model,
+                data=a.data,
+                out=f"{d}/b.kdc",
+                k=a.top_k,
+                hidden_layers=layers,
+                mlm_mode=a.mlm_mode,
+                batch_tokens=budget,
+                device=dev,
+                progress=False,
+                loaded=t,
+                skip_bad=True,
+            )
             # CPU time of the build loop only: subtract what reading the manifest and
             # tokenising took (not part of the bare pass either).
             return s.seconds, time.process_time() - c - s.load_seconds_cpu
@@ -102,21 +113,31 @@ def main() -> None:
     b, f = min(x[0] for x in b_s), min(x[0] for x in f_s)
     bc, fc = min(x[1] for x in b_s), min(x[1] for x in f_s)
     tw, tc = min(x[0] for x in t_s), min(x[1] for x in t_s)
-    print(f"teacher {a.teacher} model {a.model} k={a.top_k} hidden={list(t.hidden_layers)} "
-          f"mode={a.mlm_mode if a.teacher == 'bert' else '-'} device {dev} "
-          f"threads {torch.get_num_threads()} budget {budget}")
+    print(
+        f"teacher {a.teacher} model {a.model} k={a.top_k} hidden={list(t.hidden_layers)} "
+        f"mode={a.mlm_mode if a.teacher == 'bert' else '-'} device {dev} "
+        f"threads {torch.get_num_threads()} budget {budget}"
+    )
     print(f"utterances {len(prepared)}  positions {positions}  model load {load_s:.1f} s")
-    print(f"bare forward  {positions / b:10.0f} positions/s wall  {positions / bc:10.0f} per CPU-s"
-          f"  (best of {a.repeat}: {b:.2f} s wall, {bc:.2f} s CPU)")
-    print(f"+ targets     {positions / tw:10.0f} positions/s wall  {positions / tc:10.0f} per CPU-s"
-          f"  (best of {a.repeat}: {tw:.2f} s wall, {tc:.2f} s CPU; no writer)")
-    print(f"full build    {positions / f:10.0f} positions/s wall  {positions / fc:10.0f} per CPU-s"
-          f"  (best of {a.repeat}: {f:.2f} s wall, {fc:.2f} s CPU)")
+    print(
+        f"bare forward  {positions / b:10.0f} positions/s wall  {positions / bc:10.0f} per CPU-s"
+        f"  (best of {a.repeat}: {b:.2f} s wall, {bc:.2f} s CPU)"
+    )
+    print(
+        f"+ targets     {positions / tw:10.0f} positions/s wall  {positions / tc:10.0f} per CPU-s"
+        f"  (best of {a.repeat}: {tw:.2f} s wall, {tc:.2f} s CPU; no writer)"
+    )
+    print(
+        f"full build    {positions / f:10.0f} positions/s wall  {positions / fc:10.0f} per CPU-s"
+        f"  (best of {a.repeat}: {f:.2f} s wall, {fc:.2f} s CPU)"
+    )
     import statistics
 
     paired = statistics.median(x[0] / y[0] for x, y in zip(b_s, f_s, strict=True))
-    print(f"ratio full/bare: best-of wall {b / f:.2f}, best-of CPU {bc / fc:.2f}, "
-          f"median of paired runs (wall) {paired:.2f}")
+    print(
+        f"ratio full/bare: best-of wall {b / f:.2f}, best-of CPU {bc / fc:.2f}, "
+        f"median of paired runs (wall) {paired:.2f}"
+    )
 
 
 if __name__ == "__main__":

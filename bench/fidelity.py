@@ -52,7 +52,9 @@ def main() -> None:
     ap.add_argument("--teacher", default="causal_lm")
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sentences", type=int, default=300)
-    ap.add_argument("--text", nargs="*", help="text files (one sentence a line) instead of fortunes")
+    ap.add_argument(
+        "--text", nargs="*", help="text files (one sentence a line) instead of fortunes"
+    )
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--batch-tokens", type=int, default=512)
     a = ap.parse_args()
@@ -88,7 +90,9 @@ def main() -> None:
         tb = [i for i, r in enumerate(batch) for _ in r.topk_src]
         ts = [s for r in batch for s in r.topk_src]
         idx = (torch.tensor(tb), torch.tensor(ts))
-        logits, _ = t.forward(torch.from_numpy(x), torch.from_numpy(m), idx, (idx[0][:0], idx[1][:0]))
+        logits, _ = t.forward(
+            torch.from_numpy(x), torch.from_numpy(m), idx, (idx[0][:0], idx[1][:0])
+        )
         logp = torch.log_softmax(logits.double() / a.temperature, -1)
         p = logp.exp()
         top_lp, top_ids = torch.topk(logp, kmax, -1)
@@ -115,18 +119,23 @@ def main() -> None:
             j += len(r.topk_src)
     model_s = time.monotonic() - start
 
-    print(f"teacher {a.teacher} model {a.model} V={V} T={a.temperature}: {len(texts)} sentences, "
-          f"{n_pos} positions ({model_s:.0f} s forward on CPU)")
+    print(
+        f"teacher {a.teacher} model {a.model} V={V} T={a.temperature}: {len(texts)} sentences, "
+        f"{n_pos} positions ({model_s:.0f} s forward on CPU)"
+    )
     print()
-    print("|  k | mean top-k mass | KL(p ‖ top-k + tail) nats | KL(renorm top-k ‖ p) nats | "
-          "B/pos on disk | B/pos raw |")
+    print(
+        "|  k | mean top-k mass | KL(p ‖ top-k + tail) nats | KL(renorm top-k ‖ p) nats | "
+        "B/pos on disk | B/pos raw |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     tmp = tempfile.mkdtemp()
     try:
         for k in KS:
             rec = teacher_record(t, f"k{k}")
-            rec = type(rec).from_dict({**rec.to_dict(), "k": k, "hidden_layers": [],
-                                       "hidden_dims": {}})
+            rec = type(rec).from_dict(
+                {**rec.to_dict(), "k": k, "hidden_layers": [], "hidden_dims": {}}
+            )
             path = f"{tmp}/k{k}.kdc"
             with CacheWriter(path, rec, fsync=False) as w:
                 for u, d in per_utt.items():
@@ -135,13 +144,28 @@ def main() -> None:
                     lp64 = np.stack([d[i][1] for i in range(n)])
                     t64 = np.array([d[i][2] for i in range(n)])
                     # tail at k = everything outside the top kmax + the entries k..kmax-1
-                    tail = np.logaddexp(t64, np.logaddexp.reduce(lp64[:, k:], axis=1)
-                                        if k < kmax else -np.inf)
-                    w.add(UttTargets(f"u{u:05d}", tid, lp64[:, :k], tail, {}, np.asarray(ids[u]),
-                                     texts[u], content_hash(texts[u])))
+                    tail = np.logaddexp(
+                        t64, np.logaddexp.reduce(lp64[:, k:], axis=1) if k < kmax else -np.inf
+                    )
+                    w.add(
+                        UttTargets(
+                            f"u{u:05d}",
+                            tid,
+                            lp64[:, :k],
+                            tail,
+                            {},
+                            np.asarray(ids[u]),
+                            texts[u],
+                            content_hash(texts[u]),
+                        )
+                    )
             shard_root = os.path.join(path, "teachers", f"k{k}", "shards")
-            size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(shard_root)
-                       for f in fs if not f.endswith(".json"))
+            size = sum(
+                os.path.getsize(os.path.join(dp, f))
+                for dp, _, fs in os.walk(shard_root)
+                for f in fs
+                if not f.endswith(".json")
+            )
             raw = k * (rec.id_dtype.itemsize + 2) + 4
             mass, klt, klr = sums[k] / n_pos
             print(f"| {k:2d} | {mass:.4f} | {klt:.4f} | {klr:.4f} | {size / n_pos:.1f} | {raw} |")

@@ -45,25 +45,45 @@ def main() -> None:
     st = split.store
     feats = [(np.asarray(st[u]) - st.mean) / st.std for u in ids]
     b = collate(ids, feats, [split.tokens[u] for u in ids], [], tok.pad_id, {}, {})
-    model = Student(StudentConfig(vocab_size=tok.vocab_size, num_layers=args.layers,
-                                  decoder_layers=0, dropout=0.0, subsampling_channels=32,
-                                  blank_id=tok.blank_id, bos_id=tok.bos_id, eos_id=tok.eos_id))
+    model = Student(
+        StudentConfig(
+            vocab_size=tok.vocab_size,
+            num_layers=args.layers,
+            decoder_layers=0,
+            dropout=0.0,
+            subsampling_channels=32,
+            blank_id=tok.blank_id,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98))
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, step / 50)
         out = model(b.feats, b.feat_lens)
-        loss = F.ctc_loss(out.ctc_logits.log_softmax(-1).transpose(0, 1), b.tokens.clamp(min=0),
-                          out.enc_lens, b.token_lens, blank=tok.blank_id, zero_infinity=True)
+        loss = F.ctc_loss(
+            out.ctc_logits.log_softmax(-1).transpose(0, 1),
+            b.tokens.clamp(min=0),
+            out.enc_lens,
+            b.token_lens,
+            blank=tok.blank_id,
+            zero_infinity=True,
+        )
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         if step % 20 == 0 or step == args.steps:
-            hyp = tok.decode(ctc_greedy(out.ctc_logits[:1].detach(), out.enc_lens[:1], tok.blank_id)[0])
-            print(f"step {step:4d}  ctc {loss.item():.3f}  {time.perf_counter() - t0:5.0f}s  "
-                  f"{hyp[:60]!r}", flush=True)
+            hyp = tok.decode(
+                ctc_greedy(out.ctc_logits[:1].detach(), out.enc_lens[:1], tok.blank_id)[0]
+            )
+            print(
+                f"step {step:4d}  ctc {loss.item():.3f}  {time.perf_counter() - t0:5.0f}s  "
+                f"{hyp[:60]!r}",
+                flush=True,
+            )
     print(f"reference             {split.texts[ids[0]][:60]!r}")
 
 

@@ -16,7 +16,11 @@ import torch
 from kdcache.student.model import Student, StudentConfig
 
 SETUPS = [  # (subsampling_channels, layers, d_model, subsampling)
-    (0, 8, 144, 4), (32, 8, 144, 4), (32, 6, 144, 4), (32, 12, 144, 4), (32, 6, 192, 4),
+    (0, 8, 144, 4),
+    (32, 8, 144, 4),
+    (32, 6, 144, 4),
+    (32, 12, 144, 4),
+    (32, 6, 192, 4),
     (32, 8, 144, 8),
 ]
 
@@ -34,10 +38,20 @@ def main() -> None:
     x, lens = torch.randn(b, t, 80), torch.full((b,), t)
     y, yl = torch.randint(3, 30, (b, 60)), torch.full((b,), 60)
     base = None
-    print(f"{'channels':>8} {'layers':>6} {'d':>4} {'sub':>3} {'params':>8} {'s/batch':>8} {'ratio':>6}")
+    print(
+        f"{'channels':>8} {'layers':>6} {'d':>4} {'sub':>3} {'params':>8} {'s/batch':>8} {'ratio':>6}"
+    )
     for ch, layers, d, sub in SETUPS:
-        m = Student(StudentConfig(vocab_size=40, d_model=d, num_layers=layers, subsampling=sub,
-                                  subsampling_channels=ch, decoder_layers=2))
+        m = Student(
+            StudentConfig(
+                vocab_size=40,
+                d_model=d,
+                num_layers=layers,
+                subsampling=sub,
+                subsampling_channels=ch,
+                decoder_layers=2,
+            )
+        )
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()

@@ -37,7 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # run from a checkout
 
 
 def main() -> None:
@@ -51,13 +53,27 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--modes", default="none,cached_lst,online_lstm,online_bert,online_bertmasked")
     ap.add_argument("--k", type=int, default=8, help="top-k (the toy char vocabulary has 11 ids)")
-    ap.add_argument("--readers", type=int, default=0, metavar="N",
-                    help="instead: time one epoch of the data pipeline over N utterances with "
-                         "reader=random (cache.get per utterance) and reader=stream (whole chunks)")
-    ap.add_argument("--chunk-positions", type=int, default=16384,
-                    help="--readers: cache chunk length (small values: more chunks than the LRU)")
-    ap.add_argument("--loss-vocab", type=int, default=0, metavar="V",
-                    help="instead: time the decoder loss alone (CE_ls vs LST with k=16) at vocabulary V")
+    ap.add_argument(
+        "--readers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: time one epoch of the data pipeline over N utterances with "
+        "reader=random (cache.get per utterance) and reader=stream (whole chunks)",
+    )
+    ap.add_argument(
+        "--chunk-positions",
+        type=int,
+        default=16384,
+        help="--readers: cache chunk length (small values: more chunks than the LRU)",
+    )
+    ap.add_argument(
+        "--loss-vocab",
+        type=int,
+        default=0,
+        metavar="V",
+        help="instead: time the decoder loss alone (CE_ls vs LST with k=16) at vocabulary V",
+    )
     args = ap.parse_args()
     if args.loss_vocab:
         return bench_loss(args)
@@ -104,7 +120,9 @@ def main() -> None:
     from kdcache.teachers.lstm_lm import LSTMConfig
     from kdcache.teachers.lstm_lm import build_model as build_lstm
 
-    lstm = build_lstm(LSTMConfig(vocab_size=tok.vocab_size, bos_id=tok.bos_id, layers=2, hidden=512)).eval()
+    lstm = build_lstm(
+        LSTMConfig(vocab_size=tok.vocab_size, bos_id=tok.bos_id, layers=2, hidden=512)
+    ).eval()
     bert = BertForMaskedLM(BertConfig(vocab_size=tok.vocab_size, hidden_size=768, num_hidden_layers=12,
                                       num_attention_heads=12, intermediate_size=3072)).eval()  # fmt: skip
 
@@ -151,7 +169,9 @@ def main() -> None:
         cfg, model, opt, it, ctx = setups[mode]
         batch = next(it)
         if mode.startswith("online_"):
-            batch.targets = {"lm": online_targets(mode.split("_")[1].replace("bertmasked", "masked"), batch)}
+            batch.targets = {
+                "lm": online_targets(mode.split("_")[1].replace("bertmasked", "masked"), batch)
+            }
         opt.zero_grad(set_to_none=True)
         loss, _ = loss_step(model, batch, ctx)
         loss.backward()
@@ -178,6 +198,7 @@ def main() -> None:
     # Ratios are taken within a round (modes run back to back on the same batches), then the
     # median over rounds: robust to load from other processes that drifts between rounds.
     for name, times in (("CPU time", cpu), ("wall time", wall)):
+
         def ratio(a: str, b: str, times=times) -> float:
             if a not in times or b not in times:
                 return float("nan")
@@ -191,6 +212,7 @@ def main() -> None:
         for m in modes:
             if m.startswith("online_"):
                 print(f"{'':<12}speed-up of cached KD over {m}: {ratio(m, 'cached_lst'):.2f}x")
+
 
 def bench_loss(args) -> None:
     """Forward+backward of the decoder loss on [64, 40, V] logits: hard CE_ls vs LST (k=16)."""
@@ -224,8 +246,10 @@ def bench_loss(args) -> None:
                 fn().backward()
             res[name].append((time.perf_counter() - t) / args.steps)
     ce, kd = statistics.median(res["ce_ls"]), statistics.median(res["lst"])
-    print(f"decoder loss fwd+bwd on [{b}, {length}, {v}] logits, k={k}, threads={args.threads}: "
-          f"CE_ls {ce * 1000:.1f} ms, LST {kd * 1000:.1f} ms, ratio {kd / ce:.2f}x")
+    print(
+        f"decoder loss fwd+bwd on [{b}, {length}, {v}] logits, k={k}, threads={args.threads}: "
+        f"CE_ls {ce * 1000:.1f} ms, LST {kd * 1000:.1f} ms, ratio {kd / ce:.2f}x"
+    )
 
 
 def bench_readers(args) -> None:
@@ -242,8 +266,9 @@ def bench_readers(args) -> None:
     from kdcache.student.toy import make_toy_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="kdtrain_readers_"))
-    toy = make_toy_corpus(tmp, num_utts=args.readers, k=args.k, hidden_dim=256,
-                          chunk_positions=args.chunk_positions)
+    toy = make_toy_corpus(
+        tmp, num_utts=args.readers, k=args.k, hidden_dim=256, chunk_positions=args.chunk_positions
+    )
     tok = Tokenizer.load(toy.tokenizer)
     texts = {u.id: normalize_text(u.text) for u in load_manifest(toy.manifest)}
     tokens = {u: np.asarray(tok.encode(t)) for u, t in texts.items()}
@@ -251,8 +276,10 @@ def bench_readers(args) -> None:
     nframes = {u: store.num_frames(u) for u in texts}
     n_pos = open_cache(toy.cache).num_positions("lm")
     n_chunks = -(-n_pos // args.chunk_positions)
-    print(f"{args.readers} utterances, {n_pos} positions in ~{n_chunks} chunks of "
-          f"{args.chunk_positions} (reader LRU: 64 chunks), k={args.k}, hidden 256 (float16)")
+    print(
+        f"{args.readers} utterances, {n_pos} positions in ~{n_chunks} chunks of "
+        f"{args.chunk_positions} (reader LRU: 64 chunks), k={args.k}, hidden 256 (float16)"
+    )
     for hidden in (False, True):
         for reader in ("random", "stream", "random", "stream"):
             ds = KDDataset(list(texts), tokens, nframes, str(toy.features), str(toy.cache), ["lm"],

@@ -65,10 +65,14 @@ def check_hub_name(name: str, option: str, *, what: str = "model") -> bool:
         return False
     if in_local_cache(name):
         return True
-    hint = (f"a local {what} directory, a .gguf file, or one of the offline names "
-            f"{', '.join(OFFLINE_NAMES)}" if what == "model" else
-            f"a local {what} directory (e.g. from `kdcache tokenizer train`), a tokenizer.json "
-            f"or a .gguf file")
+    hint = (
+        f"a local {what} directory, a .gguf file, or one of the offline names "
+        f"{', '.join(OFFLINE_NAMES)}"
+        if what == "model"
+        else f"a local {what} directory (e.g. from `kdcache tokenizer train`), a tokenizer.json "
+        f"or a .gguf file"
+    )
     raise FileNotFoundError(
         f"{option} {name!r}: not a local file or directory, and not in the local Hugging Face "
-        f"cache; the hub cannot be asked ({reason}): pass {hint}")
+        f"cache; the hub cannot be asked ({reason}): pass {hint}"
+    )

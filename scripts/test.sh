@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Set up the environment and run the test suite (what CI runs). Extra arguments go to pytest.
+# Set up the environment, check formatting and lint, and run the test suite (what CI runs).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+.venv/bin/ruff format --check --quiet kdcache tests bench
+.venv/bin/ruff check --quiet kdcache tests bench
 exec .venv/bin/python -m pytest -n 2 -q "$@"

@@ -45,8 +45,16 @@ def finish(p, timeout: float = 120) -> int | None:
 
 def test_build_writes_record_and_targets(tmp_path, tiny_bert):
     m = write_manifest(tmp_path / "m.jsonl", extra=[{"id": "empty", "text": "  ?! "}])
-    s = build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=str(tmp_path / "c.kdc"),
-                    k=4, hidden_layers=(-1,), hidden_codec="int8", progress=False)
+    s = build_cache(
+        teacher="bert",
+        model=str(tiny_bert),
+        data=str(m),
+        out=str(tmp_path / "c.kdc"),
+        k=4,
+        hidden_layers=(-1,),
+        hidden_codec="int8",
+        progress=False,
+    )
     assert s.utterances_done == len(SENTENCES) + 1 and s.utterances_empty == 1
     c = open_cache(str(tmp_path / "c.kdc"))
     rec = c.teachers["bert"]
@@ -66,28 +74,62 @@ def test_build_writes_record_and_targets(tmp_path, tiny_bert):
 
 def test_bad_inputs(tmp_path, tiny_bert):
     out = str(tmp_path / "c.kdc")
-    m = write_manifest(tmp_path / "m.jsonl", texts=["hello world", "ok 中文 naïve"],
-                       extra=[{"id": "notext", "audio": None}])
+    m = write_manifest(
+        tmp_path / "m.jsonl",
+        texts=["hello world", "ok 中文 naïve"],
+        extra=[{"id": "notext", "audio": None}],
+    )
     with pytest.raises(BuildError, match="'notext'.*--skip-bad"):
-        build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=out, k=4,
-                    progress=False)
+        build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=out, k=4, progress=False)
     assert not os.path.exists(out) or not open_cache(out).utt_ids()  # nothing half-written
-    s = build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=out, k=4,
-                    skip_bad=True, progress=False)
+    s = build_cache(
+        teacher="bert",
+        model=str(tiny_bert),
+        data=str(m),
+        out=out,
+        k=4,
+        skip_bad=True,
+        progress=False,
+    )
     assert s.utterances_skipped_bad == 1 and s.bad_utterances == ["notext"]
     assert s.unk_tokens >= 1  # 中/文 are not in the toy vocabulary: [UNK] positions, kept
     with pytest.raises(BuildError, match="--top-k"):
-        build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=str(tmp_path / "x.kdc"),
-                    k=100000, progress=False, skip_bad=True)
+        build_cache(
+            teacher="bert",
+            model=str(tiny_bert),
+            data=str(m),
+            out=str(tmp_path / "x.kdc"),
+            k=100000,
+            progress=False,
+            skip_bad=True,
+        )
     with pytest.raises(BuildError, match="no such file"):
-        build_cache(teacher="bert", model=str(tmp_path / "missing"), data=str(m),
-                    out=str(tmp_path / "y.kdc"), k=4, progress=False)
+        build_cache(
+            teacher="bert",
+            model=str(tmp_path / "missing"),
+            data=str(m),
+            out=str(tmp_path / "y.kdc"),
+            k=4,
+            progress=False,
+        )
     with pytest.raises(BuildError, match="--hidden-layers"):
-        build_cache(teacher="bert", model=str(tiny_bert), data=str(m), out=str(tmp_path / "z.kdc"),
-                    k=0, progress=False)
+        build_cache(
+            teacher="bert",
+            model=str(tiny_bert),
+            data=str(m),
+            out=str(tmp_path / "z.kdc"),
+            k=0,
+            progress=False,
+        )
     with pytest.raises(BuildError, match="--teacher"):
-        build_cache(teacher="gpt", model=str(tiny_bert), data=str(m), out=str(tmp_path / "z.kdc"),
-                    k=4, progress=False)
+        build_cache(
+            teacher="gpt",
+            model=str(tiny_bert),
+            data=str(m),
+            out=str(tmp_path / "z.kdc"),
+            k=4,
+            progress=False,
+        )
 
 
 def _child(args: dict, kill_after: int | None) -> None:
@@ -123,24 +165,43 @@ def spawn(args: dict, kill_after: int | None = None):
 
 def test_two_ranks_equal_one_process(tmp_path, tiny_llama):
     m = write_manifest(tmp_path / "m.jsonl")
-    common = dict(teacher="causal_lm", model=str(tiny_llama), data=str(m), k=5,
-                  hidden_layers=(-1,), progress=False, device="cpu")
+    common = dict(
+        teacher="causal_lm",
+        model=str(tiny_llama),
+        data=str(m),
+        k=5,
+        hidden_layers=(-1,),
+        progress=False,
+        device="cpu",
+    )
     build_cache(out=str(tmp_path / "one.kdc"), **common)
-    procs = [spawn(dict(common, out=str(tmp_path / "two.kdc"), rank=r, world_size=2))
-             for r in range(2)]
+    procs = [
+        spawn(dict(common, out=str(tmp_path / "two.kdc"), rank=r, world_size=2)) for r in range(2)
+    ]
     for p in procs:
         finish(p)
     assert [p.exitcode for p in procs] == [0, 0]
     commits = sorted(os.listdir(tmp_path / "two.kdc" / "commits" / "causal_lm"))
     assert [c[:6] for c in commits] == ["r00000", "r00001"]
-    assert_same(targets(tmp_path / "one.kdc", "causal_lm"),
-                targets(tmp_path / "two.kdc", "causal_lm"), atol=1e-3)
+    assert_same(
+        targets(tmp_path / "one.kdc", "causal_lm"),
+        targets(tmp_path / "two.kdc", "causal_lm"),
+        atol=1e-3,
+    )
 
 
 def test_killed_build_resumes(tmp_path, tiny_bert):
     m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES * 3)
-    common = dict(teacher="bert", model=str(tiny_bert), data=str(m), k=4, hidden_layers=(-1,),
-                  progress=False, device="cpu", shard_positions=20)
+    common = dict(
+        teacher="bert",
+        model=str(tiny_bert),
+        data=str(m),
+        k=4,
+        hidden_layers=(-1,),
+        progress=False,
+        device="cpu",
+        shard_positions=20,
+    )
     build_cache(out=str(tmp_path / "ref.kdc"), **common)
     # A build that dies hard (SIGKILL) in the middle of its 12th utterance's shard.
     p = spawn(dict(common, out=str(tmp_path / "c.kdc")), kill_after=12)
@@ -151,8 +212,9 @@ def test_killed_build_resumes(tmp_path, tiny_bert):
     s = build_cache(out=str(tmp_path / "c.kdc"), **common)
     assert s.utterances_resumed == len(partial)
     assert s.utterances_done == len(SENTENCES) * 3 - len(partial)
-    assert_same(targets(tmp_path / "ref.kdc", "bert"), targets(tmp_path / "c.kdc", "bert"),
-                atol=1e-3)
+    assert_same(
+        targets(tmp_path / "ref.kdc", "bert"), targets(tmp_path / "c.kdc", "bert"), atol=1e-3
+    )
     from kdcache.cache_format import verify_cache
 
     assert verify_cache(str(tmp_path / "c.kdc")) == []
@@ -162,8 +224,9 @@ def test_killed_build_resumes(tmp_path, tiny_bert):
 
 
 def test_resume_refuses_changed_transcripts(tmp_path, tiny_bert):
-    common = dict(teacher="bert", model=str(tiny_bert), out=str(tmp_path / "c.kdc"), k=2,
-                  progress=False)
+    common = dict(
+        teacher="bert", model=str(tiny_bert), out=str(tmp_path / "c.kdc"), k=2, progress=False
+    )
     build_cache(data=str(write_manifest(tmp_path / "a.jsonl", texts=SENTENCES[:3])), **common)
     changed = write_manifest(tmp_path / "b.jsonl", texts=[SENTENCES[0], "something else", "more"])
     with pytest.raises(BuildError, match="another transcript.*'u00[12]'"):
@@ -172,8 +235,15 @@ def test_resume_refuses_changed_transcripts(tmp_path, tiny_bert):
 
 def test_record_json_is_plain(tmp_path, tiny_llama):
     m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:2])
-    build_cache(teacher="causal_lm", model=str(tiny_llama), data=str(m),
-                out=str(tmp_path / "c.kdc"), name="gpt-tiny", k=2, progress=False)
+    build_cache(
+        teacher="causal_lm",
+        model=str(tiny_llama),
+        data=str(m),
+        out=str(tmp_path / "c.kdc"),
+        name="gpt-tiny",
+        k=2,
+        progress=False,
+    )
     attrs = json.loads((tmp_path / "c.kdc" / "teachers" / "gpt-tiny" / "zarr.json").read_text())
     rec = attrs["attributes"]["kdcache_teacher"]
     assert rec["kind"] == "causal_lm" and rec["options"]["position0"] == "predicted"

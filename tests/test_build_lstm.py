@@ -28,16 +28,31 @@ def _train_then_build(tmp_path):
     texts = SENTENCES * 4
     tok = Tokenizer.build_char(texts)
     tok.save(tmp_path / "tok")
-    r = train_lm(texts, str(tmp_path / "tok"), str(tmp_path / "lm"), layers=2, hidden=32,
-                 epochs=2, batch_tokens=1024, progress=False)
+    r = train_lm(
+        texts,
+        str(tmp_path / "tok"),
+        str(tmp_path / "lm"),
+        layers=2,
+        hidden=32,
+        epochs=2,
+        batch_tokens=1024,
+        progress=False,
+    )
     assert r.epochs >= 1 and len(r.valid_ppls) == r.epochs
     assert r.best_valid_ppl < tok.vocab_size  # learned something over a uniform guess
     meta = json.loads((tmp_path / "lm" / "lstm_lm.json").read_text())
     assert meta["config"]["layers"] == 2 and meta["training"]["best_epoch"] == r.best_epoch
 
     m = write_manifest(tmp_path / "m.jsonl", texts=SENTENCES[:3] + [""])
-    s = build_cache(teacher="lstm_lm", model=str(tmp_path / "lm"), data=str(m),
-                    out=str(tmp_path / "c.kdc"), k=5, hidden_layers=(-1,), progress=False)
+    s = build_cache(
+        teacher="lstm_lm",
+        model=str(tmp_path / "lm"),
+        data=str(m),
+        out=str(tmp_path / "c.kdc"),
+        k=5,
+        hidden_layers=(-1,),
+        progress=False,
+    )
     assert s.utterances_done == 4 and s.utterances_empty == 1
     c = open_cache(str(tmp_path / "c.kdc"))
     rec = c.teachers["lstm_lm"]

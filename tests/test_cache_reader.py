@@ -190,7 +190,9 @@ def test_several_caches_read_as_one(two_teacher_cache, tmp_path):
     assert sorted(multi.teachers) == ["a", "b", "c"]
     assert multi.utt_ids("c") == open_cache(str(other)).utt_ids("c")
     u = ua[0]
-    np.testing.assert_array_equal(multi.get(u.utt_id, "a").topk_ids, one.get(u.utt_id, "a").topk_ids)
+    np.testing.assert_array_equal(
+        multi.get(u.utt_id, "a").topk_ids, one.get(u.utt_id, "a").topk_ids
+    )
     assert multi.chunk_groups("a") == one.chunk_groups("a")
     with pytest.raises(KeyError, match="teacher 'z'"):
         multi.get(u.utt_id, "z")

@@ -59,13 +59,17 @@ def _swap(args: list[str], option: str, value: str) -> list[str]:
 
 def test_run_missing_cache(toy, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(train_app, _swap(_run_args(toy, out), "--cache", str(tmp_path / "nope.kdc")))
+    res = CliRunner().invoke(
+        train_app, _swap(_run_args(toy, out), "--cache", str(tmp_path / "nope.kdc"))
+    )
     one_error(res, "nope.kdc")
     assert not out.exists()
 
 
 def test_run_features_pointing_at_a_cache(toy, tmp_path):
-    res = CliRunner().invoke(train_app, _swap(_run_args(toy, tmp_path / "run"), "--features", str(toy.cache)))
+    res = CliRunner().invoke(
+        train_app, _swap(_run_args(toy, tmp_path / "run"), "--features", str(toy.cache))
+    )
     one_error(res, str(toy.cache))
 
 
@@ -75,7 +79,9 @@ def test_run_damaged_cache(toy, tmp_path):
     bad = tmp_path / "bad.kdc"
     shutil.copytree(toy.cache, bad)
     (bad / "zarr.json").write_text((bad / "zarr.json").read_text()[:30])
-    res = CliRunner().invoke(train_app, _swap(_run_args(toy, tmp_path / "run"), "--cache", str(bad)))
+    res = CliRunner().invoke(
+        train_app, _swap(_run_args(toy, tmp_path / "run"), "--cache", str(bad))
+    )
     one_error(res, "bad.kdc")
 
 
@@ -85,7 +91,9 @@ def test_run_tokenizer_name_offline_is_fast(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.offline_reason.cache_clear()
     t0 = time.monotonic()
-    res = CliRunner().invoke(train_app, _swap(_run_args(toy, tmp_path / "run"), "--tokenizer", "nope"))
+    res = CliRunner().invoke(
+        train_app, _swap(_run_args(toy, tmp_path / "run"), "--tokenizer", "nope")
+    )
     hub.offline_reason.cache_clear()
     one_error(res, "'nope'", "HF_HUB_OFFLINE")
     assert time.monotonic() - t0 < 20
@@ -117,9 +125,17 @@ def test_run_yaml_syntax_error(toy, tmp_path):
     one_error(res, "bad.yaml:", "not valid YAML")
 
 
-@pytest.mark.parametrize("override", ["optim.lr=-1", "optim.lr=0", "optim.eps=0",
-                                      "train.max_steps=0", "optim.betas=[0.9,1.5]",
-                                      "data.specaug.time_mask_max_ratio=2"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=-1",
+        "optim.lr=0",
+        "optim.eps=0",
+        "train.max_steps=0",
+        "optim.betas=[0.9,1.5]",
+        "data.specaug.time_mask_max_ratio=2",
+    ],
+)
 def test_run_bad_value_is_refused_before_anything_is_made(toy, tmp_path, override):
     out = tmp_path / "run"
     res = CliRunner().invoke(train_app, _run_args(toy, out, override))
@@ -133,8 +149,10 @@ def test_run_bad_value_is_refused_before_anything_is_made(toy, tmp_path, overrid
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    res = CliRunner().invoke(train_app, _run_args(toy, run, "train.max_steps=4",
-                                                  "train.ckpt_every=2", "train.keep_checkpoints=2"))
+    res = CliRunner().invoke(
+        train_app,
+        _run_args(toy, run, "train.max_steps=4", "train.ckpt_every=2", "train.keep_checkpoints=2"),
+    )
     assert res.exit_code == 0, res.output
     return run
 
@@ -151,8 +169,20 @@ def _truncated_copy(trained, tmp_path) -> Path:
 
 def test_eval_falls_back_from_a_truncated_checkpoint(toy, trained, tmp_path, caplog):
     run = _truncated_copy(trained, tmp_path)
-    res = CliRunner().invoke(train_app, ["eval", "--run", str(run), "--data", str(toy.manifest),
-                                         "--features", str(toy.features), "--device", "cpu"])
+    res = CliRunner().invoke(
+        train_app,
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--data",
+            str(toy.manifest),
+            "--features",
+            str(toy.features),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     results = json.loads((Path(out["out_dir"]) / "results.json").read_text())
@@ -172,8 +202,20 @@ def test_resume_falls_back_from_a_truncated_checkpoint(toy, trained, tmp_path, c
 def test_every_checkpoint_damaged(toy, trained, tmp_path):
     run = _truncated_copy(trained, tmp_path)
     (run / "checkpoints" / "step-00000002.pt").write_bytes(b"not a checkpoint")
-    res = CliRunner().invoke(train_app, ["eval", "--run", str(run), "--data", str(toy.manifest),
-                                         "--features", str(toy.features), "--device", "cpu"])
+    res = CliRunner().invoke(
+        train_app,
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--data",
+            str(toy.manifest),
+            "--features",
+            str(toy.features),
+            "--device",
+            "cpu",
+        ],
+    )
     one_error(res, "no readable checkpoint")
     res = CliRunner().invoke(train_app, ["run", "--out", str(run), "--resume", "train.max_steps=5"])
     one_error(res, "no readable checkpoint")
@@ -191,8 +233,21 @@ def test_build_out_not_a_cache(toy, tmp_path, kind):
         out.mkdir()
         (out / "notes.txt").write_text("mine\n")
     before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
-    res = CliRunner().invoke(app, ["build", "--teacher", "bert", "--model", "nope",
-                                   "--data", str(toy.manifest), "--out", str(out), "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            "bert",
+            "--model",
+            "nope",
+            "--data",
+            str(toy.manifest),
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+    )
     one_error(res, str(out))
     if kind == "file":
         assert out.read_text() == "mine\n"
@@ -206,9 +261,21 @@ def test_build_bare_model_name_offline(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.offline_reason.cache_clear()
     t0 = time.monotonic()
-    res = CliRunner().invoke(app, ["build", "--teacher", "bert", "--model", "some-org/some-bert",
-                                   "--data", str(toy.manifest), "--out", str(tmp_path / "c.kdc"),
-                                   "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            "bert",
+            "--model",
+            "some-org/some-bert",
+            "--data",
+            str(toy.manifest),
+            "--out",
+            str(tmp_path / "c.kdc"),
+            "--no-progress",
+        ],
+    )
     hub.offline_reason.cache_clear()
     one_error(res, "'some-org/some-bert'", "minilm")
     assert time.monotonic() - t0 < 20
@@ -219,9 +286,23 @@ def test_build_refuses_a_tokenizer_that_knows_nothing(tmp_path, tiny_bert):
 
     m = write_manifest(tmp_path / "m.jsonl", texts=["中文", "文中 中"])
     out = tmp_path / "c.kdc"
-    res = CliRunner().invoke(app, ["build", "--teacher", "bert", "--model", str(tiny_bert),
-                                   "--data", str(m), "--out", str(out), "--top-k", "4",
-                                   "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "build",
+            "--teacher",
+            "bert",
+            "--model",
+            str(tiny_bert),
+            "--data",
+            str(m),
+            "--out",
+            str(out),
+            "--top-k",
+            "4",
+            "--no-progress",
+        ],
+    )
     one_error(res, "unknown token", "--model")
     assert not out.exists()
 
@@ -237,8 +318,10 @@ def test_non_utf8_kaldi_text_names_file_and_line(tmp_path):
     (d / "text").write_bytes(b"u1 hello\nu2 caf\xe9 au lait\n")
     with pytest.raises(ManifestError, match=r"kaldi/text:2: not UTF-8"):
         load_manifest(d)
-    res = CliRunner().invoke(app, ["tokenizer", "train", "--kind", "char", "--text", str(d),
-                                   "--out", str(tmp_path / "tok")])
+    res = CliRunner().invoke(
+        app,
+        ["tokenizer", "train", "--kind", "char", "--text", str(d), "--out", str(tmp_path / "tok")],
+    )
     one_error(res, "text:2", "UTF-8")
 
 
@@ -265,8 +348,9 @@ def test_tokenizer_train_strips_kaldi_ids(tmp_path):
     plain.write_text((d / "text").read_text())
     for src in (d / "text", plain):
         out = tmp_path / f"tok-{src.name}"
-        res = CliRunner().invoke(app, ["tokenizer", "train", "--kind", "char", "--text", str(src),
-                                       "--out", str(out)])
+        res = CliRunner().invoke(
+            app, ["tokenizer", "train", "--kind", "char", "--text", str(src), "--out", str(out)]
+        )
         assert res.exit_code == 0, res.output
         assert "Kaldi text" in res.stderr
         pieces = {Tokenizer.load(out).id_to_piece(i) for i in range(Tokenizer.load(out).vocab_size)}
@@ -304,8 +388,21 @@ def test_train_lm_refuses_to_overwrite(toy, tmp_path):
     out = tmp_path / "lm"
     out.mkdir()
     (out / "model.pt").write_bytes(b"precious")
-    res = CliRunner().invoke(app, ["train-lm", "--text", str(text), "--tokenizer", str(toy.tokenizer),
-                                   "--out", str(out), "--epochs", "1", "--no-progress"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "train-lm",
+            "--text",
+            str(text),
+            "--tokenizer",
+            str(toy.tokenizer),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+    )
     one_error(res, str(out), "--overwrite")
     assert (out / "model.pt").read_bytes() == b"precious"
 
@@ -317,8 +414,10 @@ def test_one_exit_status_for_input_errors(tmp_path):
     r = CliRunner()
     one_error(r.invoke(app, ["inspect", str(tmp_path / "nothing.kdc")]), "nothing.kdc")
     one_error(r.invoke(app, ["tokenizer", "show", str(tmp_path / "nope")]), "nope")
-    one_error(r.invoke(app, ["features", str(tmp_path / "nope.jsonl"), "--out",
-                             str(tmp_path / "f")]), "nope.jsonl")
+    one_error(
+        r.invoke(app, ["features", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "f")]),
+        "nope.jsonl",
+    )
     res = r.invoke(app, ["verify", str(tmp_path / "nothing.kdc"), "--no-progress"])
     assert res.exit_code == 1 and "Traceback" not in res.output  # verify's verdict: not intact
     one_error(r.invoke(train_app, ["run", "--out", str(tmp_path / "r")]), "--recipe")

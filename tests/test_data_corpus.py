@@ -57,7 +57,10 @@ def test_layout_and_summary(corpus):
 
 
 def test_splits_disjoint_and_normalised(corpus):
-    texts = {s: [u.text for u in load_manifest(corpus / s / "manifest.jsonl")] for s in ("train", "dev", "test")}
+    texts = {
+        s: [u.text for u in load_manifest(corpus / s / "manifest.jsonl")]
+        for s in ("train", "dev", "test")
+    }
     lm = (corpus / "lm_text.txt").read_text().splitlines()
     sets = {**{k: set(v) for k, v in texts.items()}, "lm": set(lm)}
     names = list(sets)
@@ -107,8 +110,14 @@ def test_synthesis_is_deterministic_whatever_the_worker(corpus, tmp_path):
     utts = load_manifest(corpus / "train" / "manifest.jsonl")[:2]
     sents = {s[2]: s for s in load_sentences()}
     accents, variants = split_voices("train", available_variants(), summary["voice_split"])
-    jobs, _ = _jobs_for("train", [sents[u.text] for u in utts], corpus / "train" / "wav",
-                        summary["seed"], variants, accents)
+    jobs, _ = _jobs_for(
+        "train",
+        [sents[u.text] for u in utts],
+        corpus / "train" / "wav",
+        summary["seed"],
+        variants,
+        accents,
+    )
     assert SPLITS[0] == "train"
     for job, u in zip(jobs, utts, strict=True):
         assert job.path == u.audio
@@ -122,8 +131,10 @@ def test_dev_and_test_voices_are_never_heard_in_training(corpus):
 
     summary = json.loads((corpus / "corpus.json").read_text())
     assert summary["voice_split"] == "heldout"
-    spk = {s: {u.speaker for u in load_manifest(corpus / s / "manifest.jsonl")}
-           for s in ("train", "dev", "test")}
+    spk = {
+        s: {u.speaker for u in load_manifest(corpus / s / "manifest.jsonl")}
+        for s in ("train", "dev", "test")
+    }
     accent = {s: {x.split("_")[0] for x in v} for s, v in spk.items()}
     variant = {s: {x.split("_", 1)[1] for x in v} for s, v in spk.items()}
     assert not (variant["dev"] | variant["test"]) & variant["train"]
@@ -164,27 +175,66 @@ def _app() -> typer.Typer:
 def test_cli_features_on_a_corpus_root(corpus, tmp_path):
     from kdcache.data.features import open_features
 
-    r = CliRunner().invoke(_app(), ["features", str(corpus), "--out", str(tmp_path / "feats"),
-                                    "--workers", "1", "--no-progress"])
+    r = CliRunner().invoke(
+        _app(),
+        [
+            "features",
+            str(corpus),
+            "--out",
+            str(tmp_path / "feats"),
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     for split in ("train", "dev", "test"):
         store = open_features(tmp_path / "feats" / f"{split}.fbank")
         assert len(store) == len(load_manifest(corpus / split / "manifest.jsonl"))
-    r = CliRunner().invoke(_app(), ["features", str(corpus / "dev"), "--out", str(tmp_path / "feats" / "dev.fbank")])
+    r = CliRunner().invoke(
+        _app(), ["features", str(corpus / "dev"), "--out", str(tmp_path / "feats" / "dev.fbank")]
+    )
     assert r.exit_code == 2 and "already exists" in r.output
 
 
 def test_cli_tokenizer_train_show_encode(corpus, tmp_path):
     runner = CliRunner()
-    r = runner.invoke(_app(), ["tokenizer", "train", "--text", str(corpus / "lm_text.txt"),
-                               "--text", str(corpus / "train"), "--kind", "bpe",
-                               "--vocab-size", "300", "--out", str(tmp_path / "bpe")])
+    r = runner.invoke(
+        _app(),
+        [
+            "tokenizer",
+            "train",
+            "--text",
+            str(corpus / "lm_text.txt"),
+            "--text",
+            str(corpus / "train"),
+            "--kind",
+            "bpe",
+            "--vocab-size",
+            "300",
+            "--out",
+            str(tmp_path / "bpe"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(_app(), ["tokenizer", "show", str(tmp_path / "bpe"), "--sample", "In the Beginning!"])
+    r = runner.invoke(
+        _app(), ["tokenizer", "show", str(tmp_path / "bpe"), "--sample", "In the Beginning!"]
+    )
     assert r.exit_code == 0, r.output
     assert "vocab_size  300" in r.output and "decoded     in the beginning" in r.output
-    r = runner.invoke(_app(), ["tokenizer", "train", "--text", str(corpus / "train" / "manifest.jsonl"),
-                               "--kind", "char", "--out", str(tmp_path / "char")])
+    r = runner.invoke(
+        _app(),
+        [
+            "tokenizer",
+            "train",
+            "--text",
+            str(corpus / "train" / "manifest.jsonl"),
+            "--kind",
+            "char",
+            "--out",
+            str(tmp_path / "char"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(_app(), ["tokenizer", "encode", str(tmp_path / "char")])
     assert r.exit_code == 2 and "needs --sample" in r.output

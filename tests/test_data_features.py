@@ -49,8 +49,12 @@ def _kaldi_fbank_frame(x: np.ndarray, sr: int = 16000, n_mels: int = 80) -> np.n
     out = np.empty(n_mels)
     for m in range(n_mels):
         left, center, right = lo + m * delta, lo + (m + 1) * delta, lo + (m + 2) * delta
-        w = np.where((fft_mel > left) & (fft_mel <= center), (fft_mel - left) / (center - left), 0.0)
-        w = np.where((fft_mel > center) & (fft_mel < right), (right - fft_mel) / (right - center), w)
+        w = np.where(
+            (fft_mel > left) & (fft_mel <= center), (fft_mel - left) / (center - left), 0.0
+        )
+        w = np.where(
+            (fft_mel > center) & (fft_mel < right), (right - fft_mel) / (right - center), w
+        )
         out[m] = np.log(max(np.dot(w, power[:256]), np.finfo(np.float32).eps))
     return out
 
@@ -72,7 +76,9 @@ def test_fbank_known_values_for_a_sine():
     np.testing.assert_allclose(f[3, 8], _kaldi_fbank_frame(_sine(0.1)[480:])[8], atol=2e-3)
 
 
-@pytest.mark.parametrize("n, expected", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98)])
+@pytest.mark.parametrize(
+    "n, expected", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98)]
+)
 def test_num_frames_for(n, expected):
     assert num_frames_for(n) == expected
     assert len(compute_fbank(np.zeros(n, np.float32) + 0.01)) == expected
@@ -104,17 +110,67 @@ def test_wav_read_slice_and_info(tmp_path):
 @needs_sox
 def test_other_encodings_resampling_and_pipes(tmp_path):
     sox = shutil.which("sox")
-    subprocess.run([sox, "-n", "-r", "8000", "-c", "2", "-b", "24", str(tmp_path / "s24.wav"),
-                    "synth", "0.5", "sine", "440"], check=True)
-    subprocess.run([sox, "-n", "-r", "16000", "-e", "floating-point", "-b", "32",
-                    str(tmp_path / "f.wav"), "synth", "0.5", "sine", "300"], check=True)
-    subprocess.run([sox, "-n", "-r", "16000", str(tmp_path / "a.flac"), "synth", "0.5", "sine", "440"], check=True)
+    subprocess.run(
+        [
+            sox,
+            "-n",
+            "-r",
+            "8000",
+            "-c",
+            "2",
+            "-b",
+            "24",
+            str(tmp_path / "s24.wav"),
+            "synth",
+            "0.5",
+            "sine",
+            "440",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [
+            sox,
+            "-n",
+            "-r",
+            "16000",
+            "-e",
+            "floating-point",
+            "-b",
+            "32",
+            str(tmp_path / "f.wav"),
+            "synth",
+            "0.5",
+            "sine",
+            "300",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [sox, "-n", "-r", "16000", str(tmp_path / "a.flac"), "synth", "0.5", "sine", "440"],
+        check=True,
+    )
     y24 = read_audio(tmp_path / "s24.wav")  # 24-bit stereo 8 kHz -> mono 16 kHz
     assert len(y24) == 8000 and 0.5 < np.abs(y24).max() <= 1.0
     # Native 24-bit decoding and channel averaging agree with sox's own.
     native = read_audio(tmp_path / "s24.wav", sample_rate=8000)
-    by_sox = subprocess.run([sox, str(tmp_path / "s24.wav"), "-t", "raw", "-e", "floating-point",
-                             "-b", "32", "-c", "1", "-"], capture_output=True, check=True).stdout
+    by_sox = subprocess.run(
+        [
+            sox,
+            str(tmp_path / "s24.wav"),
+            "-t",
+            "raw",
+            "-e",
+            "floating-point",
+            "-b",
+            "32",
+            "-c",
+            "1",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
     np.testing.assert_allclose(native, np.frombuffer(by_sox, "<f4"), atol=1e-6)
     yf = read_audio(tmp_path / "f.wav")
     assert len(yf) == 8000 and yf.dtype == np.float32
@@ -168,15 +224,19 @@ def test_store_write_read(tmp_path, utts):
         np.testing.assert_array_equal(a, store[b])
     for u in utts:  # single reads through the chunk cache
         np.testing.assert_array_equal(lazy[u.id], store[u.id])
-    np.testing.assert_array_equal(lazy.normalize(lazy["utt0"]), (store["utt0"] - store.mean) / store.std)
+    np.testing.assert_array_equal(
+        lazy.normalize(lazy["utt0"]), (store["utt0"] - store.mean) / store.std
+    )
 
 
 def test_store_pickles_for_spawned_workers(tmp_path, utts):
     import pickle
 
     for in_memory in (True, False):
-        store = open_features(write_features(utts, tmp_path / f"p{in_memory}", progress=False).path,
-                              in_memory=in_memory)
+        store = open_features(
+            write_features(utts, tmp_path / f"p{in_memory}", progress=False).path,
+            in_memory=in_memory,
+        )
         blob = pickle.dumps(store)
         assert len(blob) < 2000  # a path, not the data
         clone = pickle.loads(blob)
@@ -237,9 +297,11 @@ def test_store_killed_run_leaves_nothing_at_the_target(tmp_path, utts):
     slow = [Utterance(f"s{i}", f"sleep 0.2; cat {utts[0].audio} |", "t") for i in range(40)]
     write_jsonl(slow, tmp_path / "slow.jsonl")
     out = tmp_path / "killed.fbank"
-    code = ("import sys; from kdcache.data.manifest import load_manifest; "
-            "from kdcache.data.features import write_features; "
-            f"write_features(load_manifest({str(tmp_path / 'slow.jsonl')!r}), {str(out)!r}, progress=False)")
+    code = (
+        "import sys; from kdcache.data.manifest import load_manifest; "
+        "from kdcache.data.features import write_features; "
+        f"write_features(load_manifest({str(tmp_path / 'slow.jsonl')!r}), {str(out)!r}, progress=False)"
+    )
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)

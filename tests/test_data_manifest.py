@@ -41,15 +41,19 @@ def _write(path, text):
 
 
 def test_jsonl_reads_fields_and_resolves_relative_paths(tmp_path, wavs):
-    m = _write(tmp_path / "m.jsonl",
-               '{"id": "a", "audio": "audio/r0.wav", "text": "Hello"}\n'
-               "\n"
-               '{"id": "b", "audio": "audio/r1.wav", "text": "x", "start": 0.25, "duration": 0.5, "speaker": "s"}\n'
-               '{"id": "c", "audio": null, "text": "text only"}\n')
+    m = _write(
+        tmp_path / "m.jsonl",
+        '{"id": "a", "audio": "audio/r0.wav", "text": "Hello"}\n'
+        "\n"
+        '{"id": "b", "audio": "audio/r1.wav", "text": "x", "start": 0.25, "duration": 0.5, "speaker": "s"}\n'
+        '{"id": "c", "audio": null, "text": "text only"}\n',
+    )
     utts = load_manifest(m)
     assert [u.id for u in utts] == ["a", "b", "c"]
     assert utts[0].audio == str((tmp_path / "audio/r0.wav").resolve())
-    assert utts[1] == Utterance("b", str((tmp_path / "audio/r1.wav").resolve()), "x", 0.25, 0.5, "s")
+    assert utts[1] == Utterance(
+        "b", str((tmp_path / "audio/r1.wav").resolve()), "x", 0.25, 0.5, "s"
+    )
     assert utts[2].audio is None and utts[2].text == "text only"
 
 
@@ -74,14 +78,18 @@ def test_jsonl_gz(tmp_path, wavs):
     ],
 )
 def test_jsonl_malformed_line_names_file_and_line(tmp_path, line, message):
-    m = _write(tmp_path / "bad.jsonl", '{"id": "a", "audio": "x.wav", "text": "ok"}\n' + line + "\n")
+    m = _write(
+        tmp_path / "bad.jsonl", '{"id": "a", "audio": "x.wav", "text": "ok"}\n' + line + "\n"
+    )
     with pytest.raises(ManifestError, match=rf"bad\.jsonl:2: .*{message}"):
         load_manifest(m)
 
 
 def test_jsonl_duplicate_id(tmp_path):
     m = _write(tmp_path / "d.jsonl", '{"id": "a", "audio": null}\n{"id": "a", "audio": null}\n')
-    with pytest.raises(ManifestError, match=r"d\.jsonl:2: duplicate utterance id 'a' \(first at .*d\.jsonl:1\)"):
+    with pytest.raises(
+        ManifestError, match=r"d\.jsonl:2: duplicate utterance id 'a' \(first at .*d\.jsonl:1\)"
+    ):
         load_manifest(m)
 
 
@@ -115,7 +123,11 @@ def test_kaldi_dir_with_segments_and_pipe(tmp_path, wavs):
     _write(d / "segments", "a rec0 0.0 0.5\nb rec0 0.5 -1\nc rec1 0.1 0.9\n")
     _write(d / "text", "a one\nb two\nc three\n")
     utts = load_manifest(d)
-    assert [(u.id, u.start, u.duration) for u in utts] == [("a", 0.0, 0.5), ("b", 0.5, None), ("c", 0.1, pytest.approx(0.8))]
+    assert [(u.id, u.start, u.duration) for u in utts] == [
+        ("a", 0.0, 0.5),
+        ("b", 0.5, None),
+        ("c", 0.1, pytest.approx(0.8)),
+    ]
     assert utts[2].audio == f"sox {wavs}/r1.wav -t wav - |" and utts[2].is_pipe
 
 
@@ -124,12 +136,24 @@ def test_kaldi_dir_with_segments_and_pipe(tmp_path, wavs):
     [
         ({"wav.scp": "r0 a.wav\nr1\n"}, "wav.scp:2", "expected '<key> <value>'"),
         ({"wav.scp": "r0 a.wav\nr0 b.wav\n"}, "wav.scp:2", "duplicate recording id"),
-        ({"wav.scp": "r0 a.wav\n", "segments": "s r0 0 1\ns2 r9 0 1\n"}, "segments:2", "recording 'r9'"),
+        (
+            {"wav.scp": "r0 a.wav\n", "segments": "s r0 0 1\ns2 r9 0 1\n"},
+            "segments:2",
+            "recording 'r9'",
+        ),
         ({"wav.scp": "r0 a.wav\n", "segments": "s r0 zero 1\n"}, "segments:1", "must be numbers"),
-        ({"wav.scp": "r0 a.wav\n", "segments": "s r0 0\n"}, "segments:1", "expected '<utt-id> <rec-id>"),
+        (
+            {"wav.scp": "r0 a.wav\n", "segments": "s r0 0\n"},
+            "segments:1",
+            "expected '<utt-id> <rec-id>",
+        ),
         ({"wav.scp": "r0 a.wav\n", "text": "r0 hi\nr0 again\n"}, "text:2", "duplicate key"),
         ({"wav.scp": "r0 a.wav\n", "text": "zz hi\n"}, "text", "not in wav.scp"),
-        ({"wav.scp": "r0 a.wav\n", "segments": "s r0 0 1\ns r0 1 2\n"}, "segments:2", "duplicate utterance id 's'"),
+        (
+            {"wav.scp": "r0 a.wav\n", "segments": "s r0 0 1\ns r0 1 2\n"},
+            "segments:2",
+            "duplicate utterance id 's'",
+        ),
     ],
 )
 def test_kaldi_malformed(tmp_path, files, where, message):
@@ -144,19 +168,49 @@ def test_kaldi_text_only_dir(tmp_path):
     d = tmp_path / "lm"
     _write(d / "text", "s1 some text\ns2 more text\n")
     utts = load_manifest(d)
-    assert [(u.id, u.audio, u.text) for u in utts] == [("s1", None, "some text"), ("s2", None, "more text")]
+    assert [(u.id, u.audio, u.text) for u in utts] == [
+        ("s1", None, "some text"),
+        ("s2", None, "more text"),
+    ]
 
 
 # --- lhotse cuts ---------------------------------------------------------------------------------
 
 
-def _cut(cut_id, source, *, start=0.0, duration=1.0, text="hi there", speaker="spk", stype="file", kind="MonoCut"):
+def _cut(
+    cut_id,
+    source,
+    *,
+    start=0.0,
+    duration=1.0,
+    text="hi there",
+    speaker="spk",
+    stype="file",
+    kind="MonoCut",
+):
     return {
-        "id": cut_id, "start": start, "duration": duration, "channel": 0,
-        "supervisions": [{"id": cut_id, "recording_id": "r", "start": 0.0, "duration": duration,
-                          "channel": 0, "text": text, "speaker": speaker}],
-        "recording": {"id": "r", "sources": [{"type": stype, "channels": [0], "source": source}],
-                      "sampling_rate": 16000, "num_samples": 16000, "duration": 1.0},
+        "id": cut_id,
+        "start": start,
+        "duration": duration,
+        "channel": 0,
+        "supervisions": [
+            {
+                "id": cut_id,
+                "recording_id": "r",
+                "start": 0.0,
+                "duration": duration,
+                "channel": 0,
+                "text": text,
+                "speaker": speaker,
+            }
+        ],
+        "recording": {
+            "id": "r",
+            "sources": [{"type": stype, "channels": [0], "source": source}],
+            "sampling_rate": 16000,
+            "num_samples": 16000,
+            "duration": 1.0,
+        },
         "type": kind,
     }
 
@@ -167,7 +221,9 @@ def test_lhotse_cuts(tmp_path, wavs):
         f.write(json.dumps(_cut("c1", "audio/r0.wav", start=0.2, duration=0.5)) + "\n")
         f.write(json.dumps(_cut("c2", "sox x.flac -t wav -", stype="command")) + "\n")
     utts = load_manifest(p)
-    assert utts[0] == Utterance("c1", str((tmp_path / "audio/r0.wav").resolve()), "hi there", 0.2, 0.5, "spk")
+    assert utts[0] == Utterance(
+        "c1", str((tmp_path / "audio/r0.wav").resolve()), "hi there", 0.2, 0.5, "spk"
+    )
     assert utts[1].audio == "sox x.flac -t wav - |"
 
 
@@ -176,7 +232,10 @@ def test_lhotse_cuts(tmp_path, wavs):
     [
         (_cut("x", "a.wav", kind="MixedCut"), "cut type 'MixedCut' is not supported"),
         (_cut("x", "s3://bucket/a.wav", stype="url"), "source type 'url'"),
-        ({**_cut("x", "a.wav"), "recording": {"id": "r", "sources": []}}, "recording has no sources"),
+        (
+            {**_cut("x", "a.wav"), "recording": {"id": "r", "sources": []}},
+            "recording has no sources",
+        ),
         ({k: v for k, v in _cut("x", "a.wav").items() if k != "id"}, "cut has no 'id'"),
     ],
 )
@@ -213,11 +272,15 @@ def test_write_kaldi_round_trip(tmp_path, wavs):
     assert (d / "segments").exists() and (d / "spk2utt").read_text() == "s1 u0 u1\ns2 u2\n"
     back = load_manifest(d)
     assert [(u.id, u.audio, u.text, u.start, u.duration, u.speaker) for u in back] == [
-        (u.id, u.audio, u.text, u.start, u.duration, u.speaker) for u in utts]
+        (u.id, u.audio, u.text, u.start, u.duration, u.speaker) for u in utts
+    ]
 
 
 def test_write_kaldi_without_segments_and_bad_ids(tmp_path, wavs):
-    utts = [Utterance("b", str(wavs / "r1.wav"), "two"), Utterance("a", str(wavs / "r0.wav"), "one")]
+    utts = [
+        Utterance("b", str(wavs / "r1.wav"), "two"),
+        Utterance("a", str(wavs / "r0.wav"), "one"),
+    ]
     d = write_kaldi_dir(utts, tmp_path / "k")
     assert not (d / "segments").exists()
     assert (d / "wav.scp").read_text().splitlines()[0].startswith("a ")  # sorted by key
@@ -231,12 +294,15 @@ def test_write_lhotse_round_trip(tmp_path, wavs):
     p = write_lhotse_cuts(utts, tmp_path / "cuts.jsonl.gz")
     back = load_manifest(p)
     assert [(u.id, u.audio, u.text, u.start, u.speaker) for u in back] == [
-        (u.id, u.audio, u.text, u.start, u.speaker) for u in utts]
+        (u.id, u.audio, u.text, u.start, u.speaker) for u in utts
+    ]
     assert back[0].duration == 1.0 and back[1].duration == 0.5  # to the end of the recording
     with gzip.open(p, "rt") as f:
         cut = json.loads(f.readline())
     assert cut["type"] == "MonoCut" and cut["recording"]["sampling_rate"] == 16000
-    assert cut["recording"]["num_samples"] == 16000 and cut["supervisions"][0]["text"] == "first one"
+    assert (
+        cut["recording"]["num_samples"] == 16000 and cut["supervisions"][0]["text"] == "first one"
+    )
     assert write_lhotse_cuts(utts, tmp_path / "again.jsonl.gz").read_bytes() == p.read_bytes()
 
 

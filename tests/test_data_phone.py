@@ -94,7 +94,10 @@ def test_cli_train_phone(tmp_path):
     r = CliRunner().invoke(app, ["tokenizer", "train", "--kind", "phone", "--text", str(text),
                                  "--out", str(tmp_path / "tok")])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert Tokenizer.load(tmp_path / "tok").content_hash() == Tokenizer.build_phone(TEXTS).content_hash()
+    assert (
+        Tokenizer.load(tmp_path / "tok").content_hash()
+        == Tokenizer.build_phone(TEXTS).content_hash()
+    )
     r = CliRunner().invoke(app, ["tokenizer", "show", str(tmp_path / "tok"), "--sample", "The cat"])
     assert r.exit_code == 0 and "kind        phone" in r.output and "D @2 | k a t" in r.output
 

@@ -13,14 +13,18 @@ from hypothesis import strategies as st
 from kdcache.data.text import normalize_text
 from kdcache.data.tokenizer import SPACE_PIECE, Tokenizer, TokenizerError
 
-TEXTS = [normalize_text(t) for t in [
-    "In the beginning God created the heaven and the earth.",
-    "And God said, Let there be light: and there was light.",
-    "Don't count your chickens before they're hatched!",
-    "The quick brown fox jumps over the lazy dog.",
-    "It's a long way to the top if you wanna rock 'n' roll.",
-    "Naïve café owners serve crème brûlée in 1999.",
-] * 5]
+TEXTS = [
+    normalize_text(t)
+    for t in [
+        "In the beginning God created the heaven and the earth.",
+        "And God said, Let there be light: and there was light.",
+        "Don't count your chickens before they're hatched!",
+        "The quick brown fox jumps over the lazy dog.",
+        "It's a long way to the top if you wanna rock 'n' roll.",
+        "Naïve café owners serve crème brûlée in 1999.",
+    ]
+    * 5
+]
 SAMPLE = normalize_text("Hello, World's end; don't stop!")
 
 
@@ -85,7 +89,9 @@ def test_bpe_train_save_load(tmp_path):
     again = Tokenizer.train_bpe(TEXTS, 120)  # deterministic
     assert again.content_hash() == tok.content_hash()
     loaded = Tokenizer.load(tmp_path / "bpe")
-    assert loaded.content_hash() == tok.content_hash() and loaded.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert loaded.content_hash() == tok.content_hash() and loaded.encode(SAMPLE) == tok.encode(
+        SAMPLE
+    )
     assert Tokenizer.train_bpe(TEXTS, 140).content_hash() != tok.content_hash()
     with pytest.raises(TokenizerError, match="smaller than"):
         Tokenizer.train_bpe(TEXTS, 10)
@@ -125,7 +131,11 @@ def test_minilm_wordpiece(tmp_path):
     tok = Tokenizer.load(d)
     assert tok.kind == "hf" and tok.vocab_size == 30522
     assert [tok.id_to_piece(i) for i in (tok.blank_id, tok.bos_id, tok.eos_id, tok.unk_id)] == [
-        "[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+        "[PAD]",
+        "[CLS]",
+        "[SEP]",
+        "[UNK]",
+    ]
     assert tok.pad_id == tok.blank_id
     for t in TEXTS[:5] + [SAMPLE]:
         assert tok.decode(tok.encode(t)) == t  # apostrophes rejoined: "world ' s" -> "world's"
@@ -156,7 +166,10 @@ def test_smollm2_gguf_tokenizer(tmp_path):
     tok = Tokenizer.load(_smollm_gguf())
     assert tok.kind == "hf" and tok.vocab_size == 49152
     assert tok.id_to_piece(tok.blank_id) == "<|endoftext|>"
-    assert (tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id)) == ("<|im_start|>", "<|im_end|>")
+    assert (tok.id_to_piece(tok.bos_id), tok.id_to_piece(tok.eos_id)) == (
+        "<|im_start|>",
+        "<|im_end|>",
+    )
     for t in TEXTS + [SAMPLE]:
         assert tok.decode(tok.encode(t)) == t
     _check_invariants(tok)
@@ -173,7 +186,9 @@ def test_hf_tokenizer_without_a_free_blank_gets_an_extra_id(tmp_path):
     d = tmp_path / "wl"
     d.mkdir()
     hf.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "<s>", "unk_token": "[UNK]"}')
+    (d / "tokenizer_config.json").write_text(
+        '{"bos_token": "<s>", "eos_token": "<s>", "unk_token": "[UNK]"}'
+    )
     tok = Tokenizer.load(d)
     assert tok.vocab_size == 5 and tok.blank_id == 4 and tok.id_to_piece(4) == "<blank>"
     assert tok.bos_id == tok.eos_id == 0 and tok.encode("a b") == [1, 2]

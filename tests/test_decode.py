@@ -124,8 +124,15 @@ def sequence_score(step, seq, length_norm):
 def test_exhaustive_beam_finds_brute_force_best(seed, length_norm):
     step, max_len = table_step(seed), 4
     best = max(all_sequences(max_len), key=lambda s: sequence_score(step, s, length_norm))
-    got = beam_search(step, bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len,
-                      length_norm=length_norm, banned=(BLANK, BOS))
+    got = beam_search(
+        step,
+        bos_id=BOS,
+        eos_id=EOS,
+        beam_size=64,
+        max_len=max_len,
+        length_norm=length_norm,
+        banned=(BLANK, BOS),
+    )
     assert tuple(got) == best
 
 
@@ -160,9 +167,17 @@ def test_joint_ctc_only_search_finds_most_probable_ctc_labelling():
     candidates = [s for s in all_sequences(max_len)]
     best = max(candidates, key=lambda s: probs.get(s, 0.0))
     uniform = lambda p: torch.full((p.shape[0], V), -math.log(V))  # noqa: E731
-    got = beam_search(uniform, bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len,
-                      length_norm=False, banned=(BLANK, BOS),
-                      ctc_scorer=CTCPrefixScorer(logp, BLANK, EOS), ctc_weight=1.0)
+    got = beam_search(
+        uniform,
+        bos_id=BOS,
+        eos_id=EOS,
+        beam_size=64,
+        max_len=max_len,
+        length_norm=False,
+        banned=(BLANK, BOS),
+        ctc_scorer=CTCPrefixScorer(logp, BLANK, EOS),
+        ctc_weight=1.0,
+    )
     assert tuple(got) == best
 
 
@@ -171,9 +186,19 @@ def test_joint_ctc_only_search_finds_most_probable_ctc_labelling():
 
 
 def tiny(**kw):
-    base = dict(vocab_size=8, input_dim=16, d_model=32, num_heads=2, ff_mult=2, num_layers=2,
-                conv_kernel=5, dropout=0.0, decoder_layers=1, decoder_heads=2,
-                cif_decoder_layers=1)
+    base = dict(
+        vocab_size=8,
+        input_dim=16,
+        d_model=32,
+        num_heads=2,
+        ff_mult=2,
+        num_layers=2,
+        conv_kernel=5,
+        dropout=0.0,
+        decoder_layers=1,
+        decoder_heads=2,
+        cif_decoder_layers=1,
+    )
     base.update(kw)
     return StudentConfig(**base)
 
@@ -187,8 +212,10 @@ def test_beam_one_equals_batched_greedy():
     greedy = attention_greedy(m, out, max_len_ratio=0.5)
     beam = attention_beam_search(m, out, beam_size=1, max_len_ratio=0.5)
     assert beam == greedy
-    assert decode(m, feats, lens, DecodeConfig(method="attention", beam_size=1,
-                                               max_len_ratio=0.5)) == greedy
+    assert (
+        decode(m, feats, lens, DecodeConfig(method="attention", beam_size=1, max_len_ratio=0.5))
+        == greedy
+    )
 
 
 def test_memorised_sequences_are_decoded_by_every_method():
@@ -205,8 +232,14 @@ def test_memorised_sequences_are_decoded_by_every_method():
     dec_y = decoder_targets(targets, tlens, cfg.eos_id)
     for _ in range(60):
         o = m.train()(feats, lens, targets, tlens)
-        ctc = F.ctc_loss(o.ctc_logits.log_softmax(-1).transpose(0, 1), targets.clamp(min=0),
-                         o.enc_lens, tlens, blank=cfg.blank_id, zero_infinity=True)
+        ctc = F.ctc_loss(
+            o.ctc_logits.log_softmax(-1).transpose(0, 1),
+            targets.clamp(min=0),
+            o.enc_lens,
+            tlens,
+            blank=cfg.blank_id,
+            zero_infinity=True,
+        )
         att = F.cross_entropy(o.dec_logits.transpose(1, 2), dec_y, ignore_index=-100)
         cif = F.cross_entropy(o.cif_logits.transpose(1, 2), targets, ignore_index=-100)
         qua = (o.alpha_sum - tlens).abs().mean()
@@ -243,6 +276,10 @@ def test_cif_greedy_handles_utterances_without_fires(ar):
         out = dataclasses.replace(out, cif_out=cif_out, cif_lens=cif_lens, cif_mask=mask)
         hyps = cif_greedy(m, out)
         assert [len(h) for h in hyps] == [0, 2]
-        empty = dataclasses.replace(out, cif_out=cif_out[:, :0], cif_lens=torch.zeros(2, dtype=torch.long),
-                                    cif_mask=mask[:, :0])
+        empty = dataclasses.replace(
+            out,
+            cif_out=cif_out[:, :0],
+            cif_lens=torch.zeros(2, dtype=torch.long),
+            cif_mask=mask[:, :0],
+        )
         assert cif_greedy(m, empty) == [[], []]

@@ -22,9 +22,19 @@ V = 12  # blank 0, bos 1, eos 2, tokens 3..11
 
 
 def tiny(**kw) -> StudentConfig:
-    base = dict(vocab_size=V, input_dim=20, d_model=32, num_heads=4, ff_mult=2, num_layers=3,
-                conv_kernel=5, dropout=0.0, decoder_layers=1, decoder_heads=4,
-                cif_decoder_layers=1)
+    base = dict(
+        vocab_size=V,
+        input_dim=20,
+        d_model=32,
+        num_heads=4,
+        ff_mult=2,
+        num_layers=3,
+        conv_kernel=5,
+        dropout=0.0,
+        decoder_layers=1,
+        decoder_heads=4,
+        cif_decoder_layers=1,
+    )
     base.update(kw)
     return StudentConfig(**base)
 
@@ -107,8 +117,15 @@ SWITCHES = {
     "aed_aux": dict(aux_kd_heads={"bert": 17, "phones": 9}, lrd_proj={"bert": 24}),
     "interaed": dict(decoder_layers=0, interaed_layers=[1, 3]),
     "interaed_shared": dict(decoder_layers=0, interaed_layers=[2, -1], interaed_shared=True),
-    "cif": dict(decoder_layers=0, use_cif=True, acd_proj={"bert": 24}, lrd_proj={"bert": 24},
-                lrd_source="cif", aux_kd_heads={"bert": 17}, aux_kd_source="cif"),
+    "cif": dict(
+        decoder_layers=0,
+        use_cif=True,
+        acd_proj={"bert": 24},
+        lrd_proj={"bert": 24},
+        lrd_source="cif",
+        aux_kd_heads={"bert": 17},
+        aux_kd_source="cif",
+    ),
     "cif_nar": dict(decoder_layers=0, use_cif=True, cif_autoregressive=False),
     "enc_aux": dict(decoder_layers=0, aux_kd_heads={"ens": 5}, aux_kd_source="encoder"),
 }
@@ -171,16 +188,22 @@ def test_decoder_io_alignment():
     targets = torch.tensor([[5, 6, 7], [8, 9, -100]])
     tlens = torch.tensor([3, 2])
     assert decoder_inputs(targets, tlens, bos_id=1, eos_id=2).tolist() == [
-        [1, 5, 6, 7], [1, 8, 9, 2]]
-    assert decoder_targets(targets, tlens, eos_id=2).tolist() == [
-        [5, 6, 7, 2], [8, 9, 2, -100]]
+        [1, 5, 6, 7],
+        [1, 8, 9, 2],
+    ]
+    assert decoder_targets(targets, tlens, eos_id=2).tolist() == [[5, 6, 7, 2], [8, 9, 2, -100]]
 
 
 # ---------------------------------------------------------------------------------------------
 # padding exactness
 
-FULL = dict(interaed_layers=[1, 3], use_cif=True, aux_kd_heads={"bert": 17},
-            acd_proj={"bert": 24}, lrd_proj={"bert": 24})
+FULL = dict(
+    interaed_layers=[1, 3],
+    use_cif=True,
+    aux_kd_heads={"bert": 17},
+    acd_proj={"bert": 24},
+    lrd_proj={"bert": 24},
+)
 
 
 @pytest.mark.parametrize("cif_ar", [True, False])
@@ -198,8 +221,9 @@ def test_padding_and_batching_do_not_change_valid_outputs(cif_ar):
         inf_full, inf_alone = m(feats, lens), m(feats[1:, :40], lens[1:])
 
     def same(a, b, n_valid, atol=1e-4):
-        torch.testing.assert_close(a[1, :n_valid], b[0 if b.shape[0] == 1 else 1, :n_valid],
-                                   atol=atol, rtol=1e-4)
+        torch.testing.assert_close(
+            a[1, :n_valid], b[0 if b.shape[0] == 1 else 1, :n_valid], atol=atol, rtol=1e-4
+        )
 
     t1, l1 = int(full.enc_lens[1]), 3
     for other in (dirty, alone):
@@ -233,32 +257,55 @@ def test_export_ctc_matches_plain_ctc_model(name):
     plain = Student(tiny(decoder_layers=0))
     assert ctc_cfg == plain.cfg
     assert {k: tuple(v.shape) for k, v in state.items()} == {
-        k: tuple(v.shape) for k, v in plain.state_dict().items()}
+        k: tuple(v.shape) for k, v in plain.state_dict().items()
+    }
     assert count_parameters(Student(ctc_cfg)) == count_parameters(plain) < count_parameters(m)
     exported = Student(ctc_cfg).eval()
     exported.load_state_dict(state, strict=True)
     feats, lens, _, _ = batch()
     with torch.no_grad():
-        torch.testing.assert_close(exported(feats, lens).ctc_logits, m.eval()(feats, lens).ctc_logits)
+        torch.testing.assert_close(
+            exported(feats, lens).ctc_logits, m.eval()(feats, lens).ctc_logits
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # gradients
 
 
-@pytest.mark.parametrize("variant", [
-    dict(**FULL),
-    dict(decoder_layers=0, interaed_layers=[2, 3], interaed_shared=True, use_cif=True,
-         cif_autoregressive=False, aux_kd_heads={"a": 5, "b": 7}, aux_kd_source="cif",
-         lrd_proj={"bert": 24}, lrd_source="cif", acd_proj={"bert": 16}),
-    dict(decoder_layers=0, aux_kd_heads={"ens": 5}, aux_kd_source="encoder"),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(**FULL),
+        dict(
+            decoder_layers=0,
+            interaed_layers=[2, 3],
+            interaed_shared=True,
+            use_cif=True,
+            cif_autoregressive=False,
+            aux_kd_heads={"a": 5, "b": 7},
+            aux_kd_source="cif",
+            lrd_proj={"bert": 24},
+            lrd_source="cif",
+            acd_proj={"bert": 16},
+        ),
+        dict(decoder_layers=0, aux_kd_heads={"ens": 5}, aux_kd_source="encoder"),
+    ],
+)
 def test_gradient_reaches_every_parameter(variant):
     m = Student(tiny(**variant)).train()
     feats, lens, targets, tlens = batch()
     o = m(feats, lens, targets, tlens)
-    tensors = [o.ctc_logits, o.dec_logits, o.cif_logits, o.alpha_sum, *o.interaed_logits.values(),
-               *o.aux_kd_logits.values(), *o.acd_proj.values(), *o.lrd_proj.values()]
+    tensors = [
+        o.ctc_logits,
+        o.dec_logits,
+        o.cif_logits,
+        o.alpha_sum,
+        *o.interaed_logits.values(),
+        *o.aux_kd_logits.values(),
+        *o.acd_proj.values(),
+        *o.lrd_proj.values(),
+    ]
     loss = sum((t.float() ** 2).mean() for t in tensors if t is not None)
     loss.backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

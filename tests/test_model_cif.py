@@ -69,19 +69,22 @@ def test_training_scaling_gives_target_length_and_unit_weights():
     # hand: scaled[0] = .3913 .6522 .5217 1.1739 .2609 ->
     # c1 = .3913 h1 + .6087 h2; c2 = .0435 h2 + .5217 h3 + .4348 h4; c3 = .7391 h4 + .2609 h5
     s = 3 / 2.3
-    expected = torch.tensor([
-        [0.3 * s, 1 - 0.3 * s, 0, 0, 0],
-        [0, 0.8 * s - 1, 0.4 * s, 2 - 1.2 * s, 0],
-        [0, 0, 0, 2.1 * s - 2, 0.2 * s],
-    ])
+    expected = torch.tensor(
+        [
+            [0.3 * s, 1 - 0.3 * s, 0, 0, 0],
+            [0, 0.8 * s - 1, 0.4 * s, 2 - 1.2 * s, 0],
+            [0, 0, 0, 2.1 * s - 2, 0.2 * s],
+        ]
+    )
     torch.testing.assert_close(fired[0], expected)
 
 
 def test_rounding_short_of_target_fires_the_leftover():
     # weights sum to 2 - 1e-6: only one fire in the loop, the leftover becomes token 2
     alphas = torch.tensor([[1.0, 1.0 - 1e-6]], dtype=torch.float64)
-    fired, lens = integrate_and_fire(torch.eye(2, dtype=torch.float64)[None], alphas,
-                                     target_lens=torch.tensor([2]))
+    fired, lens = integrate_and_fire(
+        torch.eye(2, dtype=torch.float64)[None], alphas, target_lens=torch.tensor([2])
+    )
     assert lens.tolist() == [2]
     torch.testing.assert_close(fired[0, 1], torch.tensor([0, 1.0 - 1e-6], dtype=torch.float64))
 

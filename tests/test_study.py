@@ -24,7 +24,11 @@ def test_paired_differences_are_per_seed():
     arm = {1: 0.28, 2: 0.21, 3: 0.20, 4: 0.10}  # seed 4 has no baseline: left out
     d = paired_differences(arm, base)
     assert list(d) == [1, 2, 3]
-    assert d[1] == pytest.approx(-0.02) and d[2] == pytest.approx(0.01) and d[3] == pytest.approx(-0.05)
+    assert (
+        d[1] == pytest.approx(-0.02)
+        and d[2] == pytest.approx(0.01)
+        and d[3] == pytest.approx(-0.05)
+    )
 
 
 def test_bootstrap_of_a_constant_improvement_is_that_constant():
@@ -80,8 +84,10 @@ def test_plan_errors_name_the_file_and_key(tmp_path):
     p = _write_plan(tmp_path / "q.yaml", "name: x\nstepz: 3\n")
     with pytest.raises(ConfigError, match=r"q.yaml: unknown keys \['stepz'\]"):
         load_plan(p)
-    data = ("data: {train: a, train_features: b, dev: c, dev_features: d, test: e, "
-            "test_features: f, tokenizer: g}\n")
+    data = (
+        "data: {train: a, train_features: b, dev: c, dev_features: d, test: e, "
+        "test_features: f, tokenizer: g}\n"
+    )
     p = _write_plan(tmp_path / "r.yaml", data + "arms:\n  - {name: lst, config: x.yaml}\n")
     with pytest.raises(ConfigError, match="baseline 'none' is not an arm"):
         load_plan(p)
@@ -94,33 +100,41 @@ def toy(tmp_path_factory):
     return make_toy_corpus(tmp_path_factory.mktemp("toy"), num_utts=24, seed=0)
 
 
-TINY_MODEL = ("{d_model: 32, num_heads: 2, num_layers: 2, ff_mult: 2, decoder_layers: 1, "
-              "decoder_heads: 2, dropout: 0.0, subsampling_channels: 8}")
+TINY_MODEL = (
+    "{d_model: 32, num_heads: 2, num_layers: 2, ff_mult: 2, decoder_layers: 1, "
+    "decoder_heads: 2, dropout: 0.0, subsampling_channels: 8}"
+)
 
 
 def test_tiny_study_end_to_end(toy, tmp_path):
     root = toy.root
-    rel = {k: str(Path(getattr(toy, k)).relative_to(root)) for k in ("manifest", "features",
-                                                                     "tokenizer", "cache")}
+    rel = {
+        k: str(Path(getattr(toy, k)).relative_to(root))
+        for k in ("manifest", "features", "tokenizer", "cache")
+    }
     for name, recipe in (("none", "none"), ("lst", "lst")):
         (tmp_path / f"{name}.yaml").write_text(
             f"recipe: {recipe}\nmodel: {TINY_MODEL}\n"
             "data: {max_frames: 4000, speed_perturb: [], specaug: {enabled: false}}\n"
             "optim: {lr: 3.0e-3, warmup_steps: 5}\ntrain: {ckpt_every: 4, log_every: 2}\n"
-            "lst: {kd_weight: 0.3, temperature: 2.0}\n")
-    plan = _write_plan(tmp_path / "study.yaml", f"""
+            "lst: {kd_weight: 0.3, temperature: 2.0}\n"
+        )
+    plan = _write_plan(
+        tmp_path / "study.yaml",
+        f"""
 name: toy
 seeds: [1, 2]
 steps: 6
 eval_every: 3
-data: {{train: {rel['manifest']}, train_features: {rel['features']}, dev: {rel['manifest']},
-        dev_features: {rel['features']}, test: {rel['manifest']}, test_features: {rel['features']},
-        tokenizer: {rel['tokenizer']}}}
+data: {{train: {rel["manifest"]}, train_features: {rel["features"]}, dev: {rel["manifest"]},
+        dev_features: {rel["features"]}, test: {rel["manifest"]}, test_features: {rel["features"]},
+        tokenizer: {rel["tokenizer"]}}}
 decode: {{method: attention_beam, beam: 2, ctc_weight: 0.3}}
 arms:
   - {{name: none, config: none.yaml}}
-  - {{name: lst, config: lst.yaml, cache: [{rel['cache']}]}}
-""")
+  - {{name: lst, config: lst.yaml, cache: [{rel["cache"]}]}}
+""",
+    )
     out = tmp_path / "study"
     doc = run_study(load_plan(plan), root, out, jobs=2, progress=False)
     assert set(doc["runs"]) == {"none", "lst"} and set(doc["runs"]["lst"]) == {"1", "2"}
@@ -132,8 +146,10 @@ arms:
             assert [x.split(",")[0] for x in rows] == ["step", "3", "6"]
     # The same seed gives both arms the same batches: identical utterance order in step 1 is
     # visible as an identical number of frames in the first logged rows.
-    frames = {a: (out / "runs" / a / "seed1" / "metrics.csv").read_text().splitlines()[1]
-              for a in ("none", "lst")}
+    frames = {
+        a: (out / "runs" / a / "seed1" / "metrics.csv").read_text().splitlines()[1]
+        for a in ("none", "lst")
+    }
     assert frames["none"].split(",")[-2] == frames["lst"].split(",")[-2]
     # Config hashes ignore the seed: one per arm.
     assert doc["runs"]["none"]["1"]["config_hash"] == doc["runs"]["none"]["2"]["config_hash"]

@@ -23,7 +23,9 @@ def run_all(t, texts, budget=256):
     return ids, got
 
 
-def masked_reference(t: MaskedLMTeacher, ids: list[int], p: int, lo: int = 0, hi: int | None = None):
+def masked_reference(
+    t: MaskedLMTeacher, ids: list[int], p: int, lo: int = 0, hi: int | None = None
+):
     """log-softmax at position p with p masked, model input = [CLS] ids[lo:hi] [SEP]."""
     hi = len(ids) if hi is None else hi
     x = [t.cls_id, *ids[lo:hi], t.sep_id]
@@ -35,8 +37,9 @@ def masked_reference(t: MaskedLMTeacher, ids: list[int], p: int, lo: int = 0, hi
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_masked_mode_matches_per_position_reference(tiny_bert, temperature):
-    t = MaskedLMTeacher(resolve_model(str(tiny_bert)), k=5, temperature=temperature,
-                        hidden_layers=(-1, 1))
+    t = MaskedLMTeacher(
+        resolve_model(str(tiny_bert)), k=5, temperature=temperature, hidden_layers=(-1, 1)
+    )
     assert t.hidden_layers == (2, 1)
     ids, got = run_all(t, SENTENCES[:4])
     for u, toks in enumerate(ids):
@@ -49,11 +52,14 @@ def test_masked_mode_matches_per_position_reference(tiny_bert, temperature):
             np.testing.assert_allclose(tg.topk_logprobs[p], top.values.numpy(), atol=ATOL)
             rest = ref.clone()
             rest[top.indices] = -torch.inf
-            np.testing.assert_allclose(tg.tail_logmass[p], torch.logsumexp(rest, -1).item(), atol=ATOL)
+            np.testing.assert_allclose(
+                tg.tail_logmass[p], torch.logsumexp(rest, -1).item(), atol=ATOL
+            )
         # Hidden states come from the unmasked sentence, [CLS]/[SEP] dropped.
         with torch.no_grad():
-            hs = t.model(torch.tensor([[t.cls_id, *toks, t.sep_id]]),
-                         output_hidden_states=True).hidden_states
+            hs = t.model(
+                torch.tensor([[t.cls_id, *toks, t.sep_id]]), output_hidden_states=True
+            ).hidden_states
         np.testing.assert_allclose(tg.hidden[2], hs[2][0, 1:-1].numpy(), atol=ATOL)
         np.testing.assert_allclose(tg.hidden[1], hs[1][0, 1:-1].numpy(), atol=ATOL)
 

@@ -63,7 +63,10 @@ def test_vocab_size_mismatch(toy, student, tmp_path):
     # Same recorded hash, different vocabulary: the size check still catches it.
     path = write_toy_cache(tmp_path / "big.kdc", texts, bigger, tokenizer_hash=tok.content_hash(),
                            token_ids=tok.encode)  # fmt: skip
-    with pytest.raises(CacheMismatchError, match=rf"vocabulary size differs: cache {bigger.vocab_size}, student tokenizer {tok.vocab_size}"):
+    with pytest.raises(
+        CacheMismatchError,
+        match=rf"vocabulary size differs: cache {bigger.vocab_size}, student tokenizer {tok.vocab_size}",
+    ):
         check_cache(_open(path), ["lm"], tok, list(texts), tokens)
 
 
@@ -71,7 +74,9 @@ def test_token_ids_mismatch(toy, student, tmp_path):
     tok, texts, tokens = student
     path = write_toy_cache(tmp_path / "rev.kdc", texts, tok,
                            token_ids=lambda t: tok.encode(t)[::-1])  # fmt: skip
-    with pytest.raises(CacheMismatchError, match=r"token_ids .* differ from the student's tokenisation"):
+    with pytest.raises(
+        CacheMismatchError, match=r"token_ids .* differ from the student's tokenisation"
+    ):
         check_cache(_open(path), ["lm"], tok, list(texts), tokens)
 
 

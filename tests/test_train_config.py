@@ -91,7 +91,9 @@ def test_yaml_file_then_recipe_then_overrides(tmp_path):
 
 
 def test_save_load_roundtrip(tmp_path):
-    cfg = build_config(recipe="multitask", overrides=["model.aux_kd_heads={lm: 30}", "multitask.lam=0.25"])
+    cfg = build_config(
+        recipe="multitask", overrides=["model.aux_kd_heads={lm: 30}", "multitask.lam=0.25"]
+    )
     save_config(cfg, tmp_path / "config.yaml")
     back = load_config(tmp_path / "config.yaml")
     assert to_dict(back) == to_dict(cfg)
@@ -119,7 +121,9 @@ def test_recipe_registry_names_the_recipes_everywhere():
     from kdcache.student.objectives import OBJECTIVES
 
     assert RECIPES == tuple(OBJECTIVES) and all(o.name == n for n, o in OBJECTIVES.items())
-    (help_text,) = [d.help for d in run.__defaults__ if "--recipe" in (getattr(d, "param_decls", None) or ())]
+    (help_text,) = [
+        d.help for d in run.__defaults__ if "--recipe" in (getattr(d, "param_decls", None) or ())
+    ]
     assert all(f"{name}: " in help_text for name in RECIPES)
     code = "import sys; import kdcache.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -108,7 +108,9 @@ def test_resume_guards(toy, tmp_path):
     with pytest.raises(ConfigError, match="started with recipe 'none'"):
         train(RunInputs(out=run, resume=True, recipe="lst"))
     with pytest.raises(ConfigError, match="data.num_workers=0; resume with the same value"):
-        train(RunInputs(out=run, resume=True, overrides=["data.num_workers=1", "train.max_steps=3"]))
+        train(
+            RunInputs(out=run, resume=True, overrides=["data.num_workers=1", "train.max_steps=3"])
+        )
 
 
 def test_checkpoint_is_atomic_and_pruned(toy, tmp_path):

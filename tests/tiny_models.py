@@ -11,25 +11,27 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-WORDS = ("the a of and to in is was he she it that for on with as his her they at be this "
-         "from have or by one had not but what all were when we there can an your which their "
-         "said if do will each about how up out them then many some so these would other into "
-         "has more two like him see time could no make than first been its who now people my "
-         "made over did down only way find use may water long little very after words called "
-         "just where most know get through back much go good new write our me man too any day "
-         "same right look think also around another came come work three word must because "
-         "does part even place well such here take why things help put years different away "
-         "again off went old number great tell men say small every found still between name "
-         "should home big give air line set own under read last never us left end along while "
-         "might next sound below saw something thought both few those always looked show large "
-         "often together asked house don't world going want school important until form food "
-         "keep children feet land side without boy once animals life enough took sometimes four "
-         "head above kind began almost live page got earth need far hand high year mother light "
-         "parts country father let night following picture being study second eyes soon times "
-         "story boys since white days paper hard near sentence better best across during today "
-         "others however sure means knew it's try told young miles sun ways thing whole hear "
-         "example heard several change answer room sea against top turned learn point city play "
-         "toward five using himself usually").split()
+WORDS = (
+    "the a of and to in is was he she it that for on with as his her they at be this "
+    "from have or by one had not but what all were when we there can an your which their "
+    "said if do will each about how up out them then many some so these would other into "
+    "has more two like him see time could no make than first been its who now people my "
+    "made over did down only way find use may water long little very after words called "
+    "just where most know get through back much go good new write our me man too any day "
+    "same right look think also around another came come work three word must because "
+    "does part even place well such here take why things help put years different away "
+    "again off went old number great tell men say small every found still between name "
+    "should home big give air line set own under read last never us left end along while "
+    "might next sound below saw something thought both few those always looked show large "
+    "often together asked house don't world going want school important until form food "
+    "keep children feet land side without boy once animals life enough took sometimes four "
+    "head above kind began almost live page got earth need far hand high year mother light "
+    "parts country father let night following picture being study second eyes soon times "
+    "story boys since white days paper hard near sentence better best across during today "
+    "others however sure means knew it's try told young miles sun ways thing whole hear "
+    "example heard several change answer room sea against top turned learn point city play "
+    "toward five using himself usually"
+).split()
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789'")
 
@@ -57,9 +59,14 @@ def make_bert(d: Path, *, head: bool = True, max_positions: int = 64, seed: int 
     from transformers import BertConfig, BertForMaskedLM, BertModel
 
     tok = make_tokenizer(d)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64,
-                     max_position_embeddings=max_positions)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+    )
     torch.manual_seed(seed)
     model = (BertForMaskedLM if head else BertModel)(cfg)
     with torch.no_grad():  # larger logits than the default init: peakier, more realistic targets
@@ -70,16 +77,24 @@ def make_bert(d: Path, *, head: bool = True, max_positions: int = 64, seed: int 
     return d
 
 
-def make_llama(d: Path, *, bos: str | None = "[CLS]", max_positions: int = 128,
-               seed: int = 0) -> Path:
+def make_llama(
+    d: Path, *, bos: str | None = "[CLS]", max_positions: int = 128, seed: int = 0
+) -> Path:
     """A 2-layer LlamaForCausalLM with the toy vocabulary; BOS ``bos`` (None: no BOS token)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer(d, bos=bos)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
-                      max_position_embeddings=max_positions, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -40,7 +40,9 @@ class MultiCache:
 
     def _cache(self, teacher: str):
         if teacher not in self._of:
-            raise KeyError(f"teacher {teacher!r} not in caches {self.path} (teachers: {sorted(self.teachers)})")
+            raise KeyError(
+                f"teacher {teacher!r} not in caches {self.path} (teachers: {sorted(self.teachers)})"
+            )
         return self._of[teacher]
 
     def utt_ids(self, teacher: str) -> list[str]:

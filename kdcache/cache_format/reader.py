@@ -35,7 +35,14 @@ from kdcache.cache_format.validate import (  # noqa: F401 - check_marker, record
     record_from_attrs,
 )
 
-__all__ = ["open_cache", "CacheReader", "KDCache", "ShardIndex", "check_marker", "record_from_attrs"]
+__all__ = [
+    "open_cache",
+    "CacheReader",
+    "KDCache",
+    "ShardIndex",
+    "check_marker",
+    "record_from_attrs",
+]
 
 
 @runtime_checkable

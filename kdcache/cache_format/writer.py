@@ -86,8 +86,9 @@ def check_out_path(path: str | os.PathLike) -> None:
         raise CacheError(f"{p}: exists and is a file, not a cache directory; choose another --out")
     if os.path.isdir(p) and not os.path.exists(os.path.join(p, "zarr.json")):
         if any(x != spec.LOCK_FILE for x in os.listdir(p)):
-            raise CacheError(f"{p}: exists, is not empty and is not a kdcache cache; choose "
-                             f"another --out")
+            raise CacheError(
+                f"{p}: exists, is not empty and is not a kdcache cache; choose another --out"
+            )
 
 
 class CacheWriter:

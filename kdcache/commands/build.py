@@ -19,8 +19,10 @@ def _layers(spec: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
-        raise typer.BadParameter(f"{spec!r}: expected comma-separated integers like -1 or 4,-1",
-                                 param_hint="--hidden-layers") from None
+        raise typer.BadParameter(
+            f"{spec!r}: expected comma-separated integers like -1 or 4,-1",
+            param_hint="--hidden-layers",
+        ) from None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -30,23 +32,55 @@ def _env_int(name: str, default: int) -> int:
 
 def build(
     teacher: str = typer.Option(..., "--teacher", help="bert (masked LM), causal_lm or lstm_lm."),
-    model: str = typer.Option(..., "--model", help="Hub id, local directory, .gguf file, an LSTM LM "
-                              "directory from train-lm, or an alias: minilm, smollm2."),
-    data: Path = typer.Option(..., "--data", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Hub id, local directory, .gguf file, an LSTM LM "
+        "directory from train-lm, or an alias: minilm, smollm2.",
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."
+    ),
     out: str = typer.Option(..., "--out", help="Cache path (NAME.kdc) or fsspec URL."),
-    name: str = typer.Option(None, "--name", help="Teacher name in the cache (default: --teacher)."),
-    top_k: int = typer.Option(16, "--top-k", help="Entries kept per position; 0 = hidden states only."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the stored log-probs."),
-    hidden_layers: str = typer.Option("", "--hidden-layers", help="Hidden states to store, e.g. -1 or 4,-1 (0 = embeddings)."),
+    name: str = typer.Option(
+        None, "--name", help="Teacher name in the cache (default: --teacher)."
+    ),
+    top_k: int = typer.Option(
+        16, "--top-k", help="Entries kept per position; 0 = hidden states only."
+    ),
+    temperature: float = typer.Option(
+        1.0, "--temperature", help="Softmax temperature of the stored log-probs."
+    ),
+    hidden_layers: str = typer.Option(
+        "", "--hidden-layers", help="Hidden states to store, e.g. -1 or 4,-1 (0 = embeddings)."
+    ),
     hidden_codec: str = typer.Option("float16", "--hidden-codec", help="float16 or int8."),
-    logprob_keepbits: int = typer.Option(None, "--logprob-keepbits", help="Mantissa bits kept in stored log-probs, 1..10 (10 = plain float16) (default: the format's)."),
-    mlm_mode: str = typer.Option("masked", "--mlm-mode", help="bert only: masked (one masked copy of the sentence per position) or unmasked (one pass)."),
-    batch_tokens: int = typer.Option(0, "--batch-tokens", help="Padded tokens per batch (default: 4096 CPU, 65536 GPU)."),
+    logprob_keepbits: int = typer.Option(
+        None,
+        "--logprob-keepbits",
+        help="Mantissa bits kept in stored log-probs, 1..10 (10 = plain float16) (default: the format's).",
+    ),
+    mlm_mode: str = typer.Option(
+        "masked",
+        "--mlm-mode",
+        help="bert only: masked (one masked copy of the sentence per position) or unmasked (one pass).",
+    ),
+    batch_tokens: int = typer.Option(
+        0, "--batch-tokens", help="Padded tokens per batch (default: 4096 CPU, 65536 GPU)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     rank: int = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or 0)."),
-    world_size: int = typer.Option(None, "--world-size", help="Number of workers (default: $WORLD_SIZE or 1)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip utterances without a transcript instead of failing."),
-    shard_positions: int = typer.Option(None, "--shard-positions", help="Positions per committed shard (what a killed build can lose)."),
+    world_size: int = typer.Option(
+        None, "--world-size", help="Number of workers (default: $WORLD_SIZE or 1)."
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip utterances without a transcript instead of failing."
+    ),
+    shard_positions: int = typer.Option(
+        None,
+        "--shard-positions",
+        help="Positions per committed shard (what a killed build can lose).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run one teacher over a manifest's transcripts and write top-k targets and hidden states."""
@@ -61,11 +95,25 @@ def build(
     # ValueError: bad option values, bad manifest lines, the writer's checks.
     with user_errors(BuildError, MissingHeadError, ValueError):
         summary = build_cache(
-            teacher=teacher, model=model, data=str(data), out=out, name=name, k=top_k,
-            temperature=temperature, hidden_layers=_layers(hidden_layers),
-            hidden_codec=hidden_codec, logprob_keepbits=logprob_keepbits, mlm_mode=mlm_mode, batch_tokens=batch_tokens,
-            device=device, rank=rank, world_size=world_size, skip_bad=skip_bad,
-            shard_positions=shard_positions, progress=progress)
+            teacher=teacher,
+            model=model,
+            data=str(data),
+            out=out,
+            name=name,
+            k=top_k,
+            temperature=temperature,
+            hidden_layers=_layers(hidden_layers),
+            hidden_codec=hidden_codec,
+            logprob_keepbits=logprob_keepbits,
+            mlm_mode=mlm_mode,
+            batch_tokens=batch_tokens,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            skip_bad=skip_bad,
+            shard_positions=shard_positions,
+            progress=progress,
+        )
     for line in summary.lines():
         typer.echo(line)
     if summary.world_size == 1:  # with several ranks the cache is complete only when all end
@@ -80,7 +128,9 @@ def build(
 
 
 def train_lm(
-    text: list[Path] = typer.Option(..., "--text", help="Text file(s), one sentence a line (repeat the option)."),
+    text: list[Path] = typer.Option(
+        ..., "--text", help="Text file(s), one sentence a line (repeat the option)."
+    ),
     tokenizer: str = typer.Option(..., "--tokenizer", help="Saved kdcache tokenizer directory."),
     out: Path = typer.Option(..., "--out", help="Output model directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
@@ -88,10 +138,14 @@ def train_lm(
     hidden: int = typer.Option(512, "--hidden"),
     dropout: float = typer.Option(0.2, "--dropout"),
     epochs: int = typer.Option(10, "--epochs"),
-    max_minutes: float = typer.Option(None, "--max-minutes", help="Stop after this long (the best epoch so far is kept)."),
+    max_minutes: float = typer.Option(
+        None, "--max-minutes", help="Stop after this long (the best epoch so far is kept)."
+    ),
     batch_tokens: int = typer.Option(8192, "--batch-tokens"),
     lr: float = typer.Option(2e-3, "--lr"),
-    patience: int = typer.Option(2, "--patience", help="Epochs without validation improvement before stopping."),
+    patience: int = typer.Option(
+        2, "--patience", help="Epochs without validation improvement before stopping."
+    ),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -108,8 +162,23 @@ def train_lm(
     refuse_overwrite(out, overwrite)
     with user_errors(ValueError):
         lines = [t for p in text for t in map(normalize_text, read_sentences(p)) if t]
-        r = _train(lines, tokenizer, str(out), layers=layers, hidden=hidden, dropout=dropout,
-                   epochs=epochs, max_minutes=max_minutes, batch_tokens=batch_tokens, lr=lr,
-                   patience=patience, seed=seed, device=pick_device(device), progress=progress)
-    typer.echo(f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
-               f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}")
+        r = _train(
+            lines,
+            tokenizer,
+            str(out),
+            layers=layers,
+            hidden=hidden,
+            dropout=dropout,
+            epochs=epochs,
+            max_minutes=max_minutes,
+            batch_tokens=batch_tokens,
+            lr=lr,
+            patience=patience,
+            seed=seed,
+            device=pick_device(device),
+            progress=progress,
+        )
+    typer.echo(
+        f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
+        f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}"
+    )

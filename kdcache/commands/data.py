@@ -17,7 +17,9 @@ def refuse_overwrite(out: Path, overwrite: bool, option: str = "--out") -> None:
         return
     if out.is_dir() and not any(out.iterdir()):
         return
-    _fail(f"{option} {out} already exists: pass --overwrite to replace it, or choose another {option}")
+    _fail(
+        f"{option} {out} already exists: pass --overwrite to replace it, or choose another {option}"
+    )
 
 
 class CorpusSize(str, Enum):
@@ -28,13 +30,24 @@ class CorpusSize(str, Enum):
 
 def demo_corpus(
     out: Path = typer.Option(..., "--out", help="Directory to create (the corpus root)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sentence split, voices, prosody and noise."),
-    size: CorpusSize = typer.Option(CorpusSize.demo, "--size",
-                                    help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed for sentence split, voices, prosody and noise."
+    ),
+    size: CorpusSize = typer.Option(
+        CorpusSize.demo,
+        "--size",
+        help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h.",
+    ),
     workers: int = typer.Option(2, "--workers", help="Processes synthesising audio."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing corpus at --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing corpus at --out."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
-    voices: str = typer.Option("heldout", "--voices", help="heldout: dev/test voices (13 variants, 1 accent) never heard in train; shared: every split hears every voice (the old corpus)."),
+    voices: str = typer.Option(
+        "heldout",
+        "--voices",
+        help="heldout: dev/test voices (13 variants, 1 accent) never heard in train; shared: every split hears every voice (the old corpus).",
+    ),
 ) -> None:
     """Build the offline English demo corpus: public-domain sentences spoken by espeak-ng.
 
@@ -44,18 +57,33 @@ def demo_corpus(
     from kdcache.data.demo_corpus import CorpusError, build_demo_corpus, format_summary
 
     try:
-        summary = build_demo_corpus(out, seed=seed, size=size.value, workers=workers,
-                                    overwrite=overwrite, progress=progress, voices=voices)
+        summary = build_demo_corpus(
+            out,
+            seed=seed,
+            size=size.value,
+            workers=workers,
+            overwrite=overwrite,
+            progress=progress,
+            voices=voices,
+        )
     except (CorpusError, OSError, ValueError) as e:
         _fail(e)
     typer.echo(format_summary(summary))
 
 
 def features(
-    manifest: Path = typer.Argument(..., help="Manifest (Kaldi dir, .jsonl, lhotse cuts) or a demo-corpus root (all splits)."),
-    out: Path | None = typer.Option(None, "--out", help="Store to create. Default for a demo-corpus root: ROOT/feats/<split>.fbank."),
+    manifest: Path = typer.Argument(
+        ..., help="Manifest (Kaldi dir, .jsonl, lhotse cuts) or a demo-corpus root (all splits)."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Store to create. Default for a demo-corpus root: ROOT/feats/<split>.fbank.",
+    ),
     workers: int = typer.Option(2, "--workers", help="Processes computing features."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store (atomically)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing store (atomically)."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Compute 80-dim Kaldi fbank features once into a chunked feature store (+ global CMVN stats)."""
@@ -80,11 +108,15 @@ def features(
         for src, dst in jobs:
             utts = load_manifest(src)
             t0 = time.perf_counter()
-            store = write_features(utts, dst, workers=workers, progress=progress, overwrite=overwrite)
+            store = write_features(
+                utts, dst, workers=workers, progress=progress, overwrite=overwrite
+            )
             dt = time.perf_counter() - t0
             hours = store.total_frames * store.frame_shift / 3600
-            typer.echo(f"{dst}: {len(store)} utterances, {store.total_frames} frames ({hours:.2f} h) "
-                       f"in {dt:.1f} s ({hours * 3600 / max(dt, 1e-9):.0f}x real time, {workers} workers)")
+            typer.echo(
+                f"{dst}: {len(store)} utterances, {store.total_frames} frames ({hours:.2f} h) "
+                f"in {dt:.1f} s ({hours * 3600 / max(dt, 1e-9):.0f}x real time, {workers} workers)"
+            )
     except (ManifestError, FeatureError, AudioError, OSError) as e:
         _fail(e)
 
@@ -103,14 +135,35 @@ class TokenizerKind(str, Enum):
 
 
 def tokenizer(
-    action: TokenizerAction = typer.Argument(..., help="train: build from text; show: summary; encode: ids of --sample; export: save a HF/gguf tokenizer as a kdcache tokenizer dir."),
-    path: str | None = typer.Argument(None, help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id."),
-    text: list[Path] | None = typer.Option(None, "--text", help="train: text files (one sentence a line) or manifests (their transcripts); repeatable."),
-    kind: TokenizerKind = typer.Option(TokenizerKind.bpe, "--kind", help="train: char, bpe or phone (English phones through espeak-ng, offline)."),
-    vocab_size: int = typer.Option(500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."),
-    out: Path | None = typer.Option(None, "--out", help="train/export: directory to write the tokenizer to."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="train/export: replace an existing --out."),
-    sample: str | None = typer.Option(None, "--sample", help="show/encode: a sentence to normalise, encode and decode."),
+    action: TokenizerAction = typer.Argument(
+        ...,
+        help="train: build from text; show: summary; encode: ids of --sample; export: save a HF/gguf tokenizer as a kdcache tokenizer dir.",
+    ),
+    path: str | None = typer.Argument(
+        None, help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id."
+    ),
+    text: list[Path] | None = typer.Option(
+        None,
+        "--text",
+        help="train: text files (one sentence a line) or manifests (their transcripts); repeatable.",
+    ),
+    kind: TokenizerKind = typer.Option(
+        TokenizerKind.bpe,
+        "--kind",
+        help="train: char, bpe or phone (English phones through espeak-ng, offline).",
+    ),
+    vocab_size: int = typer.Option(
+        500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="train/export: directory to write the tokenizer to."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="train/export: replace an existing --out."
+    ),
+    sample: str | None = typer.Option(
+        None, "--sample", help="show/encode: a sentence to normalise, encode and decode."
+    ),
 ) -> None:
     """Train, inspect and export tokenizers: the student's output units (char, BPE, or a teacher's).
 
@@ -155,7 +208,9 @@ def tokenizer(
             typer.echo(f"{out}: {tok!r}")
             return
         if action is TokenizerAction.show:
-            typer.echo(f"name        {tok.name}\nkind        {tok.kind}\nvocab_size  {tok.vocab_size}")
+            typer.echo(
+                f"name        {tok.name}\nkind        {tok.kind}\nvocab_size  {tok.vocab_size}"
+            )
             for k, v in tok.specials.items():
                 piece = tok.id_to_piece(v) if v is not None else "-"
                 typer.echo(f"{k + '_id':<12}{v} {piece}")
@@ -195,6 +250,9 @@ def read_sentences(p: Path) -> list[str]:
         raise FileNotFoundError(f"--text {p}: no such file")
     lines, kaldi = read_text_lines(p)
     if kaldi:
-        typer.echo(f"note: {p} is a Kaldi text file (utterance id first on each line): "
-                   f"the ids are left out", err=True)
+        typer.echo(
+            f"note: {p} is a Kaldi text file (utterance id first on each line): "
+            f"the ids are left out",
+            err=True,
+        )
     return lines

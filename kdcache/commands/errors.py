@@ -33,13 +33,22 @@ _KNOWN = (
     ("kdcache.teachers.base", "BuildError"),
     ("yaml", "YAMLError"),
 )
-_OS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
-       UnicodeDecodeError)
+_OS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    UnicodeDecodeError,
+)
 
 
 def known_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
-    types = [getattr(sys.modules[m], n) for m, n in _KNOWN if m in sys.modules
-             and hasattr(sys.modules[m], n)]
+    types = [
+        getattr(sys.modules[m], n)
+        for m, n in _KNOWN
+        if m in sys.modules and hasattr(sys.modules[m], n)
+    ]
     return (*types, *_OS, *extra)
 
 

@@ -17,18 +17,40 @@ _SEVERAL = " / ".join(o.name for o in OBJECTIVES.values() if o.several_teachers)
 
 
 def run(
-    out: Path = typer.Option(..., "--out", help="Run directory (config.yaml, checkpoints/, metrics.csv)."),
-    data: Path = typer.Option(None, "--data", help="Training manifest (Kaldi dir, lhotse cuts or JSONL)."),
-    features: Path = typer.Option(None, "--features", help="Feature store of the training utterances."),
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory (config.yaml, checkpoints/, metrics.csv)."
+    ),
+    data: Path = typer.Option(
+        None, "--data", help="Training manifest (Kaldi dir, lhotse cuts or JSONL)."
+    ),
+    features: Path = typer.Option(
+        None, "--features", help="Feature store of the training utterances."
+    ),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Student tokenizer directory."),
-    cache: list[Path] = typer.Option(None, "--cache", help=f"Teacher-target cache (NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches)."),
+    cache: list[Path] = typer.Option(
+        None,
+        "--cache",
+        help=f"Teacher-target cache (NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches).",
+    ),
     recipe: str = typer.Option(None, "--recipe", help=f"Training recipe. {recipes_help()}"),
     config: Path = typer.Option(None, "--config", help="YAML config file (e.g. recipes/lst.yaml)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue RUN_DIR from its newest checkpoint."),
-    allow_missing: bool = typer.Option(False, "--allow-missing", help="Skip training utterances the cache lacks (warns)."),
-    dev_data: Path = typer.Option(None, "--dev-data", help="Dev manifest: CTC-greedy WER/CER every train.eval_every steps into RUN_DIR/dev.csv (learning curves)."),
-    dev_features: Path = typer.Option(None, "--dev-features", help="Feature store of the dev utterances."),
-    overrides: list[str] = typer.Argument(None, help="key=value config overrides, dotted for sections: optim.lr=1e-3"),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue RUN_DIR from its newest checkpoint."
+    ),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Skip training utterances the cache lacks (warns)."
+    ),
+    dev_data: Path = typer.Option(
+        None,
+        "--dev-data",
+        help="Dev manifest: CTC-greedy WER/CER every train.eval_every steps into RUN_DIR/dev.csv (learning curves).",
+    ),
+    dev_features: Path = typer.Option(
+        None, "--dev-features", help="Feature store of the dev utterances."
+    ),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value config overrides, dotted for sections: optim.lr=1e-3"
+    ),
 ) -> None:
     """Train a student ASR model, distilling from a kdcache (no teacher is loaded)."""
     import logging
@@ -71,9 +93,15 @@ def evaluate(
     features: Path = typer.Option(..., "--features", help="Feature store of those utterances."),
     decode: str = typer.Option("ctc_greedy", "--decode", help="ctc_greedy | attention_beam | cif."),
     beam: int = typer.Option(4, "--beam", help="Beam size (attention_beam)."),
-    ctc_weight: float = typer.Option(0.3, "--ctc-weight", help="CTC rescoring weight in attention_beam."),
-    checkpoint: Path = typer.Option(None, "--checkpoint", help="Checkpoint to load (default: the newest)."),
-    out: Path = typer.Option(None, "--out", help="Output directory (default RUN_DIR/eval/<data>-<decode>)."),
+    ctc_weight: float = typer.Option(
+        0.3, "--ctc-weight", help="CTC rescoring weight in attention_beam."
+    ),
+    checkpoint: Path = typer.Option(
+        None, "--checkpoint", help="Checkpoint to load (default: the newest)."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="Output directory (default RUN_DIR/eval/<data>-<decode>)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
     """Decode a set with a trained student; write hypotheses and WER/CER (jiwer)."""
@@ -97,14 +125,36 @@ def evaluate(
 
 
 def study(
-    plan: Path = typer.Option(..., "--plan", help="Study plan YAML (e.g. recipes/plans/cpu.yaml): data, arms, seeds, steps."),
-    root: Path = typer.Option(Path("."), "--root", help="Directory the plan's data and cache paths are relative to (e.g. demo)."),
-    out: Path = typer.Option(..., "--out", help="Study directory: runs/<arm>/seed<N>/, study.json, study.md, curves.png."),
-    jobs: int = typer.Option(1, "--jobs", help="Runs side by side (each gets cores / jobs threads)."),
-    arms: list[str] = typer.Option(None, "--arm", help="Run only these arms (repeatable); the summary covers every finished run."),
+    plan: Path = typer.Option(
+        ...,
+        "--plan",
+        help="Study plan YAML (e.g. recipes/plans/cpu.yaml): data, arms, seeds, steps.",
+    ),
+    root: Path = typer.Option(
+        Path("."),
+        "--root",
+        help="Directory the plan's data and cache paths are relative to (e.g. demo).",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Study directory: runs/<arm>/seed<N>/, study.json, study.md, curves.png."
+    ),
+    jobs: int = typer.Option(
+        1, "--jobs", help="Runs side by side (each gets cores / jobs threads)."
+    ),
+    arms: list[str] = typer.Option(
+        None,
+        "--arm",
+        help="Run only these arms (repeatable); the summary covers every finished run.",
+    ),
     seeds: int = typer.Option(0, "--seeds", help="Use the first N seeds of the plan (0 = all)."),
-    steps: int = typer.Option(0, "--steps", help="Override the plan's steps per run (0 = the plan's)."),
-    summarize_only: bool = typer.Option(False, "--summarize", help="Only rewrite study.json / study.md / curves.png from finished runs."),
+    steps: int = typer.Option(
+        0, "--steps", help="Override the plan's steps per run (0 = the plan's)."
+    ),
+    summarize_only: bool = typer.Option(
+        False,
+        "--summarize",
+        help="Only rewrite study.json / study.md / curves.png from finished runs.",
+    ),
 ) -> None:
     """Train and evaluate every recipe of a plan against the identical baseline, N seeds each;
     resumable (finished runs are skipped, killed ones resume). Writes study.json (per run:
@@ -127,7 +177,9 @@ def study(
 
 
 def curves(
-    runs: list[str] = typer.Argument(..., help="Run directories with a dev.csv, each optionally LABEL=RUN_DIR."),
+    runs: list[str] = typer.Argument(
+        ..., help="Run directories with a dev.csv, each optionally LABEL=RUN_DIR."
+    ),
     out: Path = typer.Option(..., "--out", help="PNG to write."),
     metric: str = typer.Option("dev_cer", "--metric", help="dev_cer or dev_wer."),
 ) -> None:

@@ -18,8 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["AudioError", "AudioInfo", "audio_info", "decode_wav", "load_audio", "read_audio",
-           "resample", "write_wav"]
+__all__ = [
+    "AudioError",
+    "AudioInfo",
+    "audio_info",
+    "decode_wav",
+    "load_audio",
+    "read_audio",
+    "resample",
+    "write_wav",
+]
 
 _FLOAT_FMT = ["-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1", "-L"]
 
@@ -119,10 +127,21 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """Resample float32 mono samples with sox's ``rate`` effect."""
     if orig_rate == new_rate:
         return samples
-    cmd = [_sox("sox"), "-V1", *_FLOAT_FMT, "-r", str(orig_rate), "-",
-           *_FLOAT_FMT, "-r", str(new_rate), "-"]
-    res = subprocess.run(cmd, input=np.ascontiguousarray(samples, dtype="<f4").tobytes(),
-                         capture_output=True)
+    cmd = [
+        _sox("sox"),
+        "-V1",
+        *_FLOAT_FMT,
+        "-r",
+        str(orig_rate),
+        "-",
+        *_FLOAT_FMT,
+        "-r",
+        str(new_rate),
+        "-",
+    ]
+    res = subprocess.run(
+        cmd, input=np.ascontiguousarray(samples, dtype="<f4").tobytes(), capture_output=True
+    )
     if res.returncode != 0:
         raise AudioError(f"sox resampling failed: {res.stderr.decode(errors='replace').strip()}")
     return np.frombuffer(res.stdout, dtype="<f4").copy()
@@ -137,7 +156,9 @@ def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = 1
     ch = pcm.shape[1]
     data = pcm.tobytes()
     header = b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
-    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, ch, sample_rate, sample_rate * 2 * ch, 2 * ch, 16)
+    header += b"fmt " + struct.pack(
+        "<IHHIIHH", 16, 1, ch, sample_rate, sample_rate * 2 * ch, 2 * ch, 16
+    )
     header += b"data" + struct.pack("<I", len(data))
     p = Path(path)
     with open(p, "wb") as f:
@@ -166,14 +187,18 @@ def _run_pipe(command: str) -> bytes:
     cmd = command.rstrip()[:-1]
     res = subprocess.run(cmd, shell=True, capture_output=True)
     if res.returncode != 0:
-        raise AudioError(f"pipe command {command!r} failed: {res.stderr.decode(errors='replace').strip()}")
+        raise AudioError(
+            f"pipe command {command!r} failed: {res.stderr.decode(errors='replace').strip()}"
+        )
     return res.stdout
 
 
 def _is_wav(path: str) -> bool:
     if re.search(r"\.ark:\d+$", path):
-        raise AudioError(f"{path}: Kaldi archive offsets (wav.ark:N) are not supported; "
-                         "use wav files or a pipe command (wav-copy ... - |) in wav.scp")
+        raise AudioError(
+            f"{path}: Kaldi archive offsets (wav.ark:N) are not supported; "
+            "use wav files or a pipe command (wav-copy ... - |) in wav.scp"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(12)
@@ -198,9 +223,14 @@ def _parse_wav_header(buf: bytes, name: str, total_size: int) -> _WavLayout:
             if fmt is None:
                 raise AudioError(f"{name}: 'data' chunk before 'fmt '")
             tag, ch, sr, block, bits = fmt
-            dtype = {(1, 8): np.dtype("u1"), (1, 16): np.dtype("<i2"), (1, 24): np.dtype("V3"),
-                     (1, 32): np.dtype("<i4"), (3, 32): np.dtype("<f4"),
-                     (3, 64): np.dtype("<f8")}.get((tag, bits))
+            dtype = {
+                (1, 8): np.dtype("u1"),
+                (1, 16): np.dtype("<i2"),
+                (1, 24): np.dtype("V3"),
+                (1, 32): np.dtype("<i4"),
+                (3, 32): np.dtype("<f4"),
+                (3, 64): np.dtype("<f8"),
+            }.get((tag, bits))
             if dtype is None:
                 raise AudioError(f"{name}: unsupported WAV encoding (format {tag}, {bits} bit)")
             avail = total_size - body
@@ -230,7 +260,9 @@ def _span(lay: _WavLayout, start: float, duration: float | None, name: str) -> t
     first = int(round(start * lay.sample_rate))
     n = lay.num_frames - first if duration is None else int(round(duration * lay.sample_rate))
     if first > lay.num_frames:
-        raise AudioError(f"{name}: start {start:.3f}s is past the end ({lay.num_frames / lay.sample_rate:.3f}s)")
+        raise AudioError(
+            f"{name}: start {start:.3f}s is past the end ({lay.num_frames / lay.sample_rate:.3f}s)"
+        )
     # Segment ends a few ms past the end of the file are common (rounding); clamp them.
     return first, max(0, min(n, lay.num_frames - first))
 
@@ -244,13 +276,17 @@ def _read_wav_file(path: str, start: float, duration: float | None) -> tuple[np.
     item = lay.dtype.itemsize * lay.num_channels
     with open(path, "rb") as f:
         f.seek(lay.data_offset + first * item)
-        raw = np.frombuffer(f.read(n * item), dtype=lay.dtype if lay.dtype.kind != "V" else np.uint8)
+        raw = np.frombuffer(
+            f.read(n * item), dtype=lay.dtype if lay.dtype.kind != "V" else np.uint8
+        )
     if lay.dtype.kind != "V":
         raw = raw.view(lay.dtype)
     return _to_float(raw, lay.dtype, lay.num_channels), lay.sample_rate
 
 
-def _read_wav_bytes(data: bytes, name: str, start: float, duration: float | None) -> tuple[np.ndarray, int]:
+def _read_wav_bytes(
+    data: bytes, name: str, start: float, duration: float | None
+) -> tuple[np.ndarray, int]:
     lay = _parse_wav_header(data, name, len(data))
     first, n = _span(lay, start, duration, name)
     item = lay.dtype.itemsize * lay.num_channels

@@ -34,8 +34,15 @@ import numpy as np
 from kdcache.data.manifest import Utterance, write_jsonl, write_kaldi_dir, write_lhotse_cuts
 from kdcache.data.text import normalize_text
 
-__all__ = ["CorpusError", "SIZES", "SPLITS", "build_demo_corpus", "format_summary",
-           "load_sentences", "available_variants"]
+__all__ = [
+    "CorpusError",
+    "SIZES",
+    "SPLITS",
+    "build_demo_corpus",
+    "format_summary",
+    "load_sentences",
+    "available_variants",
+]
 
 SPLITS = ("train", "dev", "test")
 CORPUS_FORMAT = "kdcache-demo-corpus"
@@ -59,21 +66,90 @@ SIZES: dict[str, SizeSpec] = {
 
 # Accents shipped with espeak-ng itself (the mbrola voices need the mbrola program and are
 # skipped; without it espeak-ng silently falls back to en-gb).
-VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-          "en-029", "en-us-nyc")
+VOICES = (
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
+)
 # Voice variants (espeak-ng-data/voices/!v) that sound like a person: robots, echo and whisper
 # variants are left out. "" is the accent's own voice.
-VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-            "croak", "klatt", "klatt2", "klatt3", "klatt4", "klatt6", "adam", "Alex", "Andy",
-            "Annie", "aunty", "belinda", "benjamin", "boris", "caleb", "david", "ed", "edward",
-            "Gene", "grandma", "grandpa", "Jacky", "john", "Lee", "linda", "max", "Michael",
-            "Mike", "norbert", "paul", "quincy", "rob", "robert", "steph", "travis", "victor", "zac")
+VARIANTS = (
+    "",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "croak",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt4",
+    "klatt6",
+    "adam",
+    "Alex",
+    "Andy",
+    "Annie",
+    "aunty",
+    "belinda",
+    "benjamin",
+    "boris",
+    "caleb",
+    "david",
+    "ed",
+    "edward",
+    "Gene",
+    "grandma",
+    "grandpa",
+    "Jacky",
+    "john",
+    "Lee",
+    "linda",
+    "max",
+    "Michael",
+    "Mike",
+    "norbert",
+    "paul",
+    "quincy",
+    "rob",
+    "robert",
+    "steph",
+    "travis",
+    "victor",
+    "zac",
+)
 # Held out from training (``voices="heldout"``, the default): dev and test are spoken only by
 # these variants, so their error rates measure voices the student never heard; the accent in
 # HELDOUT_ACCENTS is heard by dev and test only. ``voices="shared"`` is the corpus of format
 # version 1 (every split draws from every voice).
-HELDOUT_VARIANTS = ("m3", "m7", "f2", "f5", "klatt3", "Andy", "belinda", "david", "grandma",
-                    "linda", "norbert", "quincy", "steph")
+HELDOUT_VARIANTS = (
+    "m3",
+    "m7",
+    "f2",
+    "f5",
+    "klatt3",
+    "Andy",
+    "belinda",
+    "david",
+    "grandma",
+    "linda",
+    "norbert",
+    "quincy",
+    "steph",
+)
 HELDOUT_ACCENTS = ("en-gb-scotland",)
 VOICE_MODES = ("heldout", "shared")
 SPEED_WPM = (130, 210)
@@ -87,10 +163,32 @@ FORTUNE_DIR = Path("/usr/share/games/fortunes")
 # BSD-licensed per /usr/share/doc/fortunes/copyright. Left out: lyrics (songs-poems), comic
 # strips (zippy), one novelist's quotes (pratchett), TV (startrek), The Tao of Programming (tao),
 # IRC logs (knghtbrd), ascii art, and files with edgy jokes (ethnic, men-women, drugs).
-FORTUNE_FILES = ("fortunes", "wisdom", "platitudes", "education", "work", "science", "people",
-                 "politics", "law", "medicine", "food", "kids", "love", "sports", "computers",
-                 "riddles", "miscellaneous", "cookie", "magic", "paradoxum", "goedel", "news",
-                 "definitions", "disclaimer")
+FORTUNE_FILES = (
+    "fortunes",
+    "wisdom",
+    "platitudes",
+    "education",
+    "work",
+    "science",
+    "people",
+    "politics",
+    "law",
+    "medicine",
+    "food",
+    "kids",
+    "love",
+    "sports",
+    "computers",
+    "riddles",
+    "miscellaneous",
+    "cookie",
+    "magic",
+    "paradoxum",
+    "goedel",
+    "news",
+    "definitions",
+    "disclaimer",
+)
 BIBLE_RANGE = "Gen1:1-Rev22:21"
 
 MIN_WORDS, MAX_WORDS = 3, 24  # any sentence kept (LM text)
@@ -98,7 +196,9 @@ PAIRED_WORDS = (4, 20)  # sentences eligible for the paired splits
 _SPEAKABLE = re.compile(r"^[A-Za-z][A-Za-z ,.;:!?'\"()\-]*$")
 _CLAUSE_END = re.compile(r"(?<=[.;:!?])\s+")
 _REF = re.compile(r"^\S+\d+:\d+\s+")
-_ABBREV = re.compile(r"\b(?:[A-Za-z]\.){2,}|\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Sgt|Rev|vs|etc|Inc|Ltd|Co|No)\.")
+_ABBREV = re.compile(
+    r"\b(?:[A-Za-z]\.){2,}|\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof|Gen|Col|Lt|Sgt|Rev|vs|etc|Inc|Ltd|Co|No)\."
+)
 _SINGLE_LETTER = re.compile(r"\b(?![AaIiOo]\b)[A-Za-z]\b")
 
 
@@ -140,8 +240,10 @@ def _speakable(s: str) -> str | None:
 def _bible_verses() -> list[str]:
     exe = shutil.which("bible")
     if exe is None or not Path("/usr/lib/bible.data").exists():
-        raise CorpusError("the King James Bible is not installed: apt-get install bible-kjv "
-                          "(or run scripts/setup_env.sh)")
+        raise CorpusError(
+            "the King James Bible is not installed: apt-get install bible-kjv "
+            "(or run scripts/setup_env.sh)"
+        )
     res = subprocess.run([exe, "-f", "-l", "100000", BIBLE_RANGE], capture_output=True, text=True)
     if res.returncode != 0:
         raise CorpusError(f"'bible' failed: {res.stderr.strip()}")
@@ -156,8 +258,11 @@ def _fortune_entries() -> list[str]:
             continue
         raw = p.read_text(encoding="utf-8", errors="replace")
         for entry in raw.split("\n%\n"):
-            lines = [ln for ln in entry.splitlines()
-                     if ln.strip() and not re.match(r"^\s*(--|\u2014|~)", ln)]
+            lines = [
+                ln
+                for ln in entry.splitlines()
+                if ln.strip() and not re.match(r"^\s*(--|\u2014|~)", ln)
+            ]
             # Indented lines are verse, code or attributions: keep only plain prose entries.
             if lines and not any(ln.startswith(("\t", "    ")) for ln in lines):
                 entries.append(" ".join(ln.strip() for ln in lines))
@@ -198,7 +303,9 @@ def available_variants() -> tuple[str, ...]:
     """The :data:`VARIANTS` this espeak-ng installation has (plus "")."""
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise CorpusError("espeak-ng is not installed: apt-get install espeak-ng (or run scripts/setup_env.sh)")
+        raise CorpusError(
+            "espeak-ng is not installed: apt-get install espeak-ng (or run scripts/setup_env.sh)"
+        )
     res = subprocess.run([exe, "--voices=variant"], capture_output=True, text=True)
     have = set(re.findall(r"!v/(\S+)", res.stdout))
     return tuple(v for v in VARIANTS if v == "" or v in have)
@@ -233,7 +340,9 @@ def _noise(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     elif kind == "hum":
         t = np.arange(n) / SAMPLE_RATE
         base = rng.choice([50.0, 60.0])
-        x = sum(np.sin(2 * np.pi * base * h * t + rng.uniform(0, 2 * np.pi)) / h for h in (1, 2, 3, 5))
+        x = sum(
+            np.sin(2 * np.pi * base * h * t + rng.uniform(0, 2 * np.pi)) / h for h in (1, 2, 3, 5)
+        )
         x = x + 0.3 * _noise("pink", n, rng)
     else:
         raise ValueError(f"unknown noise kind {kind!r}")
@@ -258,8 +367,9 @@ def synthesize(job: SynthJob) -> float:
         x = x[max(0, loud[0] - 160) : loud[-1] + 160]
     peak = np.max(np.abs(x)) + 1e-12
     x = x / peak * 0.5 * 10 ** (job.gain_db / 20)
-    x = np.concatenate([np.zeros(int(job.lead_s * SAMPLE_RATE)), x,
-                        np.zeros(int(job.trail_s * SAMPLE_RATE))])
+    x = np.concatenate(
+        [np.zeros(int(job.lead_s * SAMPLE_RATE)), x, np.zeros(int(job.trail_s * SAMPLE_RATE))]
+    )
     if job.snr_db is not None:
         rng = np.random.default_rng(list(job.noise_seed))
         speech = x[np.abs(x) > 1e-4]
@@ -273,8 +383,9 @@ def synthesize(job: SynthJob) -> float:
     return len(x) / SAMPLE_RATE
 
 
-def split_voices(split: str, variants: tuple[str, ...], mode: str = "heldout"
-                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def split_voices(
+    split: str, variants: tuple[str, ...], mode: str = "heldout"
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(accents, variants) a split draws from. ``heldout``: train never hears
     :data:`HELDOUT_VARIANTS` nor :data:`HELDOUT_ACCENTS`; dev and test use only the held-out
     variants (with every accent). ``shared``: every split uses everything."""
@@ -284,17 +395,26 @@ def split_voices(split: str, variants: tuple[str, ...], mode: str = "heldout"
         return VOICES, variants
     held = tuple(v for v in variants if v in HELDOUT_VARIANTS)
     if split == "train":
-        return (tuple(a for a in VOICES if a not in HELDOUT_ACCENTS),
-                tuple(v for v in variants if v not in HELDOUT_VARIANTS))
+        return (
+            tuple(a for a in VOICES if a not in HELDOUT_ACCENTS),
+            tuple(v for v in variants if v not in HELDOUT_VARIANTS),
+        )
     if not held:
-        raise CorpusError("this espeak-ng has none of the held-out voice variants "
-                          f"{HELDOUT_VARIANTS}: build with voices='shared'")
+        raise CorpusError(
+            "this espeak-ng has none of the held-out voice variants "
+            f"{HELDOUT_VARIANTS}: build with voices='shared'"
+        )
     return VOICES, held
 
 
-def _jobs_for(split: str, sentences: list[tuple[str, str, str]], wav_dir: Path, seed: int,
-              variants: tuple[str, ...], voices: tuple[str, ...] = VOICES
-              ) -> tuple[list[SynthJob], list[Utterance]]:
+def _jobs_for(
+    split: str,
+    sentences: list[tuple[str, str, str]],
+    wav_dir: Path,
+    seed: int,
+    variants: tuple[str, ...],
+    voices: tuple[str, ...] = VOICES,
+) -> tuple[list[SynthJob], list[Utterance]]:
     split_no = SPLITS.index(split)
     rng = np.random.default_rng([seed, split_no, 1])
     jobs, utts = [], []
@@ -355,7 +475,9 @@ def build_demo_corpus(
         raise CorpusError(f"unknown size {size!r}: choose from {', '.join(SIZES)}")
     for prog in ("espeak-ng", "sox"):
         if shutil.which(prog) is None:
-            raise CorpusError(f"'{prog}' is not installed: apt-get install {prog} (or run scripts/setup_env.sh)")
+            raise CorpusError(
+                f"'{prog}' is not installed: apt-get install {prog} (or run scripts/setup_env.sh)"
+            )
     out = Path(out).absolute()  # manifests hold absolute paths: never relative to a temp dir
     if out.exists() and not overwrite:
         raise CorpusError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -367,13 +489,17 @@ def build_demo_corpus(
     sentences = load_sentences()
     rng = np.random.default_rng([seed, 0])
     order = rng.permutation(len(sentences))
-    eligible = [i for i in order if PAIRED_WORDS[0] <= len(sentences[i][2].split()) <= PAIRED_WORDS[1]]
+    eligible = [
+        i for i in order if PAIRED_WORDS[0] <= len(sentences[i][2].split()) <= PAIRED_WORDS[1]
+    ]
     need = spec.test + spec.dev + spec.train
     if len(eligible) < need:
         raise CorpusError(f"only {len(eligible)} sentences for {need} paired utterances")
-    picked = {"test": eligible[: spec.test],
-              "dev": eligible[spec.test : spec.test + spec.dev],
-              "train": eligible[spec.test + spec.dev : need]}
+    picked = {
+        "test": eligible[: spec.test],
+        "dev": eligible[spec.test : spec.test + spec.dev],
+        "train": eligible[spec.test + spec.dev : need],
+    }
     used = set(eligible[:need])
     lm_text = [sentences[i][2] for i in order if i not in used]
 
@@ -388,27 +514,38 @@ def build_demo_corpus(
             wav_dir = tmp / split / "wav"
             wav_dir.mkdir(parents=True)
             accents, split_variants = split_voices(split, variants, voices)
-            jobs, utts = _jobs_for(split, [sentences[i] for i in picked[split]], wav_dir, seed,
-                                   split_variants, accents)
+            jobs, utts = _jobs_for(
+                split, [sentences[i] for i in picked[split]], wav_dir, seed, split_variants, accents
+            )
             all_jobs += jobs
             split_utts[split] = utts
-        durations = dict(zip((j.path for j in all_jobs), _run_jobs(all_jobs, workers, progress), strict=True))
+        durations = dict(
+            zip((j.path for j in all_jobs), _run_jobs(all_jobs, workers, progress), strict=True)
+        )
 
         summary: dict = {
-            "format": CORPUS_FORMAT, "format_version": CORPUS_VERSION, "seed": seed, "size": size,
-            "sample_rate": SAMPLE_RATE, "splits": {},
+            "format": CORPUS_FORMAT,
+            "format_version": CORPUS_VERSION,
+            "seed": seed,
+            "size": size,
+            "sample_rate": SAMPLE_RATE,
+            "splits": {},
         }
         final_utts: dict[str, list[Utterance]] = {}
         for split in SPLITS:
             # Durations are known: manifests carry them, so readers never probe the audio.
-            utts = [Utterance(u.id, u.audio, u.text, 0.0, round(durations[u.audio], 4), u.speaker)
-                    for u in split_utts[split]]
+            utts = [
+                Utterance(u.id, u.audio, u.text, 0.0, round(durations[u.audio], 4), u.speaker)
+                for u in split_utts[split]
+            ]
             write_jsonl(utts, tmp / split / "manifest.jsonl")  # relative paths: relocatable
             final_utts[split] = utts
             secs = sum(u.duration for u in utts)
             summary["splits"][split] = {
-                "utterances": len(utts), "hours": round(secs / 3600, 4),
-                "seconds": round(secs, 2), "words": sum(len(u.text.split()) for u in utts),
+                "utterances": len(utts),
+                "hours": round(secs / 3600, 4),
+                "seconds": round(secs, 2),
+                "words": sum(len(u.text.split()) for u in utts),
                 "speakers": len({u.speaker for u in utts}),
                 "manifest": f"{split}/manifest.jsonl",
             }
@@ -416,17 +553,27 @@ def build_demo_corpus(
         sources: dict[str, int] = {}
         for s, _, _ in sentences:
             sources[s] = sources.get(s, 0) + 1
-        summary["lm_text"] = {"path": "lm_text.txt", "sentences": len(lm_text),
-                              "words": sum(len(t.split()) for t in lm_text)}
+        summary["lm_text"] = {
+            "path": "lm_text.txt",
+            "sentences": len(lm_text),
+            "words": sum(len(t.split()) for t in lm_text),
+        }
         summary["sentences_by_source"] = sources
         summary["voices"] = list(VOICES)
         summary["voice_split"] = voices
-        summary["heldout"] = ({"accents": list(HELDOUT_ACCENTS),
-                               "variants": [v for v in variants if v in HELDOUT_VARIANTS]}
-                              if voices == "heldout" else None)
+        summary["heldout"] = (
+            {
+                "accents": list(HELDOUT_ACCENTS),
+                "variants": [v for v in variants if v in HELDOUT_VARIANTS],
+            }
+            if voices == "heldout"
+            else None
+        )
         summary["variants"] = [v or "default" for v in variants]
-        summary["tools"] = {"espeak-ng": _version(["espeak-ng", "--version"]),
-                            "sox": _version(["sox", "--version"])}
+        summary["tools"] = {
+            "espeak-ng": _version(["espeak-ng", "--version"]),
+            "sox": _version(["sox", "--version"]),
+        }
         summary["workers"] = workers
         old = None
         if out.exists():
@@ -442,14 +589,26 @@ def build_demo_corpus(
     try:
         final = out.resolve()
         for split, utts in final_utts.items():
-            moved = [Utterance(u.id, str(final / split / "wav" / Path(u.audio).name), u.text,
-                               u.start, u.duration, u.speaker) for u in utts]
-            write_kaldi_dir([Utterance(u.id, u.audio, u.text, speaker=u.speaker) for u in moved],
-                            final / split)
+            moved = [
+                Utterance(
+                    u.id,
+                    str(final / split / "wav" / Path(u.audio).name),
+                    u.text,
+                    u.start,
+                    u.duration,
+                    u.speaker,
+                )
+                for u in utts
+            ]
+            write_kaldi_dir(
+                [Utterance(u.id, u.audio, u.text, speaker=u.speaker) for u in moved], final / split
+            )
             write_lhotse_cuts(moved, final / split / "cuts.jsonl.gz", sample_rate=SAMPLE_RATE)
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
         marker = out / "corpus.json"
-        marker.with_suffix(".tmp").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        marker.with_suffix(".tmp").write_text(
+            json.dumps(summary, indent=1) + "\n", encoding="utf-8"
+        )
         os.replace(marker.with_suffix(".tmp"), marker)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
@@ -494,12 +653,15 @@ def format_summary(summary: dict) -> str:
     """The corpus summary as a few human-readable lines."""
     lines = [f"demo corpus (size {summary['size']}, seed {summary['seed']}):"]
     for split, s in summary["splits"].items():
-        lines.append(f"  {split:<6}{s['utterances']:>6} utterances  {s['hours']:.2f} h  "
-                     f"{s['words']:>7} words  {s['speakers']:>4} speakers")
+        lines.append(
+            f"  {split:<6}{s['utterances']:>6} utterances  {s['hours']:.2f} h  "
+            f"{s['words']:>7} words  {s['speakers']:>4} speakers"
+        )
     lm = summary["lm_text"]
     lines.append(f"  lm_text {lm['sentences']} sentences, {lm['words']} words (text only)")
-    lines.append(f"  voices: {len(summary['voices'])} accents x {len(summary['variants'])} variants; "
-                 f"sources: {summary['sentences_by_source']}")
+    lines.append(
+        f"  voices: {len(summary['voices'])} accents x {len(summary['variants'])} variants; "
+        f"sources: {summary['sentences_by_source']}"
+    )
     lines.append(f"  built in {summary['build_seconds']} s with {summary['workers']} workers")
     return "\n".join(lines)
-

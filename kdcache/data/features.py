@@ -193,8 +193,10 @@ def write_features(
             chunks=(chunk_frames, num_mel_bins),
             dtype=STORE_DTYPE,
             serializer=BytesCodec(endian="little"),
-            compressors=[BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
-                         Crc32cCodec()],
+            compressors=[
+                BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2),
+                Crc32cCodec(),
+            ],
             fill_value=0,
             dimension_names=("frame", "mel"),
         )
@@ -335,8 +337,14 @@ class FeatureStore:
     Thread-safe for reading; in DataLoader worker processes each process has its own cache.
     """
 
-    def __init__(self, path: str | os.PathLike, *, in_memory: bool | str = "auto",
-                 cache_chunks: int = 8, max_memory_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        in_memory: bool | str = "auto",
+        cache_chunks: int = 8,
+        max_memory_bytes: int = 1 << 30,
+    ):
         import pyarrow.parquet as pq
         import zarr
 
@@ -346,16 +354,22 @@ class FeatureStore:
             root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
             attrs = dict(root.attrs).get(STORE_ATTR)
             if not attrs or attrs.get("format") != STORE_FORMAT:
-                raise FeatureError(f"{self.path}: not a kdcache feature store (no '{STORE_ATTR}' attributes)")
+                raise FeatureError(
+                    f"{self.path}: not a kdcache feature store (no '{STORE_ATTR}' attributes)"
+                )
             if attrs.get("format_version") != STORE_VERSION:
-                raise FeatureError(f"{self.path}: feature store version {attrs.get('format_version')} "
-                                   f"is not supported (this kdcache reads {STORE_VERSION})")
+                raise FeatureError(
+                    f"{self.path}: feature store version {attrs.get('format_version')} "
+                    f"is not supported (this kdcache reads {STORE_VERSION})"
+                )
             self._arr = root[FEATS_ARRAY]
             table = pq.read_table(self.path / INDEX_FILE)
         except FeatureError:
             raise
         except Exception as e:
-            raise FeatureError(f"{self.path}: cannot open feature store ({type(e).__name__}: {e})") from e
+            raise FeatureError(
+                f"{self.path}: cannot open feature store ({type(e).__name__}: {e})"
+            ) from e
         self.attrs: dict = attrs
         self.num_mel_bins: int = int(attrs["num_mel_bins"])
         self.sample_rate: int = int(attrs["sample_rate"])
@@ -416,8 +430,11 @@ class FeatureStore:
     def load(self) -> FeatureStore:
         """Read the whole store into RAM (float16); later reads are slices."""
         if self._data is None:
-            self._data = np.asarray(self._arr[:]) if self.total_frames else np.zeros(
-                (0, self.num_mel_bins), STORE_DTYPE)
+            self._data = (
+                np.asarray(self._arr[:])
+                if self.total_frames
+                else np.zeros((0, self.num_mel_bins), STORE_DTYPE)
+            )
             self._cache.clear()
         return self
 
@@ -433,7 +450,9 @@ class FeatureStore:
 
     def __setstate__(self, state: dict) -> None:
         path, in_memory, cache_chunks, max_bytes = state["args"]
-        self.__init__(path, in_memory=in_memory, cache_chunks=cache_chunks, max_memory_bytes=max_bytes)
+        self.__init__(
+            path, in_memory=in_memory, cache_chunks=cache_chunks, max_memory_bytes=max_bytes
+        )
 
     # --- internals -------------------------------------------------------------------------
     def _locate(self, utt_id: str) -> tuple[int, int]:
@@ -463,7 +482,9 @@ class FeatureStore:
             if hit is not None:
                 self._cache.move_to_end(c)
                 return hit
-        data = np.asarray(self._arr[c * self._chunk : min((c + 1) * self._chunk, self.total_frames)])
+        data = np.asarray(
+            self._arr[c * self._chunk : min((c + 1) * self._chunk, self.total_frames)]
+        )
         with self._lock:
             self._cache[c] = data
             while len(self._cache) > self._cache_chunks:
@@ -472,8 +493,10 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         hours = self.total_frames * self.frame_shift / 3600
-        return (f"FeatureStore({str(self.path)!r}, utts={len(self)}, frames={self.total_frames}, "
-                f"hours={hours:.2f}, in_memory={self.in_memory})")
+        return (
+            f"FeatureStore({str(self.path)!r}, utts={len(self)}, frames={self.total_frames}, "
+            f"hours={hours:.2f}, in_memory={self.in_memory})"
+        )
 
 
 def open_features(path: str | os.PathLike, *, in_memory: bool | str = "auto") -> FeatureStore:
@@ -499,9 +522,14 @@ class OnTheFlyFeatures:
     train store's stats when this serves a dev set).
     """
 
-    def __init__(self, utts: Iterable[Utterance], *, sample_rate: int = SAMPLE_RATE,
-                 num_mel_bins: int = NUM_MEL_BINS,
-                 stats: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(
+        self,
+        utts: Iterable[Utterance],
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        num_mel_bins: int = NUM_MEL_BINS,
+        stats: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         self._utts = {}
         for u in utts:
             if u.audio is None:
@@ -513,8 +541,11 @@ class OnTheFlyFeatures:
         self.sample_rate = sample_rate
         self.num_mel_bins = num_mel_bins
         self.frame_shift = FRAME_SHIFT_MS / 1000.0
-        self._stats = None if stats is None else (np.asarray(stats[0], np.float32),
-                                                  np.asarray(stats[1], np.float32))
+        self._stats = (
+            None
+            if stats is None
+            else (np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32))
+        )
         self._nframes: dict[str, int] = {}
 
     def __len__(self) -> int:

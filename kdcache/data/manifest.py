@@ -227,8 +227,15 @@ def read_kaldi_dir(path: str | os.PathLike) -> list[Utterance]:
                     raise ManifestError(f"{where}: start/end must be numbers") from None
                 duration = None if end < 0 else end - start
                 utts.append(
-                    _make_utt(where, id=key, audio=recs[rec_id], text=texts.get(key),
-                              start=start, duration=duration, speaker=speakers.get(key))
+                    _make_utt(
+                        where,
+                        id=key,
+                        audio=recs[rec_id],
+                        text=texts.get(key),
+                        start=start,
+                        duration=duration,
+                        speaker=speakers.get(key),
+                    )
                 )
         else:
             for key, audio in recs.items():
@@ -251,7 +258,9 @@ def read_kaldi_dir(path: str | os.PathLike) -> list[Utterance]:
 # Writing
 
 
-def write_jsonl(utts: Iterable[Utterance], path: str | os.PathLike, *, relative: bool = True) -> Path:
+def write_jsonl(
+    utts: Iterable[Utterance], path: str | os.PathLike, *, relative: bool = True
+) -> Path:
     """Write a plain JSONL manifest (gzip when the name ends in ``.gz``).
 
     With ``relative`` (the default) audio paths under the manifest's directory are written
@@ -274,8 +283,9 @@ def write_jsonl(utts: Iterable[Utterance], path: str | os.PathLike, *, relative:
     return p
 
 
-def write_kaldi_dir(utts: Iterable[Utterance], path: str | os.PathLike, *,
-                    relative: bool = False) -> Path:
+def write_kaldi_dir(
+    utts: Iterable[Utterance], path: str | os.PathLike, *, relative: bool = False
+) -> Path:
     """Write a Kaldi data directory: ``wav.scp``, ``text``, ``utt2spk``, ``spk2utt`` and, when
     any utterance is a span of its recording, ``segments``.
 
@@ -296,7 +306,9 @@ def write_kaldi_dir(utts: Iterable[Utterance], path: str | os.PathLike, *,
         for field in ("id", "speaker"):
             v = getattr(u, field)
             if v is not None and (not v or any(c.isspace() for c in v)):
-                raise ManifestError(f"utterance {u.id!r}: Kaldi {field} must be non-empty without spaces")
+                raise ManifestError(
+                    f"utterance {u.id!r}: Kaldi {field} must be non-empty without spaces"
+                )
         if u.text is not None and "\n" in u.text:
             raise ManifestError(f"utterance {u.id!r}: Kaldi text cannot contain a newline")
     with_audio = [u for u in utts if u.audio is not None]
@@ -336,7 +348,10 @@ def write_kaldi_dir(utts: Iterable[Utterance], path: str | os.PathLike, *,
 
 
 def write_lhotse_cuts(
-    utts: Iterable[Utterance], path: str | os.PathLike, *, sample_rate: int | None = None,
+    utts: Iterable[Utterance],
+    path: str | os.PathLike,
+    *,
+    sample_rate: int | None = None,
     relative: bool = False,
 ) -> Path:
     """Write a lhotse ``CutSet`` JSONL(.gz) manifest: one ``MonoCut`` per utterance with its
@@ -370,12 +385,20 @@ def write_lhotse_cuts(
             dur = u.duration if u.duration is not None else rec_dur - u.start
             source = _relativize(u.audio, base) if relative else u.audio
             if u.is_pipe:
-                src = {"type": "command", "channels": list(range(num_channels)),
-                       "source": source.rstrip().rstrip("|").rstrip()}
+                src = {
+                    "type": "command",
+                    "channels": list(range(num_channels)),
+                    "source": source.rstrip().rstrip("|").rstrip(),
+                }
             else:
                 src = {"type": "file", "channels": list(range(num_channels)), "source": source}
-            sup = {"id": u.id, "recording_id": _rec_stem(u.audio), "start": 0.0,
-                   "duration": round(dur, 6), "channel": 0}
+            sup = {
+                "id": u.id,
+                "recording_id": _rec_stem(u.audio),
+                "start": 0.0,
+                "duration": round(dur, 6),
+                "channel": 0,
+            }
             if u.text is not None:
                 sup["text"] = u.text
             if u.speaker is not None:
@@ -471,8 +494,7 @@ _ID = re.compile(r"^[A-Za-z0-9][\w\-.:/]*$")
 def _id_like(token: str) -> bool:
     """An utterance id, not a word or a number: letters/digits joined by _ - . : /, with a digit
     and with something besides digits (``1089-134686-0000``, ``spk1_utt2``; not ``1984``)."""
-    return (bool(_ID.match(token)) and any(c.isdigit() for c in token)
-            and not token.isdigit())
+    return bool(_ID.match(token)) and any(c.isdigit() for c in token) and not token.isdigit()
 
 
 def is_kaldi_text(path: str | os.PathLike, lines: list[str] | None = None) -> bool:
@@ -496,8 +518,9 @@ def read_text_lines(path: str | os.PathLike) -> tuple[list[str], bool]:
     lines = [line.rstrip("\r\n") for _, line in _text_lines(p)]
     lines = [line for line in lines if line.strip()]
     if is_kaldi_text(p, lines):
-        return [parts[1] for parts in (line.split(maxsplit=1) for line in lines)
-                if len(parts) == 2], True
+        return [
+            parts[1] for parts in (line.split(maxsplit=1) for line in lines) if len(parts) == 2
+        ], True
     return lines, False
 
 

@@ -77,10 +77,19 @@ class Tokenizer:
         vocab_size: Number of ids, specials included; every id is in ``[0, vocab_size)``.
     """
 
-    def __init__(self, *, kind: str, name: str, specials: dict[str, int | None],
-                 pieces: list[str] | None = None, backend=None, extra_blank: bool = False,
-                 source: str = "", g2p: dict | None = None,
-                 lexicon: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        *,
+        kind: str,
+        name: str,
+        specials: dict[str, int | None],
+        pieces: list[str] | None = None,
+        backend=None,
+        extra_blank: bool = False,
+        source: str = "",
+        g2p: dict | None = None,
+        lexicon: dict[str, list[str]] | None = None,
+    ):
         self.kind = kind
         self.g2p = dict(g2p) if g2p else None  # phone: {"backend", "version", "voice"}
         self.lexicon = lexicon  # phone: word -> phones (the build text's words)
@@ -109,7 +118,9 @@ class Tokenizer:
         for k in _SPECIAL_NAMES:
             v = getattr(self, f"{k}_id")
             if v is not None and not 0 <= v < self.vocab_size:
-                raise TokenizerError(f"tokenizer {name!r}: {k} id {v} outside [0, {self.vocab_size})")
+                raise TokenizerError(
+                    f"tokenizer {name!r}: {k} id {v} outside [0, {self.vocab_size})"
+                )
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -123,12 +134,17 @@ class Tokenizer:
         for bad in ("\n", "\t", "\r"):
             chars.discard(bad)
         pieces = [BLANK, SOS_EOS, UNK, SPACE_PIECE] + sorted(chars)
-        return cls(kind="char", name=name, pieces=pieces,
-                   specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2})
+        return cls(
+            kind="char",
+            name=name,
+            pieces=pieces,
+            specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2},
+        )
 
     @classmethod
-    def build_phone(cls, texts: Iterable[str], *, name: str = "phone", voice: str = "en-us",
-                    g2p=None) -> Tokenizer:
+    def build_phone(
+        cls, texts: Iterable[str], *, name: str = "phone", voice: str = "en-us", g2p=None
+    ) -> Tokenizer:
         """Phone tokenizer over every phone the G2P gives for ``texts`` (already normalised).
 
         Args:
@@ -145,14 +161,27 @@ class Tokenizer:
             phones.update(ph)
         phones.discard(SPACE_PIECE)
         pieces = [BLANK, SOS_EOS, UNK, SPACE_PIECE] + sorted(phones)
-        self = cls(kind="phone", name=name, pieces=pieces, g2p=g2p.info, lexicon=lexicon,
-                   specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2})
+        self = cls(
+            kind="phone",
+            name=name,
+            pieces=pieces,
+            g2p=g2p.info,
+            lexicon=lexicon,
+            specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2},
+        )
         self._g2p_impl = g2p
         return self
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike | None = None,
-                  *, min_frequency: int = 2, name: str | None = None) -> Tokenizer:
+    def train_bpe(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        out_dir: str | os.PathLike | None = None,
+        *,
+        min_frequency: int = 2,
+        name: str | None = None,
+    ) -> Tokenizer:
         """Train a BPE on ``texts`` (already normalised) with HF ``tokenizers``.
 
         Args:
@@ -170,18 +199,29 @@ class Tokenizer:
         alphabet = sorted({c for t in texts for c in t} - {" ", "\n", "\t", "\r"})
         min_size = 3 + len(alphabet) + 1
         if vocab_size < min_size:
-            raise TokenizerError(f"bpe vocab_size {vocab_size} is smaller than specials + alphabet ({min_size})")
+            raise TokenizerError(
+                f"bpe vocab_size {vocab_size} is smaller than specials + alphabet ({min_size})"
+            )
         tok = HFTokenizer(models.BPE(unk_token=UNK))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE_PIECE, prepend_scheme="always")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement=SPACE_PIECE, prepend_scheme="always"
+        )
         tok.decoder = decoders.Metaspace(replacement=SPACE_PIECE, prepend_scheme="always")
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-            special_tokens=[BLANK, SOS_EOS, UNK], initial_alphabet=alphabet,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=False,
+            special_tokens=[BLANK, SOS_EOS, UNK],
+            initial_alphabet=alphabet,
             limit_alphabet=len(alphabet) + 1,
         )
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-        self = cls(kind="bpe", name=name or f"bpe{tok.get_vocab_size()}", backend=tok,
-                   specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2})
+        self = cls(
+            kind="bpe",
+            name=name or f"bpe{tok.get_vocab_size()}",
+            backend=tok,
+            specials={"blank": 0, "bos": 1, "eos": 1, "pad": 0, "unk": 2},
+        )
         if out_dir is not None:
             self.save(out_dir)
         return self
@@ -204,15 +244,21 @@ class Tokenizer:
         if p.is_dir() and (p / META_FILE).exists():
             return cls._load_saved(p)
         if p.is_dir() and (p / BACKEND_FILE).exists():
-            return cls._from_hf_json(p / BACKEND_FILE, _hf_special_tokens(p), name=_hf_name(p),
-                                     source=str(p))
+            return cls._from_hf_json(
+                p / BACKEND_FILE, _hf_special_tokens(p), name=_hf_name(p), source=str(p)
+            )
         if p.is_file() and p.name == BACKEND_FILE:
-            return cls._from_hf_json(p, _hf_special_tokens(p.parent), name=_hf_name(p.parent),
-                                     source=str(p))
+            return cls._from_hf_json(
+                p, _hf_special_tokens(p.parent), name=_hf_name(p.parent), source=str(p)
+            )
         if p.is_file() and p.suffix == ".gguf":
-            return cls._from_transformers(str(p.parent), gguf_file=p.name, name=p.stem, source=str(p))
+            return cls._from_transformers(
+                str(p.parent), gguf_file=p.name, name=p.stem, source=str(p)
+            )
         if p.exists() and not p.is_dir():
-            raise TokenizerError(f"{p}: not a tokenizer (expected a directory, tokenizer.json or .gguf)")
+            raise TokenizerError(
+                f"{p}: not a tokenizer (expected a directory, tokenizer.json or .gguf)"
+            )
         if not p.exists() and (p.is_absolute() or src.startswith((".", "~"))):
             raise TokenizerError(f"cannot load tokenizer {src!r}: no such file or directory")
         local_only = False
@@ -223,8 +269,9 @@ class Tokenizer:
                 local_only = check_hub_name(src, "tokenizer", what="tokenizer")
             except FileNotFoundError as e:
                 raise TokenizerError(str(e)) from None
-        return cls._from_transformers(src, name=Path(src).name if p.is_dir() else src, source=src,
-                                      local_files_only=local_only)
+        return cls._from_transformers(
+            src, name=Path(src).name if p.is_dir() else src, source=src, local_files_only=local_only
+        )
 
     @classmethod
     def _load_saved(cls, d: Path) -> Tokenizer:
@@ -233,7 +280,9 @@ class Tokenizer:
         except (OSError, json.JSONDecodeError) as e:
             raise TokenizerError(f"{d / META_FILE}: cannot read ({e})") from None
         if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise TokenizerError(f"{d / META_FILE}: not a kdcache tokenizer of version {FORMAT_VERSION}")
+            raise TokenizerError(
+                f"{d / META_FILE}: not a kdcache tokenizer of version {FORMAT_VERSION}"
+            )
         backend = None
         if meta["kind"] in ("bpe", "hf"):
             backend = _read_backend(d / BACKEND_FILE)
@@ -242,21 +291,38 @@ class Tokenizer:
             try:
                 lexicon = json.loads((d / LEXICON_FILE).read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as e:
-                raise TokenizerError(f"{d / LEXICON_FILE}: cannot read the phone lexicon ({e})") from None
-        return cls(kind=meta["kind"], name=meta["name"], specials=meta["specials"],
-                   pieces=meta.get("pieces"), backend=backend,
-                   extra_blank=bool(meta.get("extra_blank", False)), source=meta.get("source", str(d)),
-                   g2p=meta.get("g2p"), lexicon=lexicon)
+                raise TokenizerError(
+                    f"{d / LEXICON_FILE}: cannot read the phone lexicon ({e})"
+                ) from None
+        return cls(
+            kind=meta["kind"],
+            name=meta["name"],
+            specials=meta["specials"],
+            pieces=meta.get("pieces"),
+            backend=backend,
+            extra_blank=bool(meta.get("extra_blank", False)),
+            source=meta.get("source", str(d)),
+            g2p=meta.get("g2p"),
+            lexicon=lexicon,
+        )
 
     @classmethod
-    def _from_hf_json(cls, file: Path, special_tokens: dict[str, str | None], *, name: str,
-                      source: str) -> Tokenizer:
+    def _from_hf_json(
+        cls, file: Path, special_tokens: dict[str, str | None], *, name: str, source: str
+    ) -> Tokenizer:
         backend = _read_backend(file)
         return cls._from_backend(backend, special_tokens, name=name, source=source)
 
     @classmethod
-    def _from_transformers(cls, src: str, *, gguf_file: str | None = None, name: str,
-                           source: str, local_files_only: bool = False) -> Tokenizer:
+    def _from_transformers(
+        cls,
+        src: str,
+        *,
+        gguf_file: str | None = None,
+        name: str,
+        source: str,
+        local_files_only: bool = False,
+    ) -> Tokenizer:
         try:
             from transformers import AutoTokenizer
 
@@ -281,24 +347,34 @@ class Tokenizer:
 
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise TokenizerError(f"{source or name!r}: only fast (tokenizers-backed) HF tokenizers are supported")
-        specials = {k: getattr(hf_tokenizer, f"{k}_token", None) for k in
-                    ("pad", "unk", "bos", "eos", "cls", "sep")}
+            raise TokenizerError(
+                f"{source or name!r}: only fast (tokenizers-backed) HF tokenizers are supported"
+            )
+        specials = {
+            k: getattr(hf_tokenizer, f"{k}_token", None)
+            for k in ("pad", "unk", "bos", "eos", "cls", "sep")
+        }
         name = name or getattr(hf_tokenizer, "name_or_path", "") or "hf"
-        return cls._from_backend(HFTokenizer.from_str(backend.to_str()), specials, name=name,
-                                 source=source or name)
+        return cls._from_backend(
+            HFTokenizer.from_str(backend.to_str()), specials, name=name, source=source or name
+        )
 
     @classmethod
-    def _from_backend(cls, backend, tokens: dict[str, str | None], *, name: str,
-                      source: str) -> Tokenizer:
+    def _from_backend(
+        cls, backend, tokens: dict[str, str | None], *, name: str, source: str
+    ) -> Tokenizer:
         backend.no_padding()
         backend.no_truncation()
 
         def tid(tok: str | None) -> int | None:
             return None if tok is None else backend.token_to_id(tok)
 
-        bos = tid(tokens.get("cls")) if tid(tokens.get("cls")) is not None else tid(tokens.get("bos"))
-        eos = tid(tokens.get("sep")) if tid(tokens.get("sep")) is not None else tid(tokens.get("eos"))
+        bos = (
+            tid(tokens.get("cls")) if tid(tokens.get("cls")) is not None else tid(tokens.get("bos"))
+        )
+        eos = (
+            tid(tokens.get("sep")) if tid(tokens.get("sep")) is not None else tid(tokens.get("eos"))
+        )
         if bos is None:
             bos = eos
         if eos is None:
@@ -317,15 +393,23 @@ class Tokenizer:
             bos = eos = blank
         if pad is None:
             pad = blank
-        return cls(kind="hf", name=name, backend=backend, extra_blank=extra_blank, source=source,
-                   specials={"blank": blank, "bos": bos, "eos": eos, "pad": pad, "unk": unk})
+        return cls(
+            kind="hf",
+            name=name,
+            backend=backend,
+            extra_blank=extra_blank,
+            source=source,
+            specials={"blank": blank, "bos": bos, "eos": eos, "pad": pad, "unk": unk},
+        )
 
     # --- use ---------------------------------------------------------------------------------
     def _phone_g2p(self):
         if self._g2p_impl is None:
             info = self.g2p or {}
             if info.get("backend") != "espeak-ng":
-                raise TokenizerError(f"tokenizer {self.name!r}: unknown G2P backend {info.get('backend')!r}")
+                raise TokenizerError(
+                    f"tokenizer {self.name!r}: unknown G2P backend {info.get('backend')!r}"
+                )
             self._g2p_impl = EspeakG2P(info.get("voice", "en-us"))
             if self._g2p_impl.info.get("version") != info.get("version"):
                 log.warning("tokenizer %r was built with espeak-ng %s, this machine has %s: phones "
@@ -416,7 +500,9 @@ class Tokenizer:
         if self.g2p is not None:
             h["g2p"] = self.g2p
         if self.lexicon is not None:
-            lex = json.dumps(self.lexicon, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+            lex = json.dumps(
+                self.lexicon, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+            )
             h["lexicon"] = hashlib.sha256(lex.encode("utf-8")).hexdigest()
         if self._pieces is not None:
             h["pieces"] = self._pieces
@@ -429,15 +515,25 @@ class Tokenizer:
         """Write the tokenizer to ``out_dir`` so that :meth:`load` restores it (same hash)."""
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
-                "name": self.name, "source": self.source, "vocab_size": self.vocab_size,
-                "specials": self.specials, "extra_blank": self._extra_blank,
-                "content_hash": self.content_hash()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "name": self.name,
+            "source": self.source,
+            "vocab_size": self.vocab_size,
+            "specials": self.specials,
+            "extra_blank": self._extra_blank,
+            "content_hash": self.content_hash(),
+        }
         if self.g2p is not None:
             meta["g2p"] = self.g2p
         if self.lexicon is not None:
-            _write_atomic(d / LEXICON_FILE, json.dumps(self.lexicon, ensure_ascii=False, sort_keys=True,
-                                                      separators=(",", ":")) + "\n")
+            _write_atomic(
+                d / LEXICON_FILE,
+                json.dumps(self.lexicon, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+                + "\n",
+            )
         if self._pieces is not None:
             meta["pieces"] = self._pieces
         else:
@@ -449,9 +545,11 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(name={self.name!r}, kind={self.kind!r}, vocab_size={self.vocab_size}, "
-                f"blank={self.blank_id}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
-                f"unk={self.unk_id}, hash={self.content_hash()[:12]})")
+        return (
+            f"Tokenizer(name={self.name!r}, kind={self.kind!r}, vocab_size={self.vocab_size}, "
+            f"blank={self.blank_id}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, "
+            f"unk={self.unk_id}, hash={self.content_hash()[:12]})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,4 +669,3 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-

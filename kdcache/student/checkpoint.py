@@ -114,8 +114,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu"
-                ) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """Load the newest readable checkpoint of a run, newest first: a damaged or truncated one is
     skipped with a warning naming it, and the previous kept checkpoint is used. None when the
     run has no checkpoint.
@@ -139,8 +140,10 @@ def load_latest(run_dir: str | Path, map_location: str | torch.device = "cpu"
             log.warning("using the previous checkpoint %s instead of %s", path, ", ".join(skipped))
         return path, state
     if ckpts:
-        raise CheckpointError(f"{Path(run_dir) / CKPT_DIR}: no readable checkpoint "
-                              f"({', '.join(skipped)} damaged or truncated)")
+        raise CheckpointError(
+            f"{Path(run_dir) / CKPT_DIR}: no readable checkpoint "
+            f"({', '.join(skipped)} damaged or truncated)"
+        )
     return None
 
 

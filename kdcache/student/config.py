@@ -221,8 +221,11 @@ class RunConfig:
         check(self.recipe in RECIPES, "recipe", f"{self.recipe!r} is not one of {RECIPES}")
         check(0.0 <= self.ctc_weight <= 1.0, "ctc_weight", "must be in [0, 1]")
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)")
-        check(self.data.reader in ("auto", "stream", "random"), "data.reader",
-              "must be 'auto', 'stream' or 'random'")
+        check(
+            self.data.reader in ("auto", "stream", "random"),
+            "data.reader",
+            "must be 'auto', 'stream' or 'random'",
+        )
         check(self.data.max_frames > 0, "data.max_frames", "must be > 0")
         check(self.data.max_utts >= 1, "data.max_utts", "must be >= 1")
         check(self.data.max_utt_frames >= 1, "data.max_utt_frames", "must be >= 1")
@@ -233,17 +236,27 @@ class RunConfig:
         sa = self.data.specaug
         for key in ("num_freq_masks", "freq_mask_width", "num_time_masks", "time_mask_width"):
             check(getattr(sa, key) >= 0, f"data.specaug.{key}", "must be >= 0")
-        check(0.0 <= sa.time_mask_max_ratio <= 1.0, "data.specaug.time_mask_max_ratio",
-              "must be in [0, 1]")
+        check(
+            0.0 <= sa.time_mask_max_ratio <= 1.0,
+            "data.specaug.time_mask_max_ratio",
+            "must be in [0, 1]",
+        )
         check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-        check(all(f > 0 for f in self.data.speed_perturb), "data.speed_perturb",
-              "factors must be > 0")
-        check(self.optim.scheduler in ("noam", "warmup"), "optim.scheduler",
-              "must be 'noam' or 'warmup'")
+        check(
+            all(f > 0 for f in self.data.speed_perturb), "data.speed_perturb", "factors must be > 0"
+        )
+        check(
+            self.optim.scheduler in ("noam", "warmup"),
+            "optim.scheduler",
+            "must be 'noam' or 'warmup'",
+        )
         check(len(self.optim.betas) == 2, "optim.betas", "needs two values")
         check(all(0.0 <= b < 1.0 for b in self.optim.betas), "optim.betas", "must be in [0, 1)")
-        check(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr",
-              "must be a finite number > 0")
+        check(
+            self.optim.lr > 0 and math.isfinite(self.optim.lr),
+            "optim.lr",
+            "must be a finite number > 0",
+        )
         check(self.optim.eps > 0, "optim.eps", "must be > 0")
         check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         check(self.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -271,15 +284,24 @@ class RunConfig:
         check(self.cif_hkd.tau > 0, "cif_hkd.tau", "must be > 0")
         check(self.cif_hkd.num_negatives >= 1, "cif_hkd.num_negatives", "must be >= 1")
         check(self.hierarchical.temperature > 0, "hierarchical.temperature", "must be > 0")
-        check(self.cif_hkd.lrd_kind in ("mse", "cosine"), "cif_hkd.lrd_kind",
-              "must be mse or cosine")
-        check(not self.hierarchical.weights
-              or len(self.hierarchical.weights) == len(self.hierarchical.teachers),
-              "hierarchical.weights", "needs one weight per entry of hierarchical.teachers")
+        check(
+            self.cif_hkd.lrd_kind in ("mse", "cosine"), "cif_hkd.lrd_kind", "must be mse or cosine"
+        )
+        check(
+            not self.hierarchical.weights
+            or len(self.hierarchical.weights) == len(self.hierarchical.teachers),
+            "hierarchical.weights",
+            "needs one weight per entry of hierarchical.teachers",
+        )
         check(0.0 <= self.hierarchical.lam <= 1.0, "hierarchical.lam", "must be in [0, 1]")
-        check(all(w >= 0 for w in self.hierarchical.weights), "hierarchical.weights", "must be >= 0")
-        check(self.hierarchical.aux_decoder_layers >= 1, "hierarchical.aux_decoder_layers",
-              "must be >= 1")
+        check(
+            all(w >= 0 for w in self.hierarchical.weights), "hierarchical.weights", "must be >= 0"
+        )
+        check(
+            self.hierarchical.aux_decoder_layers >= 1,
+            "hierarchical.aux_decoder_layers",
+            "must be >= 1",
+        )
         return self
 
 
@@ -479,7 +501,9 @@ def build_config(
             data = _merge(data, load_yaml(config_file))
         except ConfigError as e:
             msg = str(e)
-            raise ConfigError(msg if msg.startswith(str(config_file)) else f"{config_file}: {msg}") from e
+            raise ConfigError(
+                msg if msg.startswith(str(config_file)) else f"{config_file}: {msg}"
+            ) from e
     if recipe is not None:
         data["recipe"] = recipe
     for text in overrides:

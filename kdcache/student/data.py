@@ -196,8 +196,16 @@ def collate(
                 if layer not in hid:
                     hid[layer] = torch.zeros(b, max_l, h.shape[1], dtype=torch.float32)
                 hid[layer][i, :n] = torch.from_numpy(h)
-        out[name] = TeacherBatch(ids, lp, tail, mask, hid, float(temperatures.get(name, 1.0)),
-                                 token_ids=tid, token_lens=tlen)
+        out[name] = TeacherBatch(
+            ids,
+            lp,
+            tail,
+            mask,
+            hid,
+            float(temperatures.get(name, 1.0)),
+            token_ids=tid,
+            token_lens=tlen,
+        )
     return Batch(
         utt_ids=list(utt_ids),
         feats=x,
@@ -431,7 +439,9 @@ class KDDataset(IterableDataset):
         items = [(u, f, t) for (u, t), f in zip(pool, factors, strict=True)]
         items.sort(key=lambda it: (self._length(it[0], it[1]), it[0]))
         lengths = [self._length(u, f) for u, f, _ in items]
-        cuts = cut_batches([u for u, _, _ in items], lengths, self.cfg.max_frames, self.cfg.max_utts)
+        cuts = cut_batches(
+            [u for u, _, _ in items], lengths, self.cfg.max_frames, self.cfg.max_utts
+        )
         order = rng.permutation(len(cuts)) if self.train else np.arange(len(cuts))
         return [[items[i] for i in cuts[j]] for j in order]
 
@@ -465,15 +475,19 @@ class KDDataset(IterableDataset):
                 utt_id = next(iter(targets.values())).utt_id
                 yield utt_id, targets
             return
-        perm = self._rng(0, epoch).permutation(len(self.utt_ids)) if self.train else range(
-            len(self.utt_ids)
+        perm = (
+            self._rng(0, epoch).permutation(len(self.utt_ids))
+            if self.train
+            else range(len(self.utt_ids))
         )
         for i in list(perm)[shard :: self.num_shards]:
             yield self.utt_ids[i], None
 
     # ---- loading: features + targets of one planned batch
 
-    def _load(self, plan: list[tuple[str, float, dict | None]], position: tuple[int, int, int]) -> Batch:
+    def _load(
+        self, plan: list[tuple[str, float, dict | None]], position: tuple[int, int, int]
+    ) -> Batch:
         rng = self._rng(2, *position)
         store = self.features
         mean = getattr(store, "mean", None) if self.cfg.cmvn else None

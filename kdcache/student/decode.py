@@ -33,7 +33,9 @@ class DecodeConfig:
         if self.method not in METHODS:
             raise ValueError(f"DecodeConfig.method {self.method!r} is not one of {METHODS}")
         if self.beam_size < 1 or not 0.0 <= self.ctc_weight <= 1.0 or self.max_len_ratio <= 0:
-            raise ValueError("DecodeConfig: beam_size >= 1, 0 <= ctc_weight <= 1, max_len_ratio > 0")
+            raise ValueError(
+                "DecodeConfig: beam_size >= 1, 0 <= ctc_weight <= 1, max_len_ratio > 0"
+            )
 
 
 @torch.no_grad()
@@ -56,8 +58,13 @@ def decode(model: Student, feats: Tensor, feat_lens: Tensor, cfg: DecodeConfig) 
     if cfg.beam_size == 1 and cfg.ctc_weight == 0.0:
         return attention_greedy(model, out, cfg.max_len_ratio)
     return attention_beam_search(
-        model, out, beam_size=cfg.beam_size, ctc_weight=cfg.ctc_weight,
-        length_norm=cfg.length_norm, max_len_ratio=cfg.max_len_ratio, pre_beam=cfg.pre_beam,
+        model,
+        out,
+        beam_size=cfg.beam_size,
+        ctc_weight=cfg.ctc_weight,
+        length_norm=cfg.length_norm,
+        max_len_ratio=cfg.max_len_ratio,
+        pre_beam=cfg.pre_beam,
     )
 
 
@@ -90,7 +97,9 @@ def _max_lens(out: StudentOutput, ratio: float) -> list[int]:
 
 
 @torch.no_grad()
-def attention_greedy(model: Student, out: StudentOutput, max_len_ratio: float = 1.0) -> list[list[int]]:
+def attention_greedy(
+    model: Student, out: StudentOutput, max_len_ratio: float = 1.0
+) -> list[list[int]]:
     """Batched greedy decoding with the attention decoder.
 
     Args:
@@ -172,7 +181,9 @@ class CTCPrefixScorer:
         # h = g + c needs len(g) + 1 frames, so r(h) is -inf before frame len(g): skip those
         for t in range(max(1, prefix_len), t_max):
             new[t, ..., 0] = torch.logaddexp(new[t - 1, ..., 0], phi[t - 1]) + xs[t]
-            new[t, ..., 1] = torch.logaddexp(new[t - 1, ..., 0], new[t - 1, ..., 1]) + x[t, self.blank]
+            new[t, ..., 1] = (
+                torch.logaddexp(new[t - 1, ..., 0], new[t - 1, ..., 1]) + x[t, self.blank]
+            )
         psi = torch.logsumexp(torch.cat([new[:1, ..., 0], phi[:-1] + xs[1:]], 0), 0)
         full = torch.logaddexp(r_n[-1], r_b[-1])  # [N]: exactly g
         psi = torch.where(cand == self.eos, full[:, None].expand_as(psi), psi)
@@ -315,11 +326,20 @@ def attention_beam_search(
             # on the CPU: the prefix recursion is many tiny ops over frames
             logp = out.ctc_logits[b, :t].float().log_softmax(-1).cpu()
             scorer = CTCPrefixScorer(logp, cfg.blank_id, cfg.eos_id)
-        hyps.append(beam_search(
-            step, bos_id=cfg.bos_id, eos_id=cfg.eos_id, beam_size=beam_size, max_len=max_len,
-            length_norm=length_norm, banned=_banned(model), ctc_scorer=scorer,
-            ctc_weight=ctc_weight, pre_beam=pre_beam,
-        ))
+        hyps.append(
+            beam_search(
+                step,
+                bos_id=cfg.bos_id,
+                eos_id=cfg.eos_id,
+                beam_size=beam_size,
+                max_len=max_len,
+                length_norm=length_norm,
+                banned=_banned(model),
+                ctc_scorer=scorer,
+                ctc_weight=ctc_weight,
+                pre_beam=pre_beam,
+            )
+        )
     return hyps
 
 

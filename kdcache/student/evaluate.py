@@ -113,12 +113,22 @@ def evaluate_run(
 
     split = prepare_split(data, features, tok)
     search = dec.DecodeConfig(
-        method={"ctc_greedy": "ctc_greedy", "attention_beam": "attention", "cif": "cif_greedy"}[decode],
+        method={"ctc_greedy": "ctc_greedy", "attention_beam": "attention", "cif": "cif_greedy"}[
+            decode
+        ],
         beam_size=beam,
         ctc_weight=ctc_weight if decode == "attention_beam" else 0.0,
     )
-    hyps = decode_split(model, split, tok, search, dev, max_frames=max_frames or cfg.data.max_frames,
-                        max_utts=cfg.data.max_utts, cmvn=cfg.data.cmvn)
+    hyps = decode_split(
+        model,
+        split,
+        tok,
+        search,
+        dev,
+        max_frames=max_frames or cfg.data.max_frames,
+        max_utts=cfg.data.max_utts,
+        cmvn=cfg.data.cmvn,
+    )
     order = split.utt_ids
     refs = [split.texts[u] for u in order]
     hyp_list = [hyps[u] for u in order]
@@ -132,7 +142,9 @@ def evaluate_run(
             for u, r, h in zip(order, refs, hyp_list, strict=True)
         ),
     )
-    _atomic_write(out / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(order, hyp_list, strict=True)))
+    _atomic_write(
+        out / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(order, hyp_list, strict=True))
+    )
     _atomic_write(out / "ref.txt", "".join(f"{u} {r}\n" for u, r in zip(order, refs, strict=True)))
     results = {
         "wer": scores["wer"],
@@ -148,5 +160,7 @@ def evaluate_run(
         "out_dir": str(out),
     }
     _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
-    log.info("WER %.4f CER %.4f on %d utterances (%s)", scores["wer"], scores["cer"], len(order), decode)
+    log.info(
+        "WER %.4f CER %.4f on %d utterances (%s)", scores["wer"], scores["cer"], len(order), decode
+    )
     return results

@@ -52,7 +52,9 @@ class StudentConfig:
     decoder_layers: int = 2  # 0 = no attention decoder
     decoder_heads: int = 4
     # interAED (paper 002): aux attention decoders on these encoder layers, dropped at inference
-    interaed_layers: list[int] = field(default_factory=list)  # 1-based; negative counts from the end
+    interaed_layers: list[int] = field(
+        default_factory=list
+    )  # 1-based; negative counts from the end
     interaed_shared: bool = False  # one decoder for all listed layers
     interaed_decoder_layers: int = 1
     # CIF (paper 004)
@@ -104,33 +106,49 @@ class StudentConfig:
             "interaed_decoder_layers must be >= 1",
         )
         check(self.cif_threshold > 0, "cif_threshold must be > 0")
-        check(self.aux_kd_source in AUX_KD_SOURCES, f"aux_kd_source must be one of {AUX_KD_SOURCES}")
+        check(
+            self.aux_kd_source in AUX_KD_SOURCES, f"aux_kd_source must be one of {AUX_KD_SOURCES}"
+        )
         check(self.lrd_source in LRD_SOURCES, f"lrd_source must be one of {LRD_SOURCES}")
-        for what, heads in (("aux_kd_heads", self.aux_kd_heads), ("acd_proj", self.acd_proj),
-                            ("lrd_proj", self.lrd_proj), ("aux_decoders", self.aux_decoders)):
+        for what, heads in (
+            ("aux_kd_heads", self.aux_kd_heads),
+            ("acd_proj", self.acd_proj),
+            ("lrd_proj", self.lrd_proj),
+            ("aux_decoders", self.aux_decoders),
+        ):
             for name, size in heads.items():
                 check(bool(name) and "." not in name, f"{what} name {name!r}: empty or has a '.'")
                 check(int(size) >= 1, f"{what}[{name!r}] must be >= 1")
         if self.aux_kd_heads:
-            check(self.aux_kd_source != "decoder" or self.decoder_layers > 0,
-                  "aux_kd_source 'decoder' needs decoder_layers > 0")
+            check(
+                self.aux_kd_source != "decoder" or self.decoder_layers > 0,
+                "aux_kd_source 'decoder' needs decoder_layers > 0",
+            )
             check(self.aux_kd_source != "cif" or self.use_cif, "aux_kd_source 'cif' needs use_cif")
         if self.lrd_proj:
-            check(self.lrd_source != "decoder" or self.decoder_layers > 0,
-                  "lrd_source 'decoder' needs decoder_layers > 0")
+            check(
+                self.lrd_source != "decoder" or self.decoder_layers > 0,
+                "lrd_source 'decoder' needs decoder_layers > 0",
+            )
             check(self.lrd_source != "cif" or self.use_cif, "lrd_source 'cif' needs use_cif")
         check(not self.acd_proj or self.use_cif, "acd_proj needs use_cif")
-        check(not self.aux_decoders or self.aux_decoder_layers >= 1, "aux_decoder_layers must be >= 1")
+        check(
+            not self.aux_decoders or self.aux_decoder_layers >= 1, "aux_decoder_layers must be >= 1"
+        )
         if self.vocab_size:
             for name in ("blank_id", "bos_id", "eos_id"):
                 v = getattr(self, name)
                 check(0 <= v < self.vocab_size, f"{name}={v} is outside [0, {self.vocab_size})")
-            check(self.blank_id not in (self.bos_id, self.eos_id), "blank_id must differ from bos/eos")
+            check(
+                self.blank_id not in (self.bos_id, self.eos_id), "blank_id must differ from bos/eos"
+            )
 
     @property
     def interaed_layer_ids(self) -> tuple[int, ...]:
         """interaed_layers resolved to sorted, unique 1-based indices (-1 -> num_layers)."""
-        return tuple(sorted({x if x > 0 else self.num_layers + 1 + x for x in self.interaed_layers}))
+        return tuple(
+            sorted({x if x > 0 else self.num_layers + 1 + x for x in self.interaed_layers})
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StudentConfig:
@@ -149,9 +167,17 @@ class StudentConfig:
         switches reset to their defaults; settings that only matter when a part is on, such as
         cif_threshold, are kept)."""
         return dataclasses.replace(
-            self, decoder_layers=0, interaed_layers=[], interaed_shared=False, use_cif=False,
-            aux_kd_heads={}, aux_kd_source="decoder", acd_proj={}, lrd_proj={},
-            lrd_source="decoder", aux_decoders={},
+            self,
+            decoder_layers=0,
+            interaed_layers=[],
+            interaed_shared=False,
+            use_cif=False,
+            aux_kd_heads={},
+            aux_kd_source="decoder",
+            acd_proj={},
+            lrd_proj={},
+            lrd_source="decoder",
+            aux_decoders={},
         )
 
     def without_aux_decoders(self) -> StudentConfig:
@@ -209,7 +235,9 @@ def decoder_inputs(targets: Tensor, target_lens: Tensor, bos_id: int, eos_id: in
     return torch.cat([torch.full_like(y[:, :1], bos_id), y], 1)
 
 
-def decoder_targets(targets: Tensor, target_lens: Tensor, eos_id: int, ignore_id: int = -100) -> Tensor:
+def decoder_targets(
+    targets: Tensor, target_lens: Tensor, eos_id: int, ignore_id: int = -100
+) -> Tensor:
     """Decoder labels `[y_1, ..., y_L, eos]`, padded with ignore_id, matching `dec_logits`.
 
     Args:
@@ -241,8 +269,15 @@ class Student(nn.Module):
         self.cfg = cfg
         d, v = cfg.d_model, cfg.vocab_size
         self.encoder = ConformerEncoder(
-            cfg.input_dim, d, cfg.num_heads, cfg.ff_mult, cfg.num_layers, cfg.conv_kernel,
-            cfg.dropout, cfg.subsampling, cfg.subsampling_channels,
+            cfg.input_dim,
+            d,
+            cfg.num_heads,
+            cfg.ff_mult,
+            cfg.num_layers,
+            cfg.conv_kernel,
+            cfg.dropout,
+            cfg.subsampling,
+            cfg.subsampling_channels,
         )
         self.ctc = nn.Linear(d, v)
 
@@ -258,10 +293,18 @@ class Student(nn.Module):
         )
         self.cif = self.cif_decoder = None
         if cfg.use_cif:
-            self.cif = Cif(d, cfg.cif_conv_kernel, cfg.dropout, cfg.cif_threshold,
-                           cfg.cif_tail_threshold)
-            self.cif_decoder = CifDecoder(v, d, cfg.decoder_heads, cfg.cif_decoder_layers,
-                                          cfg.ff_mult, cfg.dropout, cfg.cif_autoregressive)
+            self.cif = Cif(
+                d, cfg.cif_conv_kernel, cfg.dropout, cfg.cif_threshold, cfg.cif_tail_threshold
+            )
+            self.cif_decoder = CifDecoder(
+                v,
+                d,
+                cfg.decoder_heads,
+                cfg.cif_decoder_layers,
+                cfg.ff_mult,
+                cfg.dropout,
+                cfg.cif_autoregressive,
+            )
         self.aux_kd_heads = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.aux_kd_heads.items()})
         self.acd_proj = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.acd_proj.items()})
         self.lrd_proj = nn.ModuleDict({k: nn.Linear(d, n) for k, n in cfg.lrd_proj.items()})
@@ -309,8 +352,13 @@ class Student(nn.Module):
         inter = cfg.interaed_layer_ids if training_heads else ()
         enc_out, enc_lens, enc_layers = self.encoder(feats, feat_lens, inter)
         enc_mask = lengths_to_mask(enc_lens, enc_out.shape[1])
-        out = StudentOutput(enc_out=enc_out, enc_lens=enc_lens, enc_mask=enc_mask,
-                            ctc_logits=self.ctc(enc_out), enc_layers=enc_layers)
+        out = StudentOutput(
+            enc_out=enc_out,
+            enc_lens=enc_lens,
+            enc_mask=enc_mask,
+            ctc_logits=self.ctc(enc_out),
+            enc_layers=enc_layers,
+        )
         states: dict[str, Tensor] = {"encoder": enc_out}
 
         if training_heads:

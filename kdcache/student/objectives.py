@@ -55,7 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Terms = dict[str, "torch.Tensor"]
-LossFn = Callable[["StudentConfig", "StudentOutput", "Batch", "Context"], "tuple[torch.Tensor, Terms]"]
+LossFn = Callable[
+    ["StudentConfig", "StudentOutput", "Batch", "Context"], "tuple[torch.Tensor, Terms]"
+]
 # (model config, run config, teacher records, other-units teachers) -> model config with the heads
 StudentFn = Callable[["StudentConfig", "RunConfig", "dict[str, Any]", "list[str]"], "StudentConfig"]
 
@@ -145,7 +147,9 @@ def _joint(cfg: RunConfig, terms: Terms, att: torch.Tensor) -> tuple[torch.Tenso
 # One loss per recipe
 
 
-def none(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def none(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Baseline: joint CTC / attention-decoder CE_ls, no teacher."""
     from kdcache.student import losses
 
@@ -155,7 +159,9 @@ def none(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) ->
     return _joint(ctx.cfg, terms, att)
 
 
-def lst(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def lst(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Learn Spelling from Teachers (paper 001) on the attention decoder."""
     from kdcache.student import losses
 
@@ -171,7 +177,9 @@ def lst(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> 
     return _joint(cfg, terms, att)
 
 
-def multitask(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def multitask(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Multi-task KD (paper 000, eq. (4)): an aux KD head beside the decoder's output layer."""
     from kdcache.student import losses
 
@@ -188,7 +196,9 @@ def multitask(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Contex
     return _joint(ctx.cfg, terms, att)
 
 
-def essence(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def essence(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Essence KD (paper 003): hard labels plus the renormalised top-k teacher."""
     from kdcache.student import losses
 
@@ -204,7 +214,9 @@ def essence(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context)
     return _joint(ctx.cfg, terms, att)
 
 
-def interaed(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def interaed(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """interAED KD (paper 002): CTC + aux decoders on encoder layers against masked-LM targets
     (+ the attention decoder's CE, weighted like ``none``, when the model has one)."""
     from kdcache.student import losses
@@ -227,7 +239,9 @@ def interaed(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
     return loss, terms
 
 
-def cif_hkd(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def cif_hkd(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Hierarchical KD on a CIF model (paper 004): CE + CTC + quantity + ACD + LRD."""
     from kdcache.student import losses
 
@@ -236,7 +250,9 @@ def cif_hkd(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context)
     hidden = batch.targets[name].hidden[ctx.hidden_layer]
     tok_mask = _token_mask(batch)
     terms = {}
-    terms["ce"] = losses.hard_ce(out.cif_logits, batch.tokens, tok_mask, label_smoothing=cfg.label_smoothing)
+    terms["ce"] = losses.hard_ce(
+        out.cif_logits, batch.tokens, tok_mask, label_smoothing=cfg.label_smoothing
+    )
     terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
     terms["quantity"] = losses.cif_quantity_loss(out.alpha_sum.float(), batch.token_lens)
     terms["acd"] = losses.acd_infonce_loss(
@@ -249,7 +265,9 @@ def cif_hkd(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context)
     return loss, terms
 
 
-def hierarchical(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context) -> tuple[torch.Tensor, Terms]:
+def hierarchical(
+    mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, Terms]:
     """Hierarchical multi-task KD (paper 000, sec. 3.2): one KD output per teacher.
 
     Same-units teachers share the decoder's positions: their KL terms are summed per position
@@ -277,7 +295,9 @@ def hierarchical(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Con
             a_logits = out.aux_dec_logits[name]
             v_t = mcfg.aux_decoders[name]
             a_dt = decoder_targets(t.token_ids, t.token_lens, v_t + 1)
-            a_mask = torch.arange(a_logits.shape[1], device=a_dt.device)[None] <= t.token_lens[:, None]
+            a_mask = (
+                torch.arange(a_logits.shape[1], device=a_dt.device)[None] <= t.token_lens[:, None]
+            )
             a_ids, a_lp, a_tail, a_tmask = _to_decoder_positions(t, a_logits.shape[1])
             a_loss = losses.multitask_kd_loss(
                 a_logits, a_logits, a_dt, a_ids, a_lp, a_tail, a_mask, lam=h.lam,
@@ -304,7 +324,9 @@ def hierarchical(mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Con
 # What each recipe adds to the student and checks before training
 
 
-def _kd_heads(m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]) -> StudentConfig:
+def _kd_heads(
+    m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]
+) -> StudentConfig:
     """multitask, hierarchical: an aux KD head on the decoder per teacher in the student's
     units, an aux decoder per teacher in other units."""
     return dataclasses.replace(
@@ -316,7 +338,9 @@ def _kd_heads(m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: li
     )
 
 
-def _interaed_decoders(m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]) -> StudentConfig:
+def _interaed_decoders(
+    m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]
+) -> StudentConfig:
     return dataclasses.replace(m, interaed_layers=list(cfg.interaed.layers))
 
 
@@ -339,8 +363,10 @@ def cif_hidden_layer(cfg: RunConfig, record) -> int:
     return int(layer)
 
 
-def _cif_heads(m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]) -> StudentConfig:
-    (name, rec), = records.items()
+def _cif_heads(
+    m: StudentConfig, cfg: RunConfig, records: dict[str, Any], own: list[str]
+) -> StudentConfig:
+    ((name, rec),) = records.items()
     dim = rec.hidden_dims[str(cif_hidden_layer(cfg, rec))]
     # The CIF decoder is this recipe's decoder; an attention decoder would get no gradient
     # (wasted compute, and DDP refuses parameters without gradients).

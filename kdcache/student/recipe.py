@@ -106,7 +106,9 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
     if inputs.resume:
         if not cfg_path.exists():
             raise FileNotFoundError(f"--resume: {cfg_path} not found; nothing to resume")
-        saved = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+        saved = (
+            json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+        )
 
         def restore(v):  # run.json: a path, or a list of cache paths
             if not v:
@@ -155,7 +157,9 @@ def _teacher_names(cfg: RunConfig, cache) -> list[str]:
         )
     for n in names:
         if n not in cache.teachers:
-            raise ConfigError(f"teacher {n!r} is not in the cache (it has {sorted(cache.teachers)})")
+            raise ConfigError(
+                f"teacher {n!r} is not in the cache (it has {sorted(cache.teachers)})"
+            )
     return names
 
 
@@ -192,7 +196,9 @@ def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dic
 # The loss step
 
 
-def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_step(
+    model: torch.nn.Module, batch: Batch, ctx: Context
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Forward the student on ``batch`` and compute the recipe's loss (kdcache.student.objectives).
 
     Returns:
@@ -202,8 +208,12 @@ def loss_step(model: torch.nn.Module, batch: Batch, ctx: Context) -> tuple[torch
     if objective is None:
         raise ConfigError(f"unknown recipe {ctx.cfg.recipe!r}")
     mcfg = unwrap(model).cfg
-    aux_tokens = {n: (batch.targets[n].token_ids, batch.targets[n].token_lens) for n in ctx.own_units}
-    out = model(batch.feats, batch.feat_lens, batch.tokens, batch.token_lens, aux_tokens=aux_tokens or None)
+    aux_tokens = {
+        n: (batch.targets[n].token_ids, batch.targets[n].token_lens) for n in ctx.own_units
+    }
+    out = model(
+        batch.feats, batch.feat_lens, batch.tokens, batch.token_lens, aux_tokens=aux_tokens or None
+    )
     loss, terms = objective.loss(mcfg, out, batch, ctx)
     return loss, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -341,7 +351,9 @@ def train(inputs: RunInputs) -> TrainResult:
         objective.check_records(cfg, records)
 
     # ---- model, optimizer, schedule (resolved model config goes into config.yaml)
-    cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg, tok, store.num_mel_bins, records))
+    cfg = dataclasses.replace(
+        cfg, model=resolve_model_config(cfg, tok, store.num_mel_bins, records)
+    )
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -414,8 +426,9 @@ def train(inputs: RunInputs) -> TrainResult:
 
     # ---- loop
     metrics = MetricsLog(run_dir / "metrics.csv", step if ckpt is not None else None, is_main)
-    dev_log = CsvLog(run_dir / "dev.csv", step if ckpt is not None else None,
-                     is_main and dev is not None)
+    dev_log = CsvLog(
+        run_dir / "dev.csv", step if ckpt is not None else None, is_main and dev is not None
+    )
     tb = None
     if is_main and cfg.train.tensorboard:
         try:
@@ -452,11 +465,15 @@ def train(inputs: RunInputs) -> TrainResult:
                 n_utts += len(batch.utt_ids)
                 n_frames += batch.num_frames
             if cfg.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                )
             else:
                 grad_norm = float("nan")
             if not math.isfinite(total):
-                raise FloatingPointError(f"step {step + 1}: loss is {total}; lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"step {step + 1}: loss is {total}; lower optim.lr or check the data"
+                )
             if world > 1:  # log the mean over ranks, not rank 0's share
                 import torch.distributed as dist
 
@@ -481,16 +498,23 @@ def train(inputs: RunInputs) -> TrainResult:
                     for k, v in row.items():
                         if k != "step":
                             tb.add_scalar(k, v, step)
-            if dev is not None and is_main and cfg.train.eval_every > 0 and (
-                    step % cfg.train.eval_every == 0 or step == cfg.train.max_steps):
+            if (
+                dev is not None
+                and is_main
+                and cfg.train.eval_every > 0
+                and (step % cfg.train.eval_every == 0 or step == cfg.train.max_steps)
+            ):
                 res = _dev_eval(unwrap(model), dev, tok, cfg, device)
                 dev_log.write({"step": step, "train_seconds": round(elapsed, 2), **res})
-                bar.write(f"step {step}: dev WER {100 * res['dev_wer']:.2f}% CER "
-                          f"{100 * res['dev_cer']:.2f}% (ctc greedy, {elapsed / 60:.1f} min)")
+                bar.write(
+                    f"step {step}: dev WER {100 * res['dev_wer']:.2f}% CER "
+                    f"{100 * res['dev_cer']:.2f}% (ctc greedy, {elapsed / 60:.1f} min)"
+                )
                 model.train()
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-                _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main,
-                            elapsed)
+                _checkpoint(
+                    run_dir, step, model, opt, sched, data_state, cfg, world, is_main, elapsed
+                )
     finally:
         bar.close()
         metrics.close()
@@ -503,8 +527,17 @@ def train(inputs: RunInputs) -> TrainResult:
         dist.barrier()
     if is_main:
         tmp = run_dir / "train_summary.json.tmp"
-        tmp.write_text(json.dumps({"step": step, "train_seconds": round(elapsed, 2),
-                                   "device": str(device), "threads": torch.get_num_threads()}) + "\n")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "train_seconds": round(elapsed, 2),
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+            + "\n"
+        )
         os.replace(tmp, run_dir / "train_summary.json")
     return TrainResult(step=step, losses=losses_seen, run_dir=run_dir)
 
@@ -523,8 +556,9 @@ def _dev_eval(model, dev: Split, tok, cfg: RunConfig, device) -> dict[str, float
     return {"dev_wer": s["wer"], "dev_cer": s["cer"]}
 
 
-def _checkpoint(run_dir, step, model, opt, sched, data_state, cfg, world, is_main,
-                elapsed: float = 0.0) -> None:
+def _checkpoint(
+    run_dir, step, model, opt, sched, data_state, cfg, world, is_main, elapsed: float = 0.0
+) -> None:
     datas = _gather(data_state.to_dict(), world)
     rngs = _gather(rng_state(), world)
     if not is_main:

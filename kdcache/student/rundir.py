@@ -80,8 +80,9 @@ class Split:
     store: Any
 
 
-def prepare_split(manifest: str | Path, features: str | Path, tokenizer, *,
-                  what: str = "") -> Split:
+def prepare_split(
+    manifest: str | Path, features: str | Path, tokenizer, *, what: str = ""
+) -> Split:
     """Load a manifest, normalise and tokenise its transcripts, open and check the features.
 
     Raises:
@@ -105,8 +106,17 @@ def prepare_split(manifest: str | Path, features: str | Path, tokenizer, *,
     return Split(Path(str(manifest)).name.split(".")[0], list(texts), texts, tokens, store)
 
 
-def decode_split(model: Student, split: Split, tokenizer, search, device: torch.device, *,
-                 max_frames: int, max_utts: int, cmvn: bool = True) -> dict[str, str]:
+def decode_split(
+    model: Student,
+    split: Split,
+    tokenizer,
+    search,
+    device: torch.device,
+    *,
+    max_frames: int,
+    max_utts: int,
+    cmvn: bool = True,
+) -> dict[str, str]:
     """Decode every utterance of ``split`` (the model is used as it is: call ``.eval()``).
 
     Returns:

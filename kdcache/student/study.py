@@ -79,8 +79,9 @@ class Plan:
     data: dict[str, str]
     arms: list[Arm]
     baseline: str = "none"
-    decode: dict[str, Any] = field(default_factory=lambda: {"method": "attention_beam", "beam": 4,
-                                                             "ctc_weight": 0.3})
+    decode: dict[str, Any] = field(
+        default_factory=lambda: {"method": "attention_beam", "beam": 4, "ctc_weight": 0.3}
+    )
     eval_every: int = 100
     overrides: list[str] = field(default_factory=list)  # applied to every arm
     path: Path | None = None
@@ -106,8 +107,17 @@ def load_plan(path: str | Path) -> Plan:
         raise ConfigError(f"{path}: cannot read the study plan: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a study plan is a YAML mapping")
-    known = {"name", "seeds", "steps", "data", "arms", "baseline", "decode", "eval_every",
-             "overrides"}
+    known = {
+        "name",
+        "seeds",
+        "steps",
+        "data",
+        "arms",
+        "baseline",
+        "decode",
+        "eval_every",
+        "overrides",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {unknown}; a plan knows {sorted(known)}")
@@ -123,9 +133,15 @@ def load_plan(path: str | Path) -> Plan:
         if extra:
             raise ConfigError(f"{path}: arms[{i}] ({a['name']}): unknown keys {extra}")
         cache = a.get("cache") or []
-        arms.append(Arm(str(a["name"]), str(a["config"]), a.get("recipe"),
-                        [cache] if isinstance(cache, str) else list(cache),
-                        [str(o) for o in a.get("overrides") or []]))
+        arms.append(
+            Arm(
+                str(a["name"]),
+                str(a["config"]),
+                a.get("recipe"),
+                [cache] if isinstance(cache, str) else list(cache),
+                [str(o) for o in a.get("overrides") or []],
+            )
+        )
     if not arms:
         raise ConfigError(f"{path}: the plan has no arms")
     names = [a.name for a in arms]
@@ -163,17 +179,33 @@ def train_command(plan: Plan, arm: Arm, seed: int, root: Path, out: Path) -> lis
     cmd = [sys.executable, "-m", "kdcache.student", "run", "--out", str(rd)]
     if (rd / "config.yaml").exists():
         return [*cmd, "--resume", f"train.max_steps={plan.steps}"]
-    cmd += ["--config", str(_config_path(plan, arm)),
-            "--data", str(root / d["train"]), "--features", str(root / d["train_features"]),
-            "--tokenizer", str(root / d["tokenizer"]),
-            "--dev-data", str(root / d["dev"]), "--dev-features", str(root / d["dev_features"])]
+    cmd += [
+        "--config",
+        str(_config_path(plan, arm)),
+        "--data",
+        str(root / d["train"]),
+        "--features",
+        str(root / d["train_features"]),
+        "--tokenizer",
+        str(root / d["tokenizer"]),
+        "--dev-data",
+        str(root / d["dev"]),
+        "--dev-features",
+        str(root / d["dev_features"]),
+    ]
     if arm.recipe:
         cmd += ["--recipe", arm.recipe]
     for c in arm.cache:
         cmd += ["--cache", str(root / c)]
-    return [*cmd, *plan.overrides, *arm.overrides, f"train.seed={seed}",
-            f"train.max_steps={plan.steps}", f"train.eval_every={plan.eval_every}",
-            "train.progress=false"]
+    return [
+        *cmd,
+        *plan.overrides,
+        *arm.overrides,
+        f"train.seed={seed}",
+        f"train.max_steps={plan.steps}",
+        f"train.eval_every={plan.eval_every}",
+        "train.progress=false",
+    ]
 
 
 def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: int) -> dict:
@@ -190,23 +222,41 @@ def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: in
         f.flush()
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         if r.returncode != 0:
-            raise RuntimeError(f"study arm {arm.name} seed {seed}: kdtrain run failed "
-                               f"(exit {r.returncode}); see {log}")
+            raise RuntimeError(
+                f"study arm {arm.name} seed {seed}: kdtrain run failed "
+                f"(exit {r.returncode}); see {log}"
+            )
         for split in ("dev", "test"):
-            ev = [sys.executable, "-m", "kdcache.student", "eval", "--run", str(rd),
-                  "--data", str(root / plan.data[split]),
-                  "--features", str(root / plan.data[f"{split}_features"]),
-                  "--decode", str(plan.decode.get("method", "attention_beam")),
-                  "--beam", str(plan.decode.get("beam", 4)),
-                  "--ctc-weight", str(plan.decode.get("ctc_weight", 0.3)),
-                  "--out", str(rd / f"eval-{split}"),
-                  "--device", str(plan.decode.get("device", "auto"))]
+            ev = [
+                sys.executable,
+                "-m",
+                "kdcache.student",
+                "eval",
+                "--run",
+                str(rd),
+                "--data",
+                str(root / plan.data[split]),
+                "--features",
+                str(root / plan.data[f"{split}_features"]),
+                "--decode",
+                str(plan.decode.get("method", "attention_beam")),
+                "--beam",
+                str(plan.decode.get("beam", 4)),
+                "--ctc-weight",
+                str(plan.decode.get("ctc_weight", 0.3)),
+                "--out",
+                str(rd / f"eval-{split}"),
+                "--device",
+                str(plan.decode.get("device", "auto")),
+            ]
             f.write("$ " + " ".join(ev) + "\n")
             f.flush()
             r = subprocess.run(ev, stdout=f, stderr=subprocess.STDOUT, env=env)
             if r.returncode != 0:
-                raise RuntimeError(f"study arm {arm.name} seed {seed}: kdtrain eval on {split} "
-                                   f"failed (exit {r.returncode}); see {log}")
+                raise RuntimeError(
+                    f"study arm {arm.name} seed {seed}: kdtrain eval on {split} "
+                    f"failed (exit {r.returncode}); see {log}"
+                )
     res = collect_run(rd)
     res["wall_seconds"] = round(time.time() - t0, 1)
     tmp = rd / (DONE + ".tmp")
@@ -233,7 +283,8 @@ def collect_run(rd: Path) -> dict:
     cfg = yaml.safe_load(cfg_text)
     cfg_no_seed = dict(cfg, train={k: v for k, v in cfg["train"].items() if k != "seed"})
     out["config_hash"] = hashlib.sha256(
-        json.dumps(cfg_no_seed, sort_keys=True).encode()).hexdigest()[:12]
+        json.dumps(cfg_no_seed, sort_keys=True).encode()
+    ).hexdigest()[:12]
     out["recipe"] = cfg["recipe"]
     out["seed"] = cfg["train"]["seed"]
     paths = json.loads((rd / RUN_FILE).read_text())
@@ -251,16 +302,27 @@ def _teachers(caches: Sequence[str]) -> list[dict]:
 
             cache = open_cache(c)
             for name, rec in cache.teachers.items():
-                res.append({"cache": c, "name": name, "kind": getattr(rec, "kind", None),
-                            "model": getattr(rec, "model_id", None),
-                            "temperature": rec.temperature, "top_k": getattr(rec, "top_k", None)})
+                res.append(
+                    {
+                        "cache": c,
+                        "name": name,
+                        "kind": getattr(rec, "kind", None),
+                        "model": getattr(rec, "model_id", None),
+                        "temperature": rec.temperature,
+                        "top_k": getattr(rec, "top_k", None),
+                    }
+                )
         except Exception as e:  # noqa: BLE001  (a description; never fail the study on it)
             res.append({"cache": c, "error": str(e)})
     return res
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    info = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -282,17 +344,29 @@ def machine() -> dict:
 def commit() -> str | None:
     try:
         src = Path(__file__).resolve().parents[2]
-        r = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "kdcache"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        r = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "kdcache"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return r.stdout.strip() + ("+dirty" if dirty else "") if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def run_study(plan: Plan, root: Path, out: Path, *, jobs: int = 1, arms: Sequence[str] = (),
-              progress: bool = True) -> dict:
+def run_study(
+    plan: Plan,
+    root: Path,
+    out: Path,
+    *,
+    jobs: int = 1,
+    arms: Sequence[str] = (),
+    progress: bool = True,
+) -> dict:
     """Train and evaluate every (arm, seed) not yet done, then write the summary files."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [(a, s) for a in plan.arms if not arms or a.name in arms for s in plan.seeds]
@@ -305,8 +379,11 @@ def run_study(plan: Plan, root: Path, out: Path, *, jobs: int = 1, arms: Sequenc
             try:
                 r = fut.result()
                 if progress:
-                    print(f"[study] {arm} seed {seed}: test WER {100 * r['test_wer']:.2f}% "
-                          f"CER {100 * r['test_cer']:.2f}%", flush=True)
+                    print(
+                        f"[study] {arm} seed {seed}: test WER {100 * r['test_wer']:.2f}% "
+                        f"CER {100 * r['test_cer']:.2f}%",
+                        flush=True,
+                    )
             except Exception as e:  # noqa: BLE001  (report every failed run, keep the rest)
                 errors.append(str(e))
                 print(f"[study] {e}", file=sys.stderr, flush=True)
@@ -343,8 +420,15 @@ def paired_differences(arm: dict[int, float], base: dict[int, float]) -> dict[in
     return {s: arm[s] - base[s] for s in sorted(arm) if s in base}
 
 
-def bootstrap_ci(arm_errors: np.ndarray, base_errors: np.ndarray, ref_lens: np.ndarray, *,
-                 n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    arm_errors: np.ndarray,
+    base_errors: np.ndarray,
+    ref_lens: np.ndarray,
+    *,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """95% (1 - alpha) bootstrap interval of the pooled error-rate difference arm - base.
 
     Args:
@@ -371,7 +455,9 @@ def bootstrap_ci(arm_errors: np.ndarray, base_errors: np.ndarray, ref_lens: np.n
 
 
 def _per_utt_errors(rd: Path, split: str, unit: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    rows = [json.loads(x) for x in (rd / f"eval-{split}" / "hyp.jsonl").read_text().splitlines() if x]
+    rows = [
+        json.loads(x) for x in (rd / f"eval-{split}" / "hyp.jsonl").read_text().splitlines() if x
+    ]
     rows.sort(key=lambda r: r["utt_id"])
     errs, lens = zip(*(edit_errors(r["ref"], r["hyp"], unit) for r in rows), strict=True)
     return [r["utt_id"] for r in rows], np.asarray(errs), np.asarray(lens)
@@ -399,7 +485,8 @@ def summarize(plan: Plan, root: Path, out: Path) -> dict:
         if name != plan.baseline and base:
             for key in ("test_wer", "test_cer", "dev_wer", "dev_cer"):
                 st[f"paired_{key}"] = paired_differences(
-                    {s: r[key] for s, r in per_seed.items()}, {s: r[key] for s, r in base.items()})
+                    {s: r[key] for s, r in per_seed.items()}, {s: r[key] for s, r in base.items()}
+                )
             seeds = [s for s in sorted(per_seed) if s in base]
             if seeds:
                 for unit, key in (("word", "test_wer"), ("char", "test_cer")):
@@ -408,19 +495,33 @@ def summarize(plan: Plan, root: Path, out: Path) -> dict:
                         ids_a, ea, la = _per_utt_errors(run_dir(out, name, s), "test", unit)
                         ids_b, eb, _ = _per_utt_errors(run_dir(out, plan.baseline, s), "test", unit)
                         if ids_a != ids_b:
-                            raise ValueError(f"arm {name} seed {s}: test utterances differ from "
-                                             f"the baseline's")
+                            raise ValueError(
+                                f"arm {name} seed {s}: test utterances differ from the baseline's"
+                            )
                         a_err.append(ea)
                         b_err.append(eb)
                         lens = la
                     st[f"bootstrap_{key}"] = bootstrap_ci(np.stack(a_err), np.stack(b_err), lens)
         stats[name] = st
     doc = {
-        "study": plan.name, "plan": str(plan.path) if plan.path else None, "root": str(root),
-        "steps": plan.steps, "seeds": plan.seeds, "baseline": plan.baseline,
-        "decode": plan.decode, "commit": commit(), "machine": machine(),
-        "arms": {a.name: {"config": a.config, "recipe": a.recipe, "cache": a.cache,
-                          "overrides": a.overrides} for a in plan.arms},
+        "study": plan.name,
+        "plan": str(plan.path) if plan.path else None,
+        "root": str(root),
+        "steps": plan.steps,
+        "seeds": plan.seeds,
+        "baseline": plan.baseline,
+        "decode": plan.decode,
+        "commit": commit(),
+        "machine": machine(),
+        "arms": {
+            a.name: {
+                "config": a.config,
+                "recipe": a.recipe,
+                "cache": a.cache,
+                "overrides": a.overrides,
+            }
+            for a in plan.arms
+        },
         "runs": {n: {str(s): r for s, r in v.items()} for n, v in runs.items()},
         "stats": stats,
     }
@@ -466,9 +567,11 @@ def format_table(plan: Plan, stats: dict, runs: dict) -> str:
             o, lo, hi = st[f"bootstrap_{key}"]
             return f"{pct * o:+.2f} [{pct * lo:+.2f}, {pct * hi:+.2f}]"
 
-        lines.append(f"| {a.name} | {len(st['seeds'])} | {ms('dev_wer')} | {ms('dev_cer')} | "
-                     f"{ms('test_wer')} | {ms('test_cer')} | {per} | {ci('test_wer')} | "
-                     f"{ci('test_cer')} |")
+        lines.append(
+            f"| {a.name} | {len(st['seeds'])} | {ms('dev_wer')} | {ms('dev_cer')} | "
+            f"{ms('test_wer')} | {ms('test_cer')} | {per} | {ci('test_wer')} | "
+            f"{ci('test_cer')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -50,8 +50,9 @@ def _tone_audio(text: str, rng: np.random.Generator) -> np.ndarray:
     return x + 0.003 * rng.standard_normal(len(x))
 
 
-def teacher_targets(ids: np.ndarray, vocab_size: int, k: int, temperature: float,
-                    letter_ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def teacher_targets(
+    ids: np.ndarray, vocab_size: int, k: int, temperature: float, letter_ids: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic LM targets for token ids [T]: (topk_ids [T, k], topk_logprobs [T, k], tail [T])."""
     z = np.full((len(ids), vocab_size), -2.0)
     z[:, letter_ids] = 0.0
@@ -67,7 +68,9 @@ def teacher_targets(ids: np.ndarray, vocab_size: int, k: int, temperature: float
     top = np.take_along_axis(logp, order, axis=1)
     rest = np.ones(logp.shape, dtype=bool)
     np.put_along_axis(rest, order, False, axis=1)
-    tail = np.where(rest.any(1), np.logaddexp.reduce(np.where(rest, logp, -np.inf), axis=1), -np.inf)
+    tail = np.where(
+        rest.any(1), np.logaddexp.reduce(np.where(rest, logp, -np.inf), axis=1), -np.inf
+    )
     return order.astype(np.int64), top.astype(np.float32), tail.astype(np.float32)
 
 
@@ -153,7 +156,9 @@ def write_toy_cache(
             for uid, raw in texts.items():
                 text = normalize_text(raw)
                 ids = np.asarray((token_ids or tok.encode)(text), dtype=np.int64)
-                top_ids, top_lp, tail = teacher_targets(ids, tok.vocab_size, k, temperature, letter_ids)
+                top_ids, top_lp, tail = teacher_targets(
+                    ids, tok.vocab_size, k, temperature, letter_ids
+                )
                 hid = emb[ids] + 0.1 * hrng.standard_normal((len(ids), hidden_dim))
                 w.add(UttTargets(
                     utt_id=uid, topk_ids=top_ids, topk_logprobs=top_lp, tail_logmass=tail,
@@ -168,12 +173,17 @@ def toy_subword_tokenizer(vocab_size: int = 24):
     from kdcache.data.text import normalize_text
     from kdcache.data.tokenizer import Tokenizer
 
-    return Tokenizer.train_bpe([normalize_text(w) for w in WORDS] * 4 + [" ".join(WORDS)],
-                               vocab_size, min_frequency=2, name="toy-bpe")
+    return Tokenizer.train_bpe(
+        [normalize_text(w) for w in WORDS] * 4 + [" ".join(WORDS)],
+        vocab_size,
+        min_frequency=2,
+        name="toy-bpe",
+    )
 
 
-def add_toy_teacher(corpus: ToyCorpus, name: str, tokenizer, k: int = 4,
-                    temperature: float = 1.0) -> Path:
+def add_toy_teacher(
+    corpus: ToyCorpus, name: str, tokenizer, k: int = 4, temperature: float = 1.0
+) -> Path:
     """Add teacher ``name`` in ``tokenizer``'s units (e.g. subwords or phones, not the student's
     characters) to the toy corpus's cache; its token_ids are that tokenizer's ids."""
     import json
@@ -185,5 +195,6 @@ def add_toy_teacher(corpus: ToyCorpus, name: str, tokenizer, k: int = 4,
         for line in f:
             d = json.loads(line)
             texts[d["id"]] = d["text"]
-    return write_toy_cache(corpus.cache, texts, tokenizer, teachers=(name,), k=k,
-                           temperature=temperature)
+    return write_toy_cache(
+        corpus.cache, texts, tokenizer, teachers=(name,), k=k, temperature=temperature
+    )

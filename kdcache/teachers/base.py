@@ -99,7 +99,8 @@ def resolve_hidden_layers(hidden_layers: Iterable[int], n_states: int) -> tuple[
         if not -n_states <= layer < n_states:
             raise ValueError(
                 f"--hidden-layers {layer} out of range: the model has {n_states} hidden states "
-                f"(0 = embeddings .. {n_states - 1} = last layer, or -1)")
+                f"(0 = embeddings .. {n_states - 1} = last layer, or -1)"
+            )
         layers.append(layer % n_states)
     return tuple(layers)
 
@@ -186,7 +187,9 @@ class _Buffer:
         self.ids = np.zeros((n, k), dtype=np.int64)
         self.lp = np.zeros((n, k), dtype=np.float32)
         self.tail = np.zeros(n, dtype=np.float32)
-        self.hidden = {layer: np.zeros((n, d), dtype=np.float32) for layer, d in hidden_dims.items()}
+        self.hidden = {
+            layer: np.zeros((n, d), dtype=np.float32) for layer, d in hidden_dims.items()
+        }
         self.missing = n * (1 if k else 0) + n * len(hidden_dims)
 
     def targets(self) -> Targets:
@@ -269,18 +272,24 @@ def run_rows(
                 hd += r.hid_dst
         input_ids = torch.from_numpy(ids_np).to(device)
         mask = torch.from_numpy(mask_np).to(device)
-        topk_index = (torch.tensor(tb, dtype=torch.long, device=device),
-                      torch.tensor(ts, dtype=torch.long, device=device))
-        hid_index = (torch.tensor(hb, dtype=torch.long, device=device),
-                     torch.tensor(hs, dtype=torch.long, device=device))
+        topk_index = (
+            torch.tensor(tb, dtype=torch.long, device=device),
+            torch.tensor(ts, dtype=torch.long, device=device),
+        )
+        hid_index = (
+            torch.tensor(hb, dtype=torch.long, device=device),
+            torch.tensor(hs, dtype=torch.long, device=device),
+        )
         logits, hidden = adapter.forward(input_ids, mask, topk_index, hid_index)
         if bare:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             continue
         if k and tb:
-            parts = [topk_targets(logits[i : i + topk_chunk], k, adapter.temperature)
-                     for i in range(0, logits.shape[0], topk_chunk)]
+            parts = [
+                topk_targets(logits[i : i + topk_chunk], k, adapter.temperature)
+                for i in range(0, logits.shape[0], topk_chunk)
+            ]
             ids_t = torch.cat([p[0] for p in parts]).cpu().numpy()
             lp_t = torch.cat([p[1] for p in parts]).cpu().numpy()
             tail_t = torch.cat([p[2] for p in parts]).cpu().numpy()
@@ -305,4 +314,6 @@ def run_rows(
         yield from ready()
         if buffers:  # an adapter left positions unfilled: a bug, never silently wrong targets
             u = next(iter(buffers))
-            raise RuntimeError(f"teacher left {buffers[u].missing} outputs of utterance #{u} unfilled")
+            raise RuntimeError(
+                f"teacher left {buffers[u].missing} outputs of utterance #{u} unfilled"
+            )

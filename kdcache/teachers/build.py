@@ -96,9 +96,17 @@ def pick_device(device: str) -> str:
     return device
 
 
-def load_teacher(teacher: str, model: str, *, k: int, temperature: float = 1.0,
-                 hidden_layers: tuple[int, ...] = (), mlm_mode: str = "masked",
-                 device: str = "cpu", max_len: int | None = None):
+def load_teacher(
+    teacher: str,
+    model: str,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    hidden_layers: tuple[int, ...] = (),
+    mlm_mode: str = "masked",
+    device: str = "cpu",
+    max_len: int | None = None,
+):
     """Load a teacher adapter (masked_lm, causal_lm or lstm_lm) by its ``--teacher`` name."""
     from kdcache.teachers.loading import resolve_model
 
@@ -112,10 +120,13 @@ def load_teacher(teacher: str, model: str, *, k: int, temperature: float = 1.0,
         from kdcache.teachers.lstm_lm import LSTMTeacher
 
         if not os.path.isdir(model):
-            raise BuildError(f"--model {model!r}: no such directory (make one with kdcache train-lm)")
+            raise BuildError(
+                f"--model {model!r}: no such directory (make one with kdcache train-lm)"
+            )
         try:
-            t = LSTMTeacher(model, k=k, temperature=temperature, hidden_layers=hidden_layers,
-                            device=device)
+            t = LSTMTeacher(
+                model, k=k, temperature=temperature, hidden_layers=hidden_layers, device=device
+            )
         except BuildError:
             raise
         except (ValueError, FileNotFoundError) as e:
@@ -136,13 +147,26 @@ def load_teacher(teacher: str, model: str, *, k: int, temperature: float = 1.0,
         if teacher == "bert":
             from kdcache.teachers.masked_lm import MaskedLMTeacher
 
-            t = MaskedLMTeacher(source, k=k, temperature=temperature, hidden_layers=hidden_layers,
-                                mode=mlm_mode, device=device, max_len=max_len)
+            t = MaskedLMTeacher(
+                source,
+                k=k,
+                temperature=temperature,
+                hidden_layers=hidden_layers,
+                mode=mlm_mode,
+                device=device,
+                max_len=max_len,
+            )
         else:
             from kdcache.teachers.causal_lm import CausalLMTeacher
 
-            t = CausalLMTeacher(source, k=k, temperature=temperature,
-                                hidden_layers=hidden_layers, device=device, max_len=max_len)
+            t = CausalLMTeacher(
+                source,
+                k=k,
+                temperature=temperature,
+                hidden_layers=hidden_layers,
+                device=device,
+                max_len=max_len,
+            )
     except BuildError:
         raise
     except OSError as e:
@@ -156,8 +180,13 @@ def load_teacher(teacher: str, model: str, *, k: int, temperature: float = 1.0,
     return t
 
 
-def teacher_record(t, name: str, hidden_codec: str = "float16", chunk_positions: int | None = None,
-                   logprob_keepbits: int | None = None):
+def teacher_record(
+    t,
+    name: str,
+    hidden_codec: str = "float16",
+    chunk_positions: int | None = None,
+    logprob_keepbits: int | None = None,
+):
     """The TeacherRecord of a loaded teacher (format defaults where an argument is None)."""
     from kdcache.cache_format import spec
 
@@ -165,15 +194,29 @@ def teacher_record(t, name: str, hidden_codec: str = "float16", chunk_positions:
     if logprob_keepbits is not None:
         kw["logprob_keepbits"] = logprob_keepbits
     return spec.TeacherRecord(
-        name=name, kind=t.kind, model_id=t.model_id, model_hash=t.model_hash(),
-        tokenizer_id=t.tokenizer_id, tokenizer_hash=t.tokenizer_hash(),
-        vocab_size=t.vocab_size, k=t.k, temperature=float(t.temperature),
-        hidden_layers=t.hidden_layers, hidden_dims={str(a): b for a, b in t.hidden_dims.items()},
-        hidden_codec=hidden_codec, options=t.options(), **kw)
+        name=name,
+        kind=t.kind,
+        model_id=t.model_id,
+        model_hash=t.model_hash(),
+        tokenizer_id=t.tokenizer_id,
+        tokenizer_hash=t.tokenizer_hash(),
+        vocab_size=t.vocab_size,
+        k=t.k,
+        temperature=float(t.temperature),
+        hidden_layers=t.hidden_layers,
+        hidden_dims={str(a): b for a, b in t.hidden_dims.items()},
+        hidden_codec=hidden_codec,
+        options=t.options(),
+        **kw,
+    )
 
 
-def prepare(utts, encode: Callable[[str], list[int]], *, skip_bad: bool = False,
-            ) -> tuple[list[PreparedUtt], list[str]]:
+def prepare(
+    utts,
+    encode: Callable[[str], list[int]],
+    *,
+    skip_bad: bool = False,
+) -> tuple[list[PreparedUtt], list[str]]:
     """Normalise and tokenise transcripts.
 
     An utterance without a transcript (``text`` None) is an error naming it, or, with
@@ -189,8 +232,10 @@ def prepare(utts, encode: Callable[[str], list[int]], *, skip_bad: bool = False,
             if skip_bad:
                 bad.append(u.id)
                 continue
-            raise BuildError(f"utterance {u.id!r} has no transcript (text); fix the manifest or "
-                             f"pass --skip-bad to leave such utterances out")
+            raise BuildError(
+                f"utterance {u.id!r} has no transcript (text); fix the manifest or "
+                f"pass --skip-bad to leave such utterances out"
+            )
         text = normalize_text(u.text)
         out.append(PreparedUtt(u.id, text, encode(text) if text else []))
     return out, bad
@@ -275,9 +320,16 @@ def build_cache(
     except FileNotFoundError:
         raise BuildError(f"--data {data!r}: no such manifest") from None
     dev = pick_device(device)
-    t = loaded or load_teacher(teacher, model, k=k, temperature=temperature,
-                               hidden_layers=tuple(hidden_layers), mlm_mode=mlm_mode, device=dev,
-                               max_len=max_len)
+    t = loaded or load_teacher(
+        teacher,
+        model,
+        k=k,
+        temperature=temperature,
+        hidden_layers=tuple(hidden_layers),
+        mlm_mode=mlm_mode,
+        device=dev,
+        max_len=max_len,
+    )
     load_seconds = time.monotonic() - t0
     budget = batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]
     prepared, bad = prepare(utts, t.encode, skip_bad=skip_bad)
@@ -300,8 +352,15 @@ def build_cache(
         todo.sort(key=lambda p: (-len(p.token_ids), p.id))
         load_cpu = time.process_time() - c0
         total_pos = sum(len(p.token_ids) for p in todo)
-        bar = tqdm(total=total_pos, unit="pos", unit_scale=True, disable=not progress,
-                   desc=f"{name} r{rank}", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=total_pos,
+            unit="pos",
+            unit_scale=True,
+            disable=not progress,
+            desc=f"{name} r{rank}",
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         q: queue.Queue = queue.Queue(maxsize=queue_size)
         errors: list[BaseException] = []
 
@@ -332,9 +391,15 @@ def build_cache(
                 n = len(p.token_ids)
                 ids = np.asarray(p.token_ids, dtype=np.int64)
                 item = UttTargets(
-                    utt_id=p.id, topk_ids=tg.topk_ids, topk_logprobs=tg.topk_logprobs,
-                    tail_logmass=tg.tail_logmass, hidden=tg.hidden, token_ids=ids,
-                    text=p.text, input_hash=spec.content_hash(p.text))
+                    utt_id=p.id,
+                    topk_ids=tg.topk_ids,
+                    topk_logprobs=tg.topk_logprobs,
+                    tail_logmass=tg.tail_logmass,
+                    hidden=tg.hidden,
+                    token_ids=ids,
+                    text=p.text,
+                    input_hash=spec.content_hash(p.text),
+                )
                 while True:
                     if errors:
                         raise errors[0]
@@ -360,12 +425,23 @@ def build_cache(
             raise errors[0]
     size = open_storage(out, read_only=True).size_tree() if not is_url(out) else 0
     return BuildSummary(
-        cache=str(out), teacher=name, rank=rank, world_size=world_size,
-        utterances_total=len(mine), utterances_done=done, utterances_resumed=resumed,
-        utterances_skipped_bad=len(bad), utterances_empty=empty, positions=positions,
-        unk_tokens=unk_count, seconds=time.monotonic() - start, load_seconds=load_seconds,
-        load_seconds_cpu=load_cpu, cache_bytes=size,
-        bad_utterances=bad)
+        cache=str(out),
+        teacher=name,
+        rank=rank,
+        world_size=world_size,
+        utterances_total=len(mine),
+        utterances_done=done,
+        utterances_resumed=resumed,
+        utterances_skipped_bad=len(bad),
+        utterances_empty=empty,
+        positions=positions,
+        unk_tokens=unk_count,
+        seconds=time.monotonic() - start,
+        load_seconds=load_seconds,
+        load_seconds_cpu=load_cpu,
+        cache_bytes=size,
+        bad_utterances=bad,
+    )
 
 
 def _check_unknown_tokens(prepared: list[PreparedUtt], unk: int | None, model: str) -> None:
@@ -381,11 +457,16 @@ def _check_unknown_tokens(prepared: list[PreparedUtt], unk: int | None, model: s
         raise BuildError(
             f"--model {model!r}: its tokenizer maps all {total} token positions to its unknown "
             f"token (e.g. utterance {example.id!r}); the cache would hold only [UNK] targets: "
-            f"use a teacher whose tokenizer covers this text")
+            f"use a teacher whose tokenizer covers this text"
+        )
     if n:
-        log.warning("%d of %d token positions (%.1f%%) are the tokenizer's unknown token "
-                    "(characters it cannot encode); they keep their targets like any other token",
-                    n, total, 100 * n / total)
+        log.warning(
+            "%d of %d token positions (%.1f%%) are the tokenizer's unknown token "
+            "(characters it cannot encode); they keep their targets like any other token",
+            n,
+            total,
+            100 * n / total,
+        )
 
 
 def _check_not_stale(out: str, teacher: str, done: list[PreparedUtt]) -> None:
@@ -401,7 +482,8 @@ def _check_not_stale(out: str, teacher: str, done: list[PreparedUtt]) -> None:
         raise BuildError(
             f"{len(stale)} utterance(s) already in {out} (teacher {teacher!r}) were built from "
             f"another transcript than the manifest's now, e.g. {stale[0]!r}: build into a new cache "
-            f"or under another --name")
+            f"or under another --name"
+        )
 
 
 def _run(t, todo: list[PreparedUtt], budget: int):

@@ -47,9 +47,17 @@ class CausalLMTeacher:
 
     kind = "causal_lm"
 
-    def __init__(self, source: ModelSource, *, k: int, temperature: float = 1.0,
-                 hidden_layers: tuple[int, ...] = (), device: str = "cpu",
-                 max_len: int | None = None, bos_id: int | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        k: int,
+        temperature: float = 1.0,
+        hidden_layers: tuple[int, ...] = (),
+        device: str = "cpu",
+        max_len: int | None = None,
+        bos_id: int | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,8 +84,9 @@ class CausalLMTeacher:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
         self.unk_id = tok.unk_token_id
-        limit = max_len or min(getattr(cfg, "max_position_embeddings", MAX_WINDOW) or MAX_WINDOW,
-                               MAX_WINDOW)
+        limit = max_len or min(
+            getattr(cfg, "max_position_embeddings", MAX_WINDOW) or MAX_WINDOW, MAX_WINDOW
+        )
         self.width = int(limit)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.autocast = self.device.type == "cuda"
@@ -91,10 +100,13 @@ class CausalLMTeacher:
         return "hf:" + hf_tokenizer_hash(self.tokenizer)
 
     def options(self) -> dict:
-        return {"bos_id": self.bos_id, "position0": "predicted" if self.bos_id is not None
-                else "hard_label", "window": self.width,
-                "window_rule": "stride width/2, position from the earliest window containing it",
-                "hidden_alignment": "state after reading token i"}
+        return {
+            "bos_id": self.bos_id,
+            "position0": "predicted" if self.bos_id is not None else "hard_label",
+            "window": self.width,
+            "window_rule": "stride width/2, position from the earliest window containing it",
+            "hidden_alignment": "state after reading token i",
+        }
 
     def encode(self, text: str) -> list[int]:
         if self.kd_tokenizer is not None:
@@ -105,18 +117,28 @@ class CausalLMTeacher:
         return n + 1
 
     def rows(self, utt: int, ids: list[int]) -> list[Row]:
-        return causal_rows(utt, ids, self.bos_id, self.width, bool(self.k), bool(self.hidden_layers))
+        return causal_rows(
+            utt, ids, self.bos_id, self.width, bool(self.k), bool(self.hidden_layers)
+        )
 
     def forward(self, input_ids, attention_mask, topk_index, hid_index):
         import torch
 
-        with torch.inference_mode(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                        output_hidden_states=bool(self.hidden_layers),
-                                        use_cache=False)
-            hidden = ({layer: out.hidden_states[layer][hid_index] for layer in self.hidden_layers}
-                      if self.hidden_layers else {})
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+        ):
+            out = self.model.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=bool(self.hidden_layers),
+                use_cache=False,
+            )
+            hidden = (
+                {layer: out.hidden_states[layer][hid_index] for layer in self.hidden_layers}
+                if self.hidden_layers
+                else {}
+            )
             logits = None
             if self.k:
                 logits = self.model.get_output_embeddings()(out.last_hidden_state[topk_index])
@@ -125,8 +147,9 @@ class CausalLMTeacher:
             return logits, hidden
 
 
-def causal_rows(utt: int, ids: list[int], bos_id: int | None, width: int, topk: bool,
-                hidden: bool) -> list[Row]:
+def causal_rows(
+    utt: int, ids: list[int], bos_id: int | None, width: int, topk: bool, hidden: bool
+) -> list[Row]:
     """Rows for a left-to-right model (shared by the causal and LSTM teachers).
 
     Row sequence ``x = [bos] + ids`` (or ``ids``). Output j predicts ``x[j + 1]``; the hidden
@@ -158,5 +181,3 @@ def causal_rows(utt: int, ids: list[int], bos_id: int | None, width: int, topk: 
         if r.topk_src or r.hid_src or r.fixed:
             rows.append(r)
     return rows
-
-

@@ -66,8 +66,9 @@ def build_model(cfg: LSTMConfig):
             super().__init__()
             self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
             # One nn.LSTM per layer so every layer's output is available as a hidden state.
-            self.rnns = nn.ModuleList(nn.LSTM(cfg.hidden, cfg.hidden, batch_first=True)
-                                      for _ in range(cfg.layers))
+            self.rnns = nn.ModuleList(
+                nn.LSTM(cfg.hidden, cfg.hidden, batch_first=True) for _ in range(cfg.layers)
+            )
             self.drop = nn.Dropout(cfg.dropout)
             self.out = nn.Linear(cfg.hidden, cfg.vocab_size)
             self.out.weight = self.embed.weight  # tied: fewer parameters, better perplexity
@@ -96,7 +97,8 @@ def load_model(model_dir: str | Path):
     if not cfg_path.is_file():
         raise FileNotFoundError(
             f"--model {model_dir}: not an LSTM LM directory (no {CONFIG_FILE}); make one with "
-            f"`kdcache train-lm`")
+            f"`kdcache train-lm`"
+        )
     meta = json.loads(cfg_path.read_text())
     cfg = LSTMConfig.from_dict(meta["config"])
     model = build_model(cfg)
@@ -113,8 +115,15 @@ class LSTMTeacher:
 
     kind = "lstm_lm"
 
-    def __init__(self, model_dir: str, *, k: int, temperature: float = 1.0,
-                 hidden_layers: tuple[int, ...] = (), device: str = "cpu"):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        k: int,
+        temperature: float = 1.0,
+        hidden_layers: tuple[int, ...] = (),
+        device: str = "cpu",
+    ):
         import torch
 
         self.model_dir = str(model_dir)
@@ -154,8 +163,9 @@ class LSTMTeacher:
 
     def rows(self, utt: int, ids: list[int]) -> list[Row]:
         # No window: an LSTM has no maximum length.
-        return causal_rows(utt, ids, self.bos_id, len(ids) + 2, bool(self.k),
-                           bool(self.hidden_layers))
+        return causal_rows(
+            utt, ids, self.bos_id, len(ids) + 2, bool(self.k), bool(self.hidden_layers)
+        )
 
     def forward(self, input_ids, attention_mask, topk_index, hid_index):
         import torch
@@ -240,8 +250,15 @@ def train_lm(
         raise ValueError(f"tokenizer {tokenizer_dir} has neither a BOS nor an EOS token")
     eos = tok.eos_id if tok.eos_id is not None else -1
     pad = tok.pad_id if getattr(tok, "pad_id", None) is not None else 0
-    cfg = LSTMConfig(vocab_size=tok.vocab_size, bos_id=int(bos), eos_id=int(eos), pad_id=int(pad),
-                     layers=layers, hidden=hidden, dropout=dropout)
+    cfg = LSTMConfig(
+        vocab_size=tok.vocab_size,
+        bos_id=int(bos),
+        eos_id=int(eos),
+        pad_id=int(pad),
+        layers=layers,
+        hidden=hidden,
+        dropout=dropout,
+    )
     seqs = [[cfg.bos_id, *tok.encode(t)] + ([cfg.eos_id] if cfg.eos_id >= 0 else []) for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     if len(seqs) < 2:
@@ -301,8 +318,14 @@ def train_lm(
     epoch = 0
     for epoch in range(1, epochs + 1):
         model.train()
-        bar = tqdm(total=train_tokens, desc=f"epoch {epoch}/{epochs}", unit="tok",
-                   unit_scale=True, disable=not progress, leave=False)
+        bar = tqdm(
+            total=train_tokens,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="tok",
+            unit_scale=True,
+            disable=not progress,
+            leave=False,
+        )
         timed_out = False
         for x, y in batches(train, True):
             logits, _ = model(x)
@@ -330,16 +353,25 @@ def train_lm(
                 g["lr"] *= 0.5
         if bad >= patience or timed_out:
             break
-    result = TrainResult(epochs=epoch, best_epoch=best_epoch, best_valid_ppl=best_ppl,
-                         valid_ppls=ppls, train_tokens=train_tokens,
-                         minutes=(time.monotonic() - start) / 60)
+    result = TrainResult(
+        epochs=epoch,
+        best_epoch=best_epoch,
+        best_valid_ppl=best_ppl,
+        valid_ppls=ppls,
+        train_tokens=train_tokens,
+        minutes=(time.monotonic() - start) / 60,
+    )
     out.mkdir(parents=True, exist_ok=True)
     if best_state is None:  # validation never gave a finite perplexity: keep the last weights
         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     best_state.pop("out.weight", None)  # tied to embed.weight
     save_file(best_state, str(out / WEIGHTS_FILE))
     tok.save(str(out / TOKENIZER_DIR))
-    meta = {"config": asdict(cfg), "training": asdict(result), "tokenizer_id": tok.name,
-            "texts": len(texts)}
+    meta = {
+        "config": asdict(cfg),
+        "training": asdict(result),
+        "tokenizer_id": tok.name,
+        "texts": len(texts),
+    }
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return result

@@ -49,9 +49,17 @@ class MaskedLMTeacher:
 
     kind = "masked_lm"
 
-    def __init__(self, source: ModelSource, *, k: int, temperature: float = 1.0,
-                 hidden_layers: tuple[int, ...] = (), mode: str = "masked", device: str = "cpu",
-                 max_len: int | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        *,
+        k: int,
+        temperature: float = 1.0,
+        hidden_layers: tuple[int, ...] = (),
+        mode: str = "masked",
+        device: str = "cpu",
+        max_len: int | None = None,
+    ):
         import torch
         from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
@@ -65,13 +73,15 @@ class MaskedLMTeacher:
         self.kd_tokenizer = kdcache_tokenizer(source)
         if k > 0:
             model, info = AutoModelForMaskedLM.from_pretrained(
-                source.path, output_loading_info=True, **kw)
+                source.path, output_loading_info=True, **kw
+            )
             head_missing = [n for n in info["missing_keys"] if "embeddings" not in n]
             if head_missing:
                 raise MissingHeadError(
                     f"model {source.model_id!r} has no trained masked-LM head (missing weights "
                     f"{head_missing[:3]}...): pass --top-k 0 with --hidden-layers to store hidden "
-                    f"states only")
+                    f"states only"
+                )
         else:
             model = AutoModel.from_pretrained(source.path, **kw)
         self.model = model.eval().to(self.device)
@@ -87,7 +97,11 @@ class MaskedLMTeacher:
             raise ValueError(f"tokenizer of {source.model_id!r} has no [CLS]/[SEP] tokens")
         if k > 0 and mode == "masked" and tok.mask_token_id is None:
             raise ValueError(f"tokenizer of {source.model_id!r} has no [MASK] token")
-        self.cls_id, self.sep_id, self.mask_id = tok.cls_token_id, tok.sep_token_id, tok.mask_token_id
+        self.cls_id, self.sep_id, self.mask_id = (
+            tok.cls_token_id,
+            tok.sep_token_id,
+            tok.mask_token_id,
+        )
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.unk_id = tok.unk_token_id
         limit = max_len or getattr(cfg, "max_position_embeddings", 512)
@@ -106,8 +120,11 @@ class MaskedLMTeacher:
         return "hf:" + hf_tokenizer_hash(self.tokenizer)
 
     def options(self) -> dict:
-        return {"mlm_mode": self.mode, "window": self.width + 2,
-                "window_rule": "stride width/2, position from window with most context on its shorter side"}
+        return {
+            "mlm_mode": self.mode,
+            "window": self.width + 2,
+            "window_rule": "stride width/2, position from window with most context on its shorter side",
+        }
 
     # -- work -----------------------------------------------------------------------------------
 
@@ -147,18 +164,27 @@ class MaskedLMTeacher:
     def forward(self, input_ids, attention_mask, topk_index, hid_index):
         import torch
 
-        with torch.inference_mode(), torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast),
+        ):
             if self.k == 0:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                 output_hidden_states=True)
+                out = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+                )
                 states = out.hidden_states
                 return None, {layer: states[layer][hid_index] for layer in self.hidden_layers}
             base = self.model.base_model
-            out = base(input_ids=input_ids, attention_mask=attention_mask,
-                       output_hidden_states=bool(self.hidden_layers))
-            hidden = ({layer: out.hidden_states[layer][hid_index] for layer in self.hidden_layers}
-                      if self.hidden_layers else {})
+            out = base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=bool(self.hidden_layers),
+            )
+            hidden = (
+                {layer: out.hidden_states[layer][hid_index] for layer in self.hidden_layers}
+                if self.hidden_layers
+                else {}
+            )
             seq = out.last_hidden_state[topk_index]
             head = _mlm_head(self.model)
             logits = head(seq) if seq.shape[0] else seq.new_zeros((0, self.vocab_size))

@@ -60,7 +60,9 @@ def topk_targets(
         exact = er.masked_fill_(zr >= kth, 0.0).sum(-1)
         ties = (zr == kth).sum(-1) - (tz == kth).sum(-1)
         exact = exact + ties * (kth - mr).squeeze(-1).exp()
-        rest = rest.index_put((rows,), exact) if rows is not None else torch.where(small, exact, rest)
+        rest = (
+            rest.index_put((rows,), exact) if rows is not None else torch.where(small, exact, rest)
+        )
     tail = rest.clamp(min=0).log() + m.squeeze(-1) - lse
     return top_ids, top_lp, tail
 

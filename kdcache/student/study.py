@@ -590,7 +590,7 @@ def plot_curves(plan: Plan, out: Path, png: Path) -> None:
         curves = []
         for s in plan.seeds:
             rd = run_dir(out, a.name, s)
-            if (rd / "dev.csv").exists():
+            if (rd / DONE).exists() and (rd / "dev.csv").exists():  # finished runs only
                 rows = read_metrics(rd, "dev.csv")
                 curves.append((column(rows, "step"), column(rows, "dev_cer")))
         if not curves:

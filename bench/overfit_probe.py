@@ -43,7 +43,7 @@ def main() -> None:
     split = prepare_split(args.data, args.features, tok)
     ids = split.utt_ids[: args.utts]
     st = split.store
-    feats = [(np.asarray(st[u]) - st.mean) / st.std for u in ids]
+    feats = [st.normalize(np.asarray(st[u])) for u in ids]
     b = collate(ids, feats, [split.tokens[u] for u in ids], [], tok.pad_id, {}, {})
     model = Student(
         StudentConfig(

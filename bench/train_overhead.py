@@ -80,17 +80,14 @@ def main() -> None:
     if args.readers:
         return bench_readers(args)
 
-    import numpy as np
     import torch
 
-    from kdcache.data.features import open_features
-    from kdcache.data.manifest import load_manifest
-    from kdcache.data.text import normalize_text
     from kdcache.data.tokenizer import Tokenizer
     from kdcache.student.config import build_config
     from kdcache.student.data import KDDataset, TeacherBatch
     from kdcache.student.model import Student
     from kdcache.student.recipe import Context, loss_step, resolve_model_config
+    from kdcache.student.rundir import prepare_split
     from kdcache.student.toy import make_toy_corpus
 
     torch.set_num_threads(args.threads)
@@ -99,10 +96,8 @@ def main() -> None:
     toy = make_toy_corpus(tmp, num_utts=args.utts, k=args.k, temperature=5.0)
     print(f"toy corpus: {args.utts} utterances in {time.perf_counter() - t0:.1f} s ({tmp})")
     tok = Tokenizer.load(toy.tokenizer)
-    utts = load_manifest(toy.manifest)
-    texts = {u.id: normalize_text(u.text) for u in utts}
-    tokens = {u: np.asarray(tok.encode(t), dtype=np.int64) for u, t in texts.items()}
-    store = open_features(toy.features)
+    split = prepare_split(toy.manifest, toy.features, tok)
+    texts, tokens, store = split.texts, split.tokens, split.store
     nframes = {u: store.num_frames(u) for u in texts}
     from kdcache.cache_format import open_cache
 
@@ -254,15 +249,12 @@ def bench_loss(args) -> None:
 
 def bench_readers(args) -> None:
     """Utterances/s of one training epoch through KDDataset: random access vs streaming."""
-    import numpy as np
 
     from kdcache.cache_format import open_cache
-    from kdcache.data.features import open_features
-    from kdcache.data.manifest import load_manifest
-    from kdcache.data.text import normalize_text
     from kdcache.data.tokenizer import Tokenizer
     from kdcache.student.config import DataConfig
     from kdcache.student.data import KDDataset
+    from kdcache.student.rundir import prepare_split
     from kdcache.student.toy import make_toy_corpus
 
     tmp = Path(tempfile.mkdtemp(prefix="kdtrain_readers_"))
@@ -270,9 +262,8 @@ def bench_readers(args) -> None:
         tmp, num_utts=args.readers, k=args.k, hidden_dim=256, chunk_positions=args.chunk_positions
     )
     tok = Tokenizer.load(toy.tokenizer)
-    texts = {u.id: normalize_text(u.text) for u in load_manifest(toy.manifest)}
-    tokens = {u: np.asarray(tok.encode(t)) for u, t in texts.items()}
-    store = open_features(toy.features)
+    split = prepare_split(toy.manifest, toy.features, tok)
+    texts, tokens, store = split.texts, split.tokens, split.store
     nframes = {u: store.num_frames(u) for u in texts}
     n_pos = open_cache(toy.cache).num_positions("lm")
     n_chunks = -(-n_pos // args.chunk_positions)

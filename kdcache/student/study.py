@@ -399,20 +399,11 @@ def run_study(
 
 def edit_errors(ref: str, hyp: str, unit: str) -> tuple[int, int]:
     """(edit distance, reference length) in words (``unit="word"``) or characters."""
+    from rapidfuzz.distance import Levenshtein  # jiwer's own dependency
+
     a = ref.split() if unit == "word" else list(ref)
     b = hyp.split() if unit == "word" else list(hyp)
-    try:
-        from rapidfuzz.distance import Levenshtein
-
-        return int(Levenshtein.distance(a, b)), len(a)
-    except ImportError:  # pragma: no cover - jiwer brings rapidfuzz
-        prev = list(range(len(b) + 1))
-        for i, x in enumerate(a, 1):
-            cur = [i]
-            for j, y in enumerate(b, 1):
-                cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-            prev = cur
-        return prev[-1], len(a)
+    return int(Levenshtein.distance(a, b)), len(a)
 
 
 def paired_differences(arm: dict[int, float], base: dict[int, float]) -> dict[int, float]:

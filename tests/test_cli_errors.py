@@ -432,3 +432,31 @@ def test_curves_names_the_run_without_dev_csv(tmp_path):
     assert r.exit_code == 2
     assert "dev.csv not found" in r.output and str(tmp_path) in r.output
     assert "Traceback" not in r.output
+
+
+def test_features_repack(toy, tmp_path):
+    src = toy.features
+    runner = CliRunner()
+    one_error(runner.invoke(app, ["features", str(src), "--repack"]), "--repack needs --out")
+    one_error(
+        runner.invoke(
+            app, ["features", str(tmp_path / "nope"), "--repack", "--out", str(tmp_path / "x")]
+        ),
+        "nope",
+    )
+    res = runner.invoke(
+        app,
+        [
+            "features",
+            str(src),
+            "--repack",
+            "--keepbits",
+            "5",
+            "--out",
+            str(tmp_path / "k5"),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "keepbits 5" in res.stdout and "% of" in res.stdout
+    assert not (tmp_path / "x").exists()

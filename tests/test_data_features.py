@@ -18,6 +18,7 @@ from kdcache.data.features import (
     compute_fbank,
     num_frames_for,
     open_features,
+    repack_features,
     write_features,
 )
 from kdcache.data.manifest import Utterance
@@ -227,6 +228,50 @@ def test_store_write_read(tmp_path, utts):
     np.testing.assert_array_equal(
         lazy.normalize(lazy["utt0"]), (store["utt0"] - store.mean) / store.std
     )
+
+
+def test_repack_rounds_values_and_keeps_everything_else(tmp_path, utts):
+    import pyarrow.parquet as pq
+    import zarr
+
+    src = write_features(utts, tmp_path / "s.fbank", progress=False, chunk_frames=64)
+    exact = repack_features(src.path, tmp_path / "same.fbank", keepbits=None, progress=False)
+    for u in utts:
+        np.testing.assert_array_equal(exact[u.id], src[u.id])
+    small = repack_features(src.path, tmp_path / "k5.fbank", keepbits=5, progress=False)
+    assert small.utt_ids == src.utt_ids and small.attrs["keepbits"] == 5
+    assert small.attrs["chunk_frames"] == 64 and small.attrs["extractor"] == src.attrs["extractor"]
+    np.testing.assert_array_equal(small.mean, src.mean)  # CMVN of the original values
+    np.testing.assert_array_equal(small.std, src.std)
+    for u in utts:
+        a, b = src[u.id], small[u.id]
+        assert a.shape == b.shape
+        # round to nearest on 5 of 10 mantissa bits: relative error <= 2^-6 (plus subnormals)
+        assert np.all(np.abs(a - b) <= np.abs(a) * 2.0**-6 + 1e-6)
+        # the low 5 mantissa bits are zero: an independent check on the raw float16 bits
+        bits = b.astype(np.float16).view(np.uint16)
+        assert not np.any(bits & 0x1F)
+    assert np.any(src["utt0"] != small["utt0"])  # it did round something
+    # an independent reader sees the same values
+    root = zarr.open_group(str(tmp_path / "k5.fbank"), mode="r")
+    idx = pq.read_table(tmp_path / "k5.fbank" / "index.parquet").to_pydict()
+    i = idx["utt_id"].index("utt3")
+    x = root["feats"][idx["offset"][i] : idx["offset"][i] + idx["num_frames"][i]]
+    np.testing.assert_array_equal(x.astype(np.float32), small["utt3"])
+    with pytest.raises(FeatureError, match="already exists"):
+        repack_features(src.path, tmp_path / "k5.fbank", keepbits=5, progress=False)
+    with pytest.raises(FeatureError, match="keepbits must be in 1..10"):
+        repack_features(src.path, tmp_path / "k0.fbank", keepbits=0, progress=False)
+    assert not (tmp_path / "k0.fbank").exists()
+
+
+def test_write_with_keepbits_matches_repack(tmp_path, utts):
+    direct = write_features(utts, tmp_path / "d.fbank", progress=False, keepbits=6)
+    full = write_features(utts, tmp_path / "f.fbank", progress=False)
+    packed = repack_features(full.path, tmp_path / "p.fbank", keepbits=6, progress=False)
+    for u in utts:
+        np.testing.assert_array_equal(direct[u.id], packed[u.id])
+    np.testing.assert_array_equal(direct.mean, full.mean)  # statistics before rounding
 
 
 def test_store_pickles_for_spawned_workers(tmp_path, utts):

@@ -283,3 +283,88 @@ def test_cif_greedy_handles_utterances_without_fires(ar):
             cif_mask=mask[:, :0],
         )
         assert cif_greedy(m, empty) == [[], []]
+
+
+def _score_by_frames(scorer: CTCPrefixScorer, state, last, prefix_len, cand):
+    """The frame recursion written as a loop (the definition): the reference for the closed form."""
+    x = scorer.x
+    t_max = x.shape[0]
+    xs = x[:, cand]
+    r_n, r_b = state[..., 0].T, state[..., 1].T
+    phi = torch.logaddexp(r_n, r_b)[:, :, None].expand_as(xs)
+    phi = torch.where((cand == last[:, None])[None], r_b[:, :, None], phi)
+    new = torch.full((*xs.shape, 2), float("-inf"), dtype=x.dtype)
+    if prefix_len == 0:
+        new[0, ..., 0] = xs[0]
+    for t in range(max(1, prefix_len), t_max):
+        new[t, ..., 0] = torch.logaddexp(new[t - 1, ..., 0], phi[t - 1]) + xs[t]
+        new[t, ..., 1] = (
+            torch.logaddexp(new[t - 1, ..., 0], new[t - 1, ..., 1]) + x[t, scorer.blank]
+        )
+    psi = torch.logsumexp(torch.cat([new[:1, ..., 0], phi[:-1] + xs[1:]], 0), 0)
+    full = torch.logaddexp(r_n[-1], r_b[-1])
+    psi = torch.where(cand == scorer.eos, full[:, None].expand_as(psi), psi)
+    psi = psi.masked_fill(cand == scorer.blank, float("-inf"))
+    return psi, new.permute(1, 2, 0, 3)
+
+
+@pytest.mark.parametrize("t_max", [1, 2, 7, 120])
+def test_ctc_prefix_closed_form_equals_the_frame_loop(t_max):
+    """Long utterances (peaked, realistic posteriors) and prefixes longer than the frames."""
+    torch.manual_seed(t_max)
+    v, blank, eos = 9, 0, 8
+    logp = torch.randn(t_max, v).mul(4).log_softmax(-1)
+    scorer = CTCPrefixScorer(logp, blank, eos)
+    state = scorer.initial_state()[None].expand(3, -1, -1).clone()
+    last = torch.tensor([-1, -1, -1])
+    for depth in range(min(t_max + 2, 12)):
+        cand = torch.stack([torch.randperm(v)[:5] for _ in range(3)])
+        cand[0, 0] = last[0].clamp(min=1)  # a repeat of the last token
+        cand[1, 1] = eos
+        cand[2, 2] = blank
+        psi, new = scorer.score(state, last, depth, cand)
+        ref_psi, ref_new = _score_by_frames(scorer, state, last, depth, cand)
+        fin = torch.isfinite(ref_new)
+        assert torch.equal(fin, torch.isfinite(new)) and torch.equal(
+            torch.isfinite(psi), torch.isfinite(ref_psi)
+        )
+        torch.testing.assert_close(new[fin], ref_new[fin], rtol=1e-9, atol=1e-9)
+        ok = torch.isfinite(ref_psi)
+        torch.testing.assert_close(psi[ok], ref_psi[ok], rtol=1e-9, atol=1e-9)
+        pick = torch.tensor([3, 4, 0])  # follow some non-special candidate per hypothesis
+        state = new[torch.arange(3), pick]
+        last = cand[torch.arange(3), pick]
+
+
+def test_incremental_decoder_equals_the_full_pass():
+    """Cached keys/values give the full teacher-forced pass's last-position logits, also when a
+    beam reorders, repeats and drops hypotheses between calls."""
+    from kdcache.student.decoder import AttentionDecoder
+
+    torch.manual_seed(0)
+    dec = AttentionDecoder(
+        vocab_size=11, d_model=32, num_heads=4, num_layers=2, ff_mult=2, dropout=0.3
+    )
+    dec.eval()
+    mem = torch.randn(1, 17, 32)
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    mask[0, 13:] = False
+    inc = dec.incremental(mem, mask)
+
+    def full(prefixes):
+        n = prefixes.shape[0]
+        return dec(prefixes, mem.expand(n, -1, -1), mask.expand(n, -1))[0][:, -1]
+
+    prefixes = torch.tensor([[1]])
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(9):
+            torch.testing.assert_close(inc.step(prefixes), full(prefixes), rtol=1e-5, atol=1e-5)
+            n = prefixes.shape[0]
+            keep = torch.randint(0, n, (min(4, n + 2),), generator=g)  # repeats and drops rows
+            nxt = torch.randint(2, 11, (len(keep), 1), generator=g)
+            prefixes = torch.cat([prefixes[keep], nxt], 1)
+        # an unknown parent (not from the last call) falls back to a full rebuild
+        odd = torch.randint(2, 11, (2, prefixes.shape[1]), generator=g)
+        odd[:, 0] = 1
+        torch.testing.assert_close(inc.step(odd), full(odd), rtol=1e-5, atol=1e-5)

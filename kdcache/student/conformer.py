@@ -112,12 +112,27 @@ class MultiHeadAttention(nn.Module):
         Returns:
             [B, Tq, D].
         """
-        b, tq, d = x.shape
-        tk, h = mem.shape[1], self.num_heads
-        q = self.q(x).view(b, tq, h, d // h).transpose(1, 2)
+        k, v = self.project_kv(mem)
+        return self.attend(x, k, v, mask)
+
+    def project_kv(self, mem: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of mem [B, Tk, D]: two [B, heads, Tk, D / heads] (cacheable)."""
+        b, tk, d = mem.shape
+        h = self.num_heads
         k, v = self.kv(mem).view(b, tk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Attend from x [B, Tq, D] to precomputed keys/values (see `forward`; mask None = all)."""
+        b, tq, d = x.shape
+        h = self.num_heads
+        q = self.q(x).view(b, tq, h, d // h).transpose(1, 2)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask[:, None],
+            dropout_p=self.dropout if self.training else 0.0,
         )
         return self.out(y.transpose(1, 2).reshape(b, tq, d))
 

@@ -143,13 +143,14 @@ class CTCPrefixScorer:
     """
 
     def __init__(self, logp: Tensor, blank_id: int, eos_id: int) -> None:
-        """Args: logp [T, V] CTC log-probabilities of the valid frames."""
-        self.x = logp.float()
+        """Args: logp [T, V] CTC log-probabilities of the valid frames (kept in float64: the
+        frame recursion is evaluated in closed form with cumulative sums)."""
+        self.x = logp.double()
         self.blank, self.eos = blank_id, eos_id
 
     def initial_state(self) -> Tensor:
         """State of the empty prefix: [T, 2] (r^n, r^b)."""
-        r = torch.full((self.x.shape[0], 2), NEG_INF, device=self.x.device)
+        r = torch.full((self.x.shape[0], 2), NEG_INF, dtype=self.x.dtype, device=self.x.device)
         r[:, 1] = torch.cumsum(self.x[:, self.blank], 0)
         return r
 
@@ -175,15 +176,32 @@ class CTCPrefixScorer:
         # phi_t: probability of g up to frame t such that c can start a new label at t+1
         phi = torch.logaddexp(r_n, r_b)[:, :, None].expand_as(xs)
         phi = torch.where((cand == last[:, None])[None], r_b[:, :, None], phi)
-        new = torch.full((*xs.shape, 2), NEG_INF, device=x.device)
+        new = torch.full((*xs.shape, 2), NEG_INF, dtype=x.dtype, device=x.device)
         if prefix_len == 0:
             new[0, ..., 0] = xs[0]
-        # h = g + c needs len(g) + 1 frames, so r(h) is -inf before frame len(g): skip those
-        for t in range(max(1, prefix_len), t_max):
-            new[t, ..., 0] = torch.logaddexp(new[t - 1, ..., 0], phi[t - 1]) + xs[t]
-            new[t, ..., 1] = (
-                torch.logaddexp(new[t - 1, ..., 0], new[t - 1, ..., 1]) + x[t, self.blank]
-            )
+        # h = g + c needs len(g) + 1 frames, so r(h) is -inf before frame len(g): start there.
+        # The recursion over frames t >= start,
+        #   r_n[t] = x_c[t] + logaddexp(r_n[t-1], phi[t-1])
+        #   r_b[t] = x_blank[t] + logaddexp(r_n[t-1], r_b[t-1]),
+        # is linear in probabilities, so each has a closed form with cumulative sums:
+        #   r[t] = S[t] + logaddexp(r[start-1], logcumsumexp_{s=start..t}(in[s] - S[s-1]))
+        # with S[t] = sum_{s=start..t} of the per-frame factor (S[start-1] = 0). In float64
+        # (the scorer's dtype) the large offsets cancel to ~1e-12.
+        start = max(1, prefix_len)
+        if start < t_max:
+            xc = xs[start:]  # [T', N, C]
+            a = torch.cumsum(xc, 0)
+            a_prev = torch.cat([torch.zeros_like(a[:1]), a[:-1]], 0)
+            r_n0 = new[start - 1, ..., 0]
+            acc = torch.logcumsumexp(phi[start - 1 : t_max - 1] - a_prev, 0)
+            rn = a + torch.logaddexp(r_n0[None], acc)
+            new[start:, ..., 0] = rn
+            xb = x[start:, self.blank][:, None, None].expand_as(xc)
+            b = torch.cumsum(xb, 0)
+            b_prev = torch.cat([torch.zeros_like(b[:1]), b[:-1]], 0)
+            rn_prev = torch.cat([r_n0[None], rn[:-1]], 0)
+            acc_b = torch.logcumsumexp(rn_prev - b_prev, 0)
+            new[start:, ..., 1] = b + torch.logaddexp(new[start - 1, ..., 1][None], acc_b)
         psi = torch.logsumexp(torch.cat([new[:1, ..., 0], phi[:-1] + xs[1:]], 0), 0)
         full = torch.logaddexp(r_n[-1], r_b[-1])  # [N]: exactly g
         psi = torch.where(cand == self.eos, full[:, None].expand_as(psi), psi)
@@ -245,7 +263,7 @@ def beam_search(
             cand = logp.topk(min(k, v), dim=1).indices  # [N, C]
             psi, new_state = ctc_scorer.score(ctc_state, last, i, cand)
             att = logp.gather(1, cand)
-            joint_c = (1 - ctc_weight) * att + ctc_weight * (psi - ctc_psi[:, None])
+            joint_c = ((1 - ctc_weight) * att + ctc_weight * (psi - ctc_psi[:, None])).to(att.dtype)
             joint_c = joint_c.masked_fill(att == NEG_INF, NEG_INF)
             joint = torch.full_like(logp, NEG_INF).scatter(1, cand, joint_c)
             slot = torch.full((n, v), -1, dtype=torch.long).scatter(
@@ -294,8 +312,8 @@ def attention_beam_search(
 ) -> list[list[int]]:
     """Beam search with the attention decoder, one utterance at a time (hypotheses batched).
 
-    The decoder re-reads the whole prefix each step (no KV cache): quadratic in length, which
-    is fine at this model size.
+    The decoder keeps every layer's keys/values (`AttentionDecoder.incremental`): each step
+    computes only the newest position, and the encoder output is projected once per utterance.
 
     Args:
         model: a Student with an attention decoder.
@@ -314,12 +332,10 @@ def attention_beam_search(
         mem = out.enc_out[b : b + 1, :t]
         mem_mask = out.enc_mask[b : b + 1, :t]
 
-        def step(prefixes: Tensor, mem: Tensor = mem, mem_mask: Tensor = mem_mask) -> Tensor:
-            n = prefixes.shape[0]
-            logits, _ = model.decoder(
-                prefixes.to(mem.device), mem.expand(n, -1, -1), mem_mask.expand(n, -1)
-            )
-            return logits[:, -1].float().log_softmax(-1)
+        inc = model.decoder.incremental(mem, mem_mask)
+
+        def step(prefixes: Tensor, inc=inc, device=mem.device) -> Tensor:
+            return inc.step(prefixes.to(device)).float().log_softmax(-1)
 
         scorer = None
         if ctc_weight > 0:

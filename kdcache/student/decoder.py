@@ -56,6 +56,42 @@ class DecoderLayer(nn.Module):
             x = x + self.drop(self.cross_attn(self.cross_norm(x), mem, mem_mask[:, None, :]))
         return x + self.ff(x)
 
+    def step(
+        self,
+        x: Tensor,
+        self_kv: tuple[Tensor, Tensor] | None,
+        mem_kv: tuple[Tensor, Tensor] | None,
+        mem_mask: Tensor | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One new position given the keys/values of the earlier ones (incremental decoding).
+
+        Args:
+            x: [N, 1, D] this layer's input at the new position.
+            self_kv: keys/values of the earlier positions ([N, heads, i, D / heads] each), or
+                None at position 0.
+            mem_kv: `cross_attn.project_kv(mem)` ([N or 1, heads, T, .]); mem_mask [N or 1, T].
+
+        Returns:
+            The output at the new position [N, 1, D], and self_kv with the new position added.
+            Equals the last row of `forward` on the whole prefix (causal attention: earlier
+            positions never see later ones).
+        """
+        h = self.self_norm(x)
+        k, v = self.self_attn.project_kv(h)
+        if self_kv is not None:
+            k, v = torch.cat([self_kv[0], k], 2), torch.cat([self_kv[1], v], 2)
+        x = x + self.drop(self.self_attn.attend(h, k, v, None))
+        if self.cross_attn is not None:
+            assert mem_kv is not None and mem_mask is not None
+            n = x.shape[0]
+            mk, mv = (t.expand(n, -1, -1, -1) for t in mem_kv)
+            x = x + self.drop(
+                self.cross_attn.attend(
+                    self.cross_norm(x), mk, mv, mem_mask.expand(n, -1)[:, None, :]
+                )
+            )
+        return x + self.ff(x), (k, v)
+
 
 class AttentionDecoder(nn.Module):
     """Autoregressive Transformer decoder over an encoder output.
@@ -104,3 +140,62 @@ class AttentionDecoder(nn.Module):
             x = layer(x, mask, memory, memory_mask)
         states = self.norm(x)
         return self.out(states), states
+
+    def incremental(self, memory: Tensor, memory_mask: Tensor) -> IncrementalDecoder:
+        """A next-token scorer over one utterance's encoder output [1, T, D] (mask [1, T]) that
+        keeps every layer's keys/values: each call computes only the newest position."""
+        return IncrementalDecoder(self, memory, memory_mask)
+
+
+class IncrementalDecoder:
+    """`step(prefixes)` -> next-token logits [N, V] of prefixes [N, i + 1] (bos first), equal to
+    `decoder(prefixes, mem, mask)[0][:, -1]` but linear in the prefix length per call.
+
+    Hypotheses may be reordered, dropped or repeated between calls (as a beam search does): a
+    prefix's cached state is found through its parent (the prefix without its last token) from
+    the previous call. A prefix whose parent is unknown is computed from scratch.
+    """
+
+    def __init__(self, decoder: AttentionDecoder, memory: Tensor, memory_mask: Tensor) -> None:
+        self.dec = decoder
+        self.mem_mask = memory_mask
+        self.mem_kv = [
+            layer.cross_attn.project_kv(memory) if layer.cross_attn is not None else None
+            for layer in decoder.layers
+        ]
+        self.d_model = memory.shape[2]
+        self.dtype = memory.dtype
+        self.prev: dict[tuple[int, ...], int] = {}
+        self.prev_kv: list[tuple[Tensor, Tensor]] = []
+        self.prev_len = -1
+
+    def step(self, prefixes: Tensor) -> Tensor:
+        n, length = prefixes.shape
+        rows = prefixes.tolist()
+        parents = (
+            [self.prev.get(tuple(r[:-1])) for r in rows] if length - 1 == self.prev_len else []
+        )
+        if length == 1 or (parents and all(p is not None for p in parents)):
+            idx = (
+                torch.tensor(parents, dtype=torch.long, device=prefixes.device) if parents else None
+            )
+            logits, kv = self._advance(prefixes[:, -1:], length - 1, idx)
+        else:  # no usable cache (first call of a longer prefix, or an unknown parent): rebuild
+            kv = None
+            for i in range(length):
+                logits, kv = self._advance(prefixes[:, i : i + 1], i, None, kv)
+        self.prev = {tuple(r): j for j, r in enumerate(rows)}
+        self.prev_kv, self.prev_len = kv, length
+        return logits
+
+    def _advance(self, tok: Tensor, pos: int, parents: Tensor | None, kv=None):
+        if kv is None and parents is not None:
+            kv = [(k[parents], v[parents]) for k, v in self.prev_kv]
+        dec = self.dec
+        pe = sinusoidal_positions(pos + 1, self.d_model, tok.device)[pos : pos + 1]
+        x = dec.drop(dec.embed(tok) + pe.to(self.dtype))
+        new_kv = []
+        for j, layer in enumerate(dec.layers):
+            x, layer_kv = layer.step(x, kv[j] if kv else None, self.mem_kv[j], self.mem_mask)
+            new_kv.append(layer_kv)
+        return dec.out(dec.norm(x))[:, -1], new_kv

@@ -75,6 +75,10 @@ def main() -> None:
         help="instead: time the decoder loss alone (CE_ls vs LST with k=16) at vocabulary V",
     )
     args = ap.parse_args()
+    known = ("none", "cached_lst", "online_lstm", "online_bert", "online_bertmasked")
+    bad = [m for m in args.modes.split(",") if m not in known]
+    if bad:
+        ap.error(f"--modes: unknown {bad}; choose from {', '.join(known)}")
     if args.loss_vocab:
         return bench_loss(args)
     if args.readers:

@@ -156,3 +156,75 @@ def test_hostile_files_give_one_line_errors(good_cache, tmp_path, damage):
         assert "\n" not in str(e.value) and str(path) in str(e.value)
     res = CliRunner().invoke(_app(), ["verify", str(path), "--no-progress"])
     assert res.exit_code == 1 and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------ values: order and mass
+
+
+def _rewrite(path, array, fn):
+    """Rewrite one stored array of the first shard through zarr (valid chunks and checksums:
+    only the values are wrong), as a buggy writer would have left them."""
+    import zarr
+
+    rel, _ = _chunk(path, array, 0)
+    arr = zarr.open_array(str(path / rel), mode="r+")
+    arr[:] = fn(arr[:])
+    return rel
+
+
+def test_ascending_logprobs_are_found(good_cache, tmp_path):
+    path = _copy(good_cache, tmp_path)
+    rel = _rewrite(path, "topk_logprobs", lambda x: x[:, ::-1].copy())
+    probs = verify_cache(path)
+    assert any(p.where.startswith(rel) and "not sorted descending" in p.what for p in probs), probs
+
+
+def test_mass_of_two_is_found(good_cache, tmp_path):
+    import numpy as np
+
+    path = _copy(good_cache, tmp_path)
+    # P(tail) ~ 1 on top of the top k (not exactly 0: zarr skips chunks equal to the fill value)
+    _rewrite(path, "tail_logmass", lambda x: np.full_like(x, -1e-3))
+    probs = verify_cache(path)
+    assert probs and all("probability mass" in p.what for p in probs), probs
+    assert "topk_logprobs+tail_logmass chunk 0" in probs[0].where
+
+
+def test_positive_logprob_is_found(good_cache, tmp_path):
+    path = _copy(good_cache, tmp_path)
+    rel = _rewrite(path, "topk_logprobs", lambda x: x - x[:, :1] + 0.5)  # first column 0.5
+    assert any(
+        "log-probability > 0" in p.what for p in verify_cache(path) if p.where.startswith(rel)
+    )
+
+
+@pytest.mark.parametrize("keepbits", [2, 3, 4, 7])
+def test_coarse_keepbits_caches_verify_clean(tmp_path, keepbits):
+    """The writer checks the mass before rounding; verify's bound covers what rounding moves
+    (at keepbits 3, 541 of 3,458 positions once broke a flat 0.02)."""
+    rec = make_record("a", vocab_size=300, k=16, keepbits=keepbits, chunk_positions=64)
+    build_cache(tmp_path / "c.kdc", [(rec, make_utts(rec, 60, max_len=60))], fsync=False)
+    assert verify_cache(tmp_path / "c.kdc") == []
+
+
+def test_mass_slack_bounds_the_rounding():
+    """Exact distributions rounded to keepbits bits: their stored mass is within the slack."""
+    import numpy as np
+
+    from kdcache.cache_format.spec import round_mantissa
+    from kdcache.cache_format.validate import mass_slack
+
+    rng = np.random.default_rng(0)
+    for keepbits in (1, 2, 3, 5, 7, 10):
+        logits = rng.standard_normal((2000, 40)) * rng.uniform(0.1, 6, (2000, 1))
+        lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))  # exact log-softmax, float64
+        stored = round_mantissa(lp.astype(np.float16), keepbits)
+        moved = np.abs(np.exp(stored.astype(np.float64)).sum(1) - np.exp(lp).sum(1))
+        slack = mass_slack(stored, keepbits)
+        # float16's own rounding is inside keepbits <= 10 (it is the keepbits = 10 case)
+        assert np.all(moved <= slack), (keepbits, float((moved - slack).max()))
+        eps = 2.0 ** -(keepbits + 1)
+        # not vacuous: about entropy x eps (first order), and small at the usual keepbits
+        assert np.median(slack) < 1.5 * eps / (1 - eps) * np.log(40) + 1e-5
+        if keepbits >= 7:
+            assert slack.max() < 0.03

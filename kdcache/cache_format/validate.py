@@ -414,8 +414,8 @@ def chunk_problems(
     rec: TeacherRecord, name: str, x: np.ndarray, expected: int, *, nan: bool = False
 ) -> list[str]:
     """A decoded chunk (as stored) of array ``name``: ``expected`` positions, ids < vocab_size,
-    and with ``nan`` (verify; readers skip the extra pass) no NaN. Phrased to follow
-    "chunk <c>"."""
+    and with ``nan`` (verify; readers skip the extra pass) no NaN, and top-k log-probs <= 0 and
+    sorted descending per position. Phrased to follow "chunk <c>"."""
     if len(x) != expected:
         return [f"has {len(x)} positions, expected {expected}"]
     probs = []
@@ -423,4 +423,60 @@ def chunk_problems(
         probs.append(f"holds id {int(x.max())} >= vocab_size {rec.vocab_size}")
     if nan and x.dtype.kind == "f" and np.isnan(x).any():
         probs.append("contains NaN")
+    if nan and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS) and x.size:
+        pos = np.nonzero((x > 0).reshape(len(x), -1).any(axis=1))[0]
+        if len(pos):
+            probs.append(f"log-probability > 0 at position {int(pos[0])} of the chunk")
+    if nan and name == spec.TOPK_LOGPROBS and x.ndim == 2 and x.shape[1] > 1:
+        up = np.nonzero((x[:, 1:] > x[:, :-1]).any(axis=1))[0]
+        if len(up):
+            probs.append(
+                f"top-k log-probs not sorted descending at position {int(up[0])} of the chunk"
+            )
     return probs
+
+
+# Tolerance of the stored mass rule (verify): the writer checks |sum(exp(topk)) + exp(tail) - 1|
+# <= MASS_TOLERANCE on the values it is given, then rounds them; on the stored values verify
+# allows MASS_TOLERANCE plus what the rounding can have moved each term (mass_slack).
+MASS_TOLERANCE = 0.02
+
+
+def mass_slack(stored: np.ndarray, keepbits: int) -> np.ndarray:
+    """Per position: the most the mass sum(exp(l)) can have moved when the values ``stored``
+    [P, k] were rounded to ``keepbits`` mantissa bits (round to nearest: relative error <=
+    eps = 2^-(keepbits + 1), so the original l is within |l| eps / (1 - eps) of the stored one and
+    |exp(l) - exp(l')| <= exp(l') expm1(|l'| eps / (1 - eps))); plus 1e-7 per term for float16
+    subnormals (absolute spacing 6e-8)."""
+    eps = 2.0 ** -(keepbits + 1)
+    lp = stored.astype(np.float64).reshape(len(stored), -1)
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        d = np.where(np.isfinite(lp), np.abs(lp) * eps / (1 - eps), 0.0)
+        term = np.where(np.isfinite(lp), np.exp(lp) * np.expm1(d), 0.0)
+    return term.sum(axis=1) + 1e-7 * lp.shape[1]
+
+
+def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
+    """The stored mass rule over one chunk of top-k log-probs [P, k] and tail log-masses [P]."""
+    if len(lp) != len(tail):
+        return [f"topk_logprobs has {len(lp)} positions, tail_logmass {len(tail)}"]
+    if not len(lp):
+        return []
+    lp64 = lp.astype(np.float64)
+    t64 = tail.astype(np.float64)
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        mass = np.exp(lp64).sum(axis=1) + np.exp(t64)
+    tol = (
+        MASS_TOLERANCE
+        + mass_slack(lp, rec.logprob_keepbits)
+        + mass_slack(tail[:, None], spec.TAIL_KEEPBITS)
+    )
+    bad = np.nonzero(~(np.abs(mass - 1.0) <= tol))[0]  # NaN fails too
+    if not len(bad):
+        return []
+    i = int(bad[0])
+    return [
+        f"probability mass {mass[i]:.4f} at position {i} of the chunk (|mass - 1| must be <= "
+        f"{tol[i]:.4f}: {MASS_TOLERANCE} + rounding to {rec.logprob_keepbits} bits); "
+        f"{len(bad)} position(s) in this chunk"
+    ]

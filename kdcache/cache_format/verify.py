@@ -42,6 +42,9 @@ class Problem:
 MAX_LISTED_MISSING = 20
 
 
+MASS = "<mass>"  # task name of the cross-array mass check
+
+
 def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, tasks) -> None:
     """Marker, index and array metadata of one committed shard; chunk reads go to ``tasks``."""
     import zarr
@@ -73,6 +76,7 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
             problems.append(Problem(ip, f"utterance {u!r} also in shard {seen[u]} (duplicate)"))
     # Arrays.
     N, C = marker.positions, rec.chunk_positions
+    opened: dict[str, tuple] = {}
     for name in spec.array_names(rec):
         rel = f"{spec.shard_path(t, s)}/{name}"
         try:
@@ -113,6 +117,15 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
             )
         for c in sorted(have):
             tasks.append((rec, rel, name, arr, c))
+        opened[name] = (arr, have)
+    # The mass rule spans two arrays: one task per chunk present in both.
+    if spec.TOPK_LOGPROBS in opened and spec.TAIL_LOGMASS in opened:
+        (lp_arr, lp_have), (tail_arr, tail_have) = (
+            opened[spec.TOPK_LOGPROBS], opened[spec.TAIL_LOGMASS]
+        )  # fmt: skip
+        rel = f"{spec.shard_path(t, s)}/{spec.TOPK_LOGPROBS}+{spec.TAIL_LOGMASS}"
+        for c in sorted(lp_have & tail_have):
+            tasks.append((rec, rel, MASS, (lp_arr, tail_arr), c))
 
 
 def verify_cache(
@@ -129,7 +142,9 @@ def verify_cache(
     Checks: root and teacher records; every commit marker (keys, counts, index sha256); every
     index part (offsets contiguous from 0, lengths sum to the marker's positions, token_ids one per
     position, no utterance twice in one teacher); every array (present, dtype, shape and chunking
-    as the record says); every chunk (present, crc32c and decode, ids < vocab_size, no NaN).
+    as the record says); every chunk (present, crc32c and decode, ids < vocab_size, no NaN,
+    top-k log-probs <= 0 and sorted descending, and the mass rule on the stored values:
+    ``|sum(exp(topk)) + exp(tail) - 1| <= 0.02 + rounding slack``, validate.mass_problems).
     Chunks are decoded by ``workers`` threads.
 
     Args:
@@ -234,6 +249,12 @@ def verify_cache(
     def check(task) -> list[Problem]:
         rec, rel, name, arr, c = task
         C = rec.chunk_positions
+        if name == MASS:
+            try:
+                lp, tail = (a[c * C : min((c + 1) * C, a.shape[0])] for a in arr)
+            except Exception:  # noqa: BLE001 - the per-array tasks report the damaged chunk
+                return []
+            return [Problem(f"{rel} chunk {c}", p) for p in validate.mass_problems(rec, lp, tail)]
         try:
             x = arr[c * C : min((c + 1) * C, arr.shape[0])]
         except Exception as e:

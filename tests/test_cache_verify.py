@@ -228,3 +228,22 @@ def test_mass_slack_bounds_the_rounding():
         assert np.median(slack) < 1.5 * eps / (1 - eps) * np.log(40) + 1e-5
         if keepbits >= 7:
             assert slack.max() < 0.03
+
+
+def test_every_metadata_file_is_checked(good_cache, tmp_path):
+    """A flipped bit in any zarr.json (groups the arrays never need included) is found."""
+    src = sorted(p.relative_to(good_cache) for p in good_cache.rglob("zarr.json"))
+    assert len(src) >= 8  # root, teachers/, teacher, shards/, shard groups, arrays, hidden/
+    for i, rel in enumerate(src):
+        path = tmp_path / f"c{i}.kdc"
+        shutil.copytree(good_cache, path)
+        f = path / rel
+        b = bytearray(f.read_bytes())
+        at = b.index(b'"node_type"') + 2  # a letter of the key: JSON stays JSON, meaning changes
+        b[at] ^= 0x01
+        f.write_bytes(bytes(b))
+        probs = verify_cache(path)
+        assert probs and any(str(rel.parent) in p.where or p.where == str(rel) for p in probs), (
+            rel,
+            probs,
+        )

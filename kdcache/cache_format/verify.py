@@ -43,6 +43,25 @@ MAX_LISTED_MISSING = 20
 
 
 MASS = "<mass>"  # task name of the cross-array mass check
+PLAIN_GROUP = {"attributes": {}, "zarr_format": 3, "node_type": "group"}
+
+
+def _plain_group_problems(st: Storage, rel: str) -> list[Problem]:
+    """A structural group (teachers/, shards/, a shard, hidden/) holds exactly an empty zarr v3
+    group's metadata; zarr itself never needs to parse it to read the arrays below, so without
+    this check a damaged one would pass unnoticed."""
+    meta = f"{rel}/zarr.json" if rel else "zarr.json"
+    if not st.exists(meta):
+        return [Problem(meta, "group metadata missing")]
+    try:
+        d = json.loads(st.read_bytes(meta))
+    except Exception as e:  # noqa: BLE001 - a finding
+        return [Problem(meta, f"group metadata is not JSON ({type(e).__name__}: {one_line(e)})")]
+    if d != PLAIN_GROUP:
+        return [
+            Problem(meta, f"group metadata {json.dumps(d)[:120]} is not {json.dumps(PLAIN_GROUP)}")
+        ]
+    return []
 
 
 def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, tasks) -> None:
@@ -74,7 +93,10 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
             seen[u] = s
         elif seen[u] != s:
             problems.append(Problem(ip, f"utterance {u!r} also in shard {seen[u]} (duplicate)"))
-    # Arrays.
+    # Group metadata of the shard (and its hidden/ groups), then the arrays.
+    problems.extend(_plain_group_problems(st, spec.shard_path(t, s)))
+    for sub in sorted({n.split("/")[0] for n in spec.array_names(rec) if "/" in n}):
+        problems.extend(_plain_group_problems(st, f"{spec.shard_path(t, s)}/{sub}"))
     N, C = marker.positions, rec.chunk_positions
     opened: dict[str, tuple] = {}
     for name in spec.array_names(rec):
@@ -174,6 +196,8 @@ def verify_cache(
         return [Problem("zarr.json", p) for p in probs]
 
     tasks: list[tuple[TeacherRecord, str, str, object, int]] = []  # (record, rel, name, array, c)
+    if st.exists(f"{spec.TEACHERS_DIR}/zarr.json") or st.listdir(spec.TEACHERS_DIR):
+        problems.extend(_plain_group_problems(st, spec.TEACHERS_DIR))
     with_record = set()
     for t in st.listdir(spec.TEACHERS_DIR):
         tp = spec.teacher_path(t)
@@ -200,7 +224,9 @@ def verify_cache(
         problems.extend(Problem(f"{tp}/zarr.json", f"bad teacher record ({p})") for p in probs)
         if rec is None:
             continue
-        commit_files = st.listdir(f"{spec.COMMITS_DIR}/{t}")
+        if markers_exist := st.listdir(f"{spec.COMMITS_DIR}/{t}"):
+            problems.extend(_plain_group_problems(st, f"{tp}/{spec.SHARDS_DIR}"))
+        commit_files = markers_exist
         index_files = st.listdir(f"{spec.INDEX_DIR}/{t}")
         markers = {f[:-5] for f in commit_files if f.endswith(".json") and ".tmp-" not in f}
         shard_dirs = set(st.listdir(f"{tp}/{spec.SHARDS_DIR}")) - {"zarr.json"}

@@ -224,9 +224,7 @@ def verify_cache(
         problems.extend(Problem(f"{tp}/zarr.json", f"bad teacher record ({p})") for p in probs)
         if rec is None:
             continue
-        if markers_exist := st.listdir(f"{spec.COMMITS_DIR}/{t}"):
-            problems.extend(_plain_group_problems(st, f"{tp}/{spec.SHARDS_DIR}"))
-        commit_files = markers_exist
+        commit_files = st.listdir(f"{spec.COMMITS_DIR}/{t}")
         index_files = st.listdir(f"{spec.INDEX_DIR}/{t}")
         markers = {f[:-5] for f in commit_files if f.endswith(".json") and ".tmp-" not in f}
         shard_dirs = set(st.listdir(f"{tp}/{spec.SHARDS_DIR}")) - {"zarr.json"}
@@ -241,6 +239,8 @@ def verify_cache(
                     Problem(spec.commit_path(t, s), "not a shard name (readers ignore it)", "info")
                 )
         markers = {s for s in markers if spec.parse_shard_name(s) is not None}
+        if markers:  # committed shards live below shards/: its group metadata must be intact
+            problems.extend(_plain_group_problems(st, f"{tp}/{spec.SHARDS_DIR}"))
         for s in sorted(shard_dirs - markers):
             problems.append(
                 Problem(

@@ -36,9 +36,6 @@ from kdcache.cache_format.storage import open_storage
 
 __all__ = ["CacheWriter", "UttTargets", "encode_hidden_int8"]
 
-# Tolerance of the probability-mass check: sum(exp(topk)) + exp(tail) must be within this of 1.
-MASS_TOLERANCE = 0.02
-
 
 def encode_hidden_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric per-row int8 quantisation: x ~= q * scale, scale = max|x| / 127.
@@ -349,7 +346,7 @@ class CacheWriter:
                 if self.check_mass:
                     with np.errstate(under="ignore"):
                         err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
-                    if np.count_nonzero(err <= MASS_TOLERANCE) != T:
+                    if np.count_nonzero(err <= validate.MASS_TOLERANCE) != T:
                         worst = int(np.argmax(err))
                         mass = float(
                             np.exp(lp[worst].astype(np.float64)).sum() + np.exp(float(tail[worst]))

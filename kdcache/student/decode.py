@@ -339,7 +339,7 @@ def attention_beam_search(
 
         scorer = None
         if ctc_weight > 0:
-            # on the CPU: the prefix recursion is many tiny ops over frames
+            # on the CPU: small float64 tensors, a few dozen ops per step (closed form over frames)
             logp = out.ctc_logits[b, :t].float().log_softmax(-1).cpu()
             scorer = CTCPrefixScorer(logp, cfg.blank_id, cfg.eos_id)
         hyps.append(

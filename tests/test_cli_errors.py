@@ -190,6 +190,70 @@ def test_eval_falls_back_from_a_truncated_checkpoint(toy, trained, tmp_path, cap
     assert "step-00000004.pt" in caplog.text and "truncated" in caplog.text
 
 
+def _eval_args(toy, run, *extra):
+    return ["eval", "--run", str(run), "--data", str(toy.manifest), "--features",
+            str(toy.features), "--device", "cpu", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy_lm(toy, tmp_path_factory):
+    """An LSTM LM in the toy student's units (a few sentences of its own alphabet)."""
+    from kdcache.teachers.lstm_lm import train_lm
+
+    out = tmp_path_factory.mktemp("lm") / "lm"
+    texts = [json.loads(x)["text"] for x in Path(toy.manifest).read_text().splitlines()]
+    train_lm(texts, str(toy.tokenizer), str(out), layers=1, hidden=16, epochs=1, progress=False)
+    return out
+
+
+def test_eval_with_shallow_fusion(toy, trained, toy_lm, tmp_path):
+    res = CliRunner().invoke(
+        train_app,
+        _eval_args(
+            toy,
+            trained,
+            "--decode",
+            "attention_beam",
+            "--beam",
+            "2",
+            "--lm",
+            str(toy_lm),
+            "--lm-weight",
+            "0.3",
+        ),  # fmt: skip
+    )
+    assert res.exit_code == 0, res.output
+    out = Path(json.loads(res.stdout.strip().splitlines()[-1])["out_dir"])
+    assert out.name.endswith("-attention_beam-lm0.3")  # never overwrites the unfused eval
+    results = json.loads((out / "results.json").read_text())
+    assert results["lm"] == str(toy_lm) and results["lm_weight"] == 0.3
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--decode", "ctc_greedy", "--lm", "LM"], ["--lm", "attention_beam"]),
+        (["--decode", "attention_beam", "--lm-weight", "0.3"], ["--lm-weight", "needs --lm"]),
+        (["--decode", "attention_beam", "--lm", "LM", "--lm-weight", "0"], ["--lm-weight"]),
+        (["--decode", "attention_beam", "--lm", "NOTLM", "--lm-weight", "0.3"],
+         ["not an LSTM LM directory"]),
+        (["--decode", "attention_beam", "--lm", "OTHER", "--lm-weight", "0.3"],
+         ["not the student's", "student's units"]),
+    ],
+)  # fmt: skip
+def test_eval_lm_errors(toy, trained, toy_lm, tmp_path, extra, needles):
+    import shutil
+
+    from kdcache.data.tokenizer import Tokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(toy_lm, other)
+    Tokenizer.build_char(["zzz qqq xyz"]).save(other / "tokenizer")
+    paths = {"LM": str(toy_lm), "NOTLM": str(tmp_path), "OTHER": str(other)}
+    extra = [paths.get(x, x) for x in extra]
+    one_error(CliRunner().invoke(train_app, _eval_args(toy, trained, *extra)), *needles)
+
+
 def test_resume_falls_back_from_a_truncated_checkpoint(toy, trained, tmp_path, caplog):
     run = _truncated_copy(trained, tmp_path)
     res = CliRunner().invoke(train_app, ["run", "--out", str(run), "--resume", "train.max_steps=5"])

@@ -368,3 +368,117 @@ def test_incremental_decoder_equals_the_full_pass():
         odd = torch.randint(2, 11, (2, prefixes.shape[1]), generator=g)
         odd[:, 0] = 1
         torch.testing.assert_close(inc.step(odd), full(odd), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# shallow fusion with an external LM
+
+
+@pytest.mark.parametrize("length_norm", [True, False])
+def test_fused_exhaustive_beam_finds_the_best_summed_score(length_norm):
+    """Decoder + beta * LM: an exhaustive beam returns the sequence with the best fused score."""
+    att, lm, beta, max_len = table_step(1), table_step(7), 0.6, 4
+
+    def fused(s):
+        return sequence_score(att, s, length_norm) + beta * sequence_score(lm, s, length_norm)
+
+    best = max(all_sequences(max_len), key=fused)
+    plain = max(all_sequences(max_len), key=lambda s: sequence_score(att, s, length_norm))
+    assert best != plain  # the LM must matter in this example
+    kw = dict(bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len, length_norm=length_norm,
+              banned=(BLANK, BOS))  # fmt: skip
+    assert tuple(beam_search(att, lm_fn=lm, lm_weight=beta, **kw)) == best
+    assert tuple(beam_search(att, lm_fn=lm, lm_weight=0.0, **kw)) == plain
+
+
+def test_fused_joint_ctc_beam_finds_the_best_three_way_score():
+    """(1 - w) log p_att + w log P_ctc + beta log p_lm, searched exhaustively, equals brute force
+    over all labellings (the CTC term from enumerating every path)."""
+    torch.manual_seed(3)
+    t_max, w, beta, max_len = 5, 0.4, 0.5, 4
+    logp = torch.randn(t_max, V).mul(2).log_softmax(-1).double()
+    probs = brute_force(logp, BLANK)
+    att, lm = table_step(1), table_step(5)
+
+    def score(s, b=beta):
+        p = probs.get(tuple(s), 0.0)
+        ctc = math.log(p) if p > 0 else float("-inf")
+        return (1 - w) * sequence_score(att, s, False) + w * ctc + b * sequence_score(lm, s, False)
+
+    best = max(all_sequences(max_len), key=score)
+    assert best != max(all_sequences(max_len), key=lambda s: score(s, 0.0))  # the LM matters
+    got = beam_search(att, bos_id=BOS, eos_id=EOS, beam_size=64, max_len=max_len,
+                      length_norm=False, banned=(BLANK, BOS), ctc_scorer=CTCPrefixScorer(
+                          logp, BLANK, EOS), ctc_weight=w, pre_beam=V, lm_fn=lm,
+                      lm_weight=beta)  # fmt: skip
+    assert tuple(got) == best
+
+
+def _tiny_lm(vocab=11, bos=3, eos=2):
+    from kdcache.teachers.lstm_lm import LSTMConfig, build_model
+
+    cfg = LSTMConfig(vocab_size=vocab, bos_id=bos, eos_id=eos, layers=2, hidden=16, dropout=0.3)
+    return build_model(cfg).eval(), cfg
+
+
+def test_incremental_lm_equals_the_full_pass():
+    """The per-hypothesis LSTM state gives the LM's full pass over [lm bos] + prefix[1:], under
+    reordered, repeated and dropped hypotheses; the student's bos is replaced by the LM's."""
+    from kdcache.student.lm import LMFusion
+
+    model, cfg = _tiny_lm()
+    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id, vocab_size=11).scorer(2)
+
+    def full(prefixes):
+        ids = prefixes.clone()
+        ids[:, 0] = cfg.bos_id
+        return model(ids)[0][:, -1].log_softmax(-1)
+
+    prefixes = torch.tensor([[1]])  # the student's bos (1) differs from the LM's (3)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(9):
+            torch.testing.assert_close(inc.step(prefixes), full(prefixes), rtol=1e-5, atol=1e-5)
+            n = prefixes.shape[0]
+            keep = torch.randint(0, n, (min(4, n + 2),), generator=g)
+            nxt = torch.randint(3, 11, (len(keep), 1), generator=g)
+            prefixes = torch.cat([prefixes[keep], nxt], 1)
+        odd = torch.randint(3, 11, (2, prefixes.shape[1]), generator=g)
+        odd[:, 0] = 1
+        torch.testing.assert_close(inc.step(odd), full(odd), rtol=1e-5, atol=1e-5)
+
+
+def test_lm_without_eos_says_nothing_about_eos():
+    from kdcache.student.lm import LMFusion
+
+    model, cfg = _tiny_lm(eos=-1)
+    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=-1, vocab_size=11).scorer(2)
+    out = inc.step(torch.tensor([[1, 5], [1, 6]]))
+    assert (out[:, 2] == 0).all() and (out[:, 5] < 0).all()
+
+
+def test_fusion_with_a_zero_weight_changes_nothing_and_a_strong_lm_wins():
+    """Through attention_beam_search on a real Student: beta = 0 gives the unfused hypotheses; an
+    LM that puts all its mass on one continuation makes a large beta emit exactly it."""
+    from kdcache.student.lm import LMFusion
+
+    torch.manual_seed(0)
+    m = Student(tiny()).eval()
+    v = m.cfg.vocab_size
+    feats, lens = torch.randn(2, 40, 16), torch.tensor([40, 33])
+    with torch.no_grad():
+        out = m(feats, lens)
+    model, cfg = _tiny_lm(vocab=v, bos=m.cfg.bos_id, eos=m.cfg.eos_id)
+    fusion = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id, vocab_size=v)
+    plain = attention_beam_search(m, out, beam_size=3, max_len_ratio=0.5)
+    assert attention_beam_search(m, out, beam_size=3, max_len_ratio=0.5, lm=fusion,
+                                 lm_weight=0.0) == plain  # fmt: skip
+    with torch.no_grad():  # an LM that always says "token 4"
+        model.out.weight.zero_()  # tied to the embedding: inputs now carry no information...
+        for p in model.rnns.parameters():
+            p.zero_()
+        model.out.bias.fill_(-30.0)
+        model.out.bias[4] = 0.0
+    forced = attention_beam_search(m, out, beam_size=3, max_len_ratio=0.5, lm=fusion,
+                                   lm_weight=50.0)  # fmt: skip
+    assert all(set(h) == {4} for h in forced) and forced != plain

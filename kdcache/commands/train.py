@@ -103,6 +103,15 @@ def evaluate(
         None, "--out", help="Output directory (default RUN_DIR/eval/<data>-<decode>)."
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    lm: Path = typer.Option(
+        None,
+        "--lm",
+        help="Shallow fusion (attention_beam): an LSTM LM directory (kdcache train-lm) in the "
+        "student's units.",
+    ),
+    lm_weight: float = typer.Option(
+        0.0, "--lm-weight", help="Weight of the --lm log-probs in the beam score (e.g. 0.3)."
+    ),
 ) -> None:
     """Decode a set with a trained student; write hypotheses and WER/CER (jiwer)."""
     import json
@@ -120,6 +129,8 @@ def evaluate(
             checkpoint=checkpoint,
             out_dir=out,
             device=device,
+            lm=lm,
+            lm_weight=lm_weight,
         )
     typer.echo(json.dumps({k: res[k] for k in ("wer", "cer", "utterances", "decode", "out_dir")}))
 

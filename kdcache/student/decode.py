@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from kdcache.student.conformer import lengths_to_mask
+from kdcache.student.lm import LMFusion
 from kdcache.student.model import Student, StudentOutput
 
 NEG_INF = float("-inf")
@@ -28,6 +29,7 @@ class DecodeConfig:
     length_norm: bool = True  # attention: rank finished hypotheses by score / (tokens + 1)
     max_len_ratio: float = 1.0  # attention: at most ratio * encoder frames tokens
     pre_beam: int = 0  # attention+CTC: tokens CTC-scored per hypothesis; 0 = 1.5 * beam_size
+    lm_weight: float = 0.0  # attention: shallow fusion weight of the external LM given to decode
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -39,13 +41,20 @@ class DecodeConfig:
 
 
 @torch.no_grad()
-def decode(model: Student, feats: Tensor, feat_lens: Tensor, cfg: DecodeConfig) -> list[list[int]]:
+def decode(
+    model: Student,
+    feats: Tensor,
+    feat_lens: Tensor,
+    cfg: DecodeConfig,
+    lm: LMFusion | None = None,
+) -> list[list[int]]:
     """Encode a batch and decode it with `cfg.method`.
 
     Args:
         model: a Student in eval mode.
         feats: [B, T, F]; feat_lens: [B].
         cfg: search settings.
+        lm: external LM for shallow fusion (attention search, weight `cfg.lm_weight`).
 
     Returns:
         B token id lists (no blank, bos or eos).
@@ -55,7 +64,8 @@ def decode(model: Student, feats: Tensor, feat_lens: Tensor, cfg: DecodeConfig) 
         return ctc_greedy(out.ctc_logits, out.enc_lens, model.cfg.blank_id)
     if cfg.method == "cif_greedy":
         return cif_greedy(model, out)
-    if cfg.beam_size == 1 and cfg.ctc_weight == 0.0:
+    use_lm = lm is not None and cfg.lm_weight != 0.0
+    if cfg.beam_size == 1 and cfg.ctc_weight == 0.0 and not use_lm:
         return attention_greedy(model, out, cfg.max_len_ratio)
     return attention_beam_search(
         model,
@@ -65,6 +75,8 @@ def decode(model: Student, feats: Tensor, feat_lens: Tensor, cfg: DecodeConfig) 
         length_norm=cfg.length_norm,
         max_len_ratio=cfg.max_len_ratio,
         pre_beam=cfg.pre_beam,
+        lm=lm if use_lm else None,
+        lm_weight=cfg.lm_weight,
     )
 
 
@@ -221,6 +233,8 @@ def beam_search(
     ctc_scorer: CTCPrefixScorer | None = None,
     ctc_weight: float = 0.0,
     pre_beam: int = 0,
+    lm_fn: Callable[[Tensor], Tensor] | None = None,
+    lm_weight: float = 0.0,
 ) -> list[int]:
     """Beam search for one utterance over any next-token scorer.
 
@@ -239,13 +253,17 @@ def beam_search(
         banned: tokens never emitted (blank; bos if it differs from eos).
         ctc_scorer: joint CTC/attention scoring when given with ctc_weight > 0 (on the CPU).
         ctc_weight: w in (1 - w) log p_att + w (psi(h) - psi(g)).
-        pre_beam: tokens CTC-scored per hypothesis (the best by attention score);
+        pre_beam: tokens CTC-scored per hypothesis (the best by attention (+ LM) score);
             0 = all when ctc_weight == 1, else max(beam_size, 1.5 * beam_size).
+        lm_fn: shallow fusion: prefixes -> external LM next-token log-probs [N, V]; adds
+            lm_weight * log p_lm to every token's score (with or without CTC).
+        lm_weight: beta above.
 
     Returns:
         The best hypothesis' tokens, without bos and eos.
     """
     use_ctc = ctc_scorer is not None and ctc_weight > 0
+    use_lm = lm_fn is not None and lm_weight != 0.0
     hyps = torch.tensor([[bos_id]], dtype=torch.long)
     scores = torch.zeros(1)
     if use_ctc:
@@ -258,19 +276,27 @@ def beam_search(
         logp[:, list(banned)] = NEG_INF
         if i == max_len:
             logp[:, torch.arange(v) != eos_id] = NEG_INF
+        lm = lm_weight * lm_fn(hyps).float().cpu() if use_lm else None
         if use_ctc:
             k = pre_beam or (v if ctc_weight >= 1.0 else max(beam_size, int(1.5 * beam_size)))
-            cand = logp.topk(min(k, v), dim=1).indices  # [N, C]
+            pre = (
+                logp
+                if lm is None
+                else ((1 - ctc_weight) * logp + lm).masked_fill(logp == NEG_INF, NEG_INF)
+            )
+            cand = pre.topk(min(k, v), dim=1).indices  # [N, C]
             psi, new_state = ctc_scorer.score(ctc_state, last, i, cand)
             att = logp.gather(1, cand)
             joint_c = ((1 - ctc_weight) * att + ctc_weight * (psi - ctc_psi[:, None])).to(att.dtype)
+            if lm is not None:
+                joint_c = joint_c + lm.gather(1, cand)
             joint_c = joint_c.masked_fill(att == NEG_INF, NEG_INF)
             joint = torch.full_like(logp, NEG_INF).scatter(1, cand, joint_c)
             slot = torch.full((n, v), -1, dtype=torch.long).scatter(
                 1, cand, torch.arange(cand.shape[1]).expand_as(cand).contiguous()
             )
         else:
-            joint = logp
+            joint = logp if lm is None else logp + lm
         total = (scores[:, None] + joint).view(-1)
         n_ok = int(torch.isfinite(total).sum())
         if n_ok == 0:
@@ -309,6 +335,8 @@ def attention_beam_search(
     length_norm: bool = True,
     max_len_ratio: float = 1.0,
     pre_beam: int = 0,
+    lm: LMFusion | None = None,
+    lm_weight: float = 0.0,
 ) -> list[list[int]]:
     """Beam search with the attention decoder, one utterance at a time (hypotheses batched).
 
@@ -320,6 +348,7 @@ def attention_beam_search(
         out: `model(feats, feat_lens)`.
         beam_size, ctc_weight, length_norm, pre_beam: see `beam_search`.
         max_len_ratio: at most this many tokens per encoder frame.
+        lm, lm_weight: shallow fusion with an external LM in the student's units.
 
     Returns:
         B token id lists.
@@ -354,6 +383,8 @@ def attention_beam_search(
                 ctc_scorer=scorer,
                 ctc_weight=ctc_weight,
                 pre_beam=pre_beam,
+                lm_fn=lm.scorer(cfg.eos_id).step if lm is not None else None,
+                lm_weight=lm_weight,
             )
         )
     return hyps

@@ -77,8 +77,13 @@ def evaluate_run(
     out_dir: str | os.PathLike | None = None,
     device: str = "auto",
     max_frames: int | None = None,
+    lm: str | os.PathLike | None = None,
+    lm_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Decode ``data`` with the student of ``run_dir``; write hypotheses and scores.
+
+    ``lm`` (a ``kdcache train-lm`` directory in the student's units) is fused into the attention
+    beam with weight ``lm_weight`` (shallow fusion, `kdcache.student.lm`).
 
     Returns:
         The results dict also written to ``results.json``.
@@ -96,6 +101,12 @@ def evaluate_run(
 
     if decode not in DECODERS:
         raise ValueError(f"--decode {decode!r}: use one of {DECODERS}")
+    if lm is not None and decode != "attention_beam":
+        raise ValueError(f"--lm: shallow fusion needs --decode attention_beam, not {decode!r}")
+    if lm is None and lm_weight != 0.0:
+        raise ValueError("--lm-weight needs --lm (the LM directory to fuse)")
+    if lm is not None and lm_weight <= 0.0:
+        raise ValueError(f"--lm-weight must be > 0 with --lm, got {lm_weight}")
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
@@ -111,6 +122,11 @@ def evaluate_run(
     if decode == "attention_beam" and model.decoder is None:
         raise ValueError("--decode attention_beam: this run's model has no attention decoder")
 
+    fusion = None
+    if lm is not None:
+        from kdcache.student.lm import LMFusion
+
+        fusion = LMFusion.from_dir(lm, tok).to(dev)
     split = prepare_split(data, features, tok)
     search = dec.DecodeConfig(
         method={"ctc_greedy": "ctc_greedy", "attention_beam": "attention", "cif": "cif_greedy"}[
@@ -118,6 +134,7 @@ def evaluate_run(
         ],
         beam_size=beam,
         ctc_weight=ctc_weight if decode == "attention_beam" else 0.0,
+        lm_weight=lm_weight if fusion is not None else 0.0,
     )
     hyps = decode_split(
         model,
@@ -128,12 +145,14 @@ def evaluate_run(
         max_frames=max_frames or cfg.data.max_frames,
         max_utts=cfg.data.max_utts,
         cmvn=cfg.data.cmvn,
+        lm=fusion,
     )
     order = split.utt_ids
     refs = [split.texts[u] for u in order]
     hyp_list = [hyps[u] for u in order]
     scores = score(refs, hyp_list)
-    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / f"{set_name(data)}-{decode}"
+    default = f"{set_name(data)}-{decode}" + (f"-lm{lm_weight:g}" if fusion is not None else "")
+    out = Path(out_dir) if out_dir is not None else run_dir / "eval" / default
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(
         out / "hyp.jsonl",
@@ -153,6 +172,8 @@ def evaluate_run(
         "decode": decode,
         "beam": beam if decode == "attention_beam" else None,
         "ctc_weight": ctc_weight if decode == "attention_beam" else None,
+        "lm": str(lm) if lm is not None else None,
+        "lm_weight": lm_weight if lm is not None else None,
         "checkpoint": str(ckpt_path),
         "step": step,
         "data": str(data),

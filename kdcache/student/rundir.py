@@ -116,8 +116,10 @@ def decode_split(
     max_frames: int,
     max_utts: int,
     cmvn: bool = True,
+    lm=None,
 ) -> dict[str, str]:
-    """Decode every utterance of ``split`` (the model is used as it is: call ``.eval()``).
+    """Decode every utterance of ``split`` (the model is used as it is: call ``.eval()``);
+    ``lm`` (an `LMFusion`) is fused into attention search with ``search.lm_weight``.
 
     Returns:
         utt id -> normalised hypothesis text.
@@ -132,7 +134,7 @@ def decode_split(
                                   max_frames=max_frames, max_utts=max_utts,
                                   pad_id=tokenizer.pad_id, cmvn=cmvn):  # fmt: skip
             batch = batch.to(device)
-            ids = dec.decode(model, batch.feats, batch.feat_lens, search)
+            ids = dec.decode(model, batch.feats, batch.feat_lens, search, lm=lm)
             for utt_id, seq in zip(batch.utt_ids, ids, strict=True):
                 hyps[utt_id] = normalize_text(tokenizer.decode([int(i) for i in seq]))
     return hyps

@@ -91,6 +91,36 @@ def test_plan_errors_name_the_file_and_key(tmp_path):
     p = _write_plan(tmp_path / "r.yaml", data + "arms:\n  - {name: lst, config: x.yaml}\n")
     with pytest.raises(ConfigError, match="baseline 'none' is not an arm"):
         load_plan(p)
+    arms = "arms:\n  - {name: none, config: x.yaml}\n"
+    p = _write_plan(tmp_path / "s.yaml", data + arms + "decode: {method: attention_beam, bem: 4}\n")
+    with pytest.raises(ConfigError, match=r"s.yaml: decode: unknown keys \['bem'\]"):
+        load_plan(p)
+    p = _write_plan(tmp_path / "t.yaml", data + arms + "decode: {lm: lstm_lm}\n")
+    with pytest.raises(ConfigError, match="t.yaml: decode: lm .* needs lm_weight"):
+        load_plan(p)
+
+
+def test_plan_lm_reaches_the_eval_command(tmp_path):
+    from kdcache.student.study import eval_command
+
+    data = (
+        "data: {train: a, train_features: b, dev: c, dev_features: d, test: e, "
+        "test_features: f, tokenizer: g}\narms:\n  - {name: none, config: x.yaml}\n"
+    )
+    plain = load_plan(_write_plan(tmp_path / "a.yaml", data))
+    fused = load_plan(
+        _write_plan(
+            tmp_path / "b.yaml",
+            data + "decode: {method: attention_beam, beam: 4, "
+            "ctc_weight: 0.5, lm: lms/char, lm_weight: 0.3}\n",
+        )  # fmt: skip
+    )
+    assert "--lm" not in eval_command(plain, tmp_path / "rd", "test", tmp_path)
+    ev = eval_command(fused, tmp_path / "rd", "test", tmp_path)
+    i = ev.index("--lm")
+    assert ev[i : i + 4] == ["--lm", str(tmp_path / "lms/char"), "--lm-weight", "0.3"]
+    assert ev[ev.index("--data") + 1] == str(tmp_path / "e")
+    assert ev[ev.index("--ctc-weight") + 1] == "0.5"
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,8 @@ class Plan:
         raise ConfigError(f"study {self.name!r}: no arm named {name!r}")
 
 
+# decode: kdtrain eval's options; lm is a `kdcache train-lm` directory relative to --root
+DECODE_KEYS = {"method", "beam", "ctc_weight", "device", "lm", "lm_weight"}
 DATA_KEYS = ("train", "train_features", "dev", "dev_features", "test", "test_features", "tokenizer")
 
 
@@ -155,6 +157,11 @@ def load_plan(path: str | Path) -> Plan:
                 overrides=[str(o) for o in raw.get("overrides") or []], path=path)  # fmt: skip
     if plan.baseline not in names:
         raise ConfigError(f"{path}: baseline {plan.baseline!r} is not an arm ({names})")
+    extra = sorted(set(plan.decode) - DECODE_KEYS)
+    if extra:
+        raise ConfigError(f"{path}: decode: unknown keys {extra}; it knows {sorted(DECODE_KEYS)}")
+    if ("lm" in plan.decode) != ("lm_weight" in plan.decode):
+        raise ConfigError(f"{path}: decode: lm (an LM directory under --root) needs lm_weight")
     return plan
 
 
@@ -208,6 +215,35 @@ def train_command(plan: Plan, arm: Arm, seed: int, root: Path, out: Path) -> lis
     ]
 
 
+def eval_command(plan: Plan, rd: Path, split: str, root: Path) -> list[str]:
+    """The `kdtrain eval` of one finished run on ``split`` (dev or test) with the plan's decoding."""
+    ev = [
+        sys.executable,
+        "-m",
+        "kdcache.student",
+        "eval",
+        "--run",
+        str(rd),
+        "--data",
+        str(root / plan.data[split]),
+        "--features",
+        str(root / plan.data[f"{split}_features"]),
+        "--decode",
+        str(plan.decode.get("method", "attention_beam")),
+        "--beam",
+        str(plan.decode.get("beam", 4)),
+        "--ctc-weight",
+        str(plan.decode.get("ctc_weight", 0.3)),
+        "--out",
+        str(rd / f"eval-{split}"),
+        "--device",
+        str(plan.decode.get("device", "auto")),
+    ]
+    if "lm" in plan.decode:
+        ev += ["--lm", str(root / plan.decode["lm"]), "--lm-weight", str(plan.decode["lm_weight"])]
+    return ev
+
+
 def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: int) -> dict:
     rd = run_dir(out, arm.name, seed)
     if (rd / DONE).exists():
@@ -227,28 +263,7 @@ def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: in
                 f"(exit {r.returncode}); see {log}"
             )
         for split in ("dev", "test"):
-            ev = [
-                sys.executable,
-                "-m",
-                "kdcache.student",
-                "eval",
-                "--run",
-                str(rd),
-                "--data",
-                str(root / plan.data[split]),
-                "--features",
-                str(root / plan.data[f"{split}_features"]),
-                "--decode",
-                str(plan.decode.get("method", "attention_beam")),
-                "--beam",
-                str(plan.decode.get("beam", 4)),
-                "--ctc-weight",
-                str(plan.decode.get("ctc_weight", 0.3)),
-                "--out",
-                str(rd / f"eval-{split}"),
-                "--device",
-                str(plan.decode.get("device", "auto")),
-            ]
+            ev = eval_command(plan, rd, split, root)
             f.write("$ " + " ".join(ev) + "\n")
             f.flush()
             r = subprocess.run(ev, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -532,7 +547,13 @@ def format_table(plan: Plan, stats: dict, runs: dict) -> str:
     lines = [
         f"Study `{plan.name}`: {plan.steps} steps per run, seeds {plan.seeds}, decode "
         f"{plan.decode.get('method')} (beam {plan.decode.get('beam')}, CTC weight "
-        f"{plan.decode.get('ctc_weight')}). Test = held-out voices. Differences are arm minus "
+        f"{plan.decode.get('ctc_weight')}"
+        + (
+            f", LM {plan.decode['lm']} weight {plan.decode['lm_weight']}"
+            if "lm" in plan.decode
+            else ""
+        )
+        + "). Test = held-out voices. Differences are arm minus "
         f"`{plan.baseline}` (negative = better).",
         "",
         "| arm | seeds | dev WER | dev CER | test WER | test CER | paired test WER diff per seed "

@@ -126,6 +126,25 @@ def test_synthesis_is_deterministic_whatever_the_worker(corpus, tmp_path):
         assert Path(mine.path).read_bytes() == Path(u.audio).read_bytes()
 
 
+def test_a_larger_train_split_keeps_dev_and_test(corpus, tmp_path, monkeypatch):
+    """Sizes differ in train only ("demo" vs "large"): dev and test are the same utterances, the
+    same audio bytes, so results on the two sizes compare on one test set."""
+    from kdcache.data import demo_corpus as dc
+
+    monkeypatch.setitem(dc.SIZES, "tiny_plus", dc.SizeSpec(train=28, dev=8, test=8))
+    big = dc.build_demo_corpus(tmp_path / "big", seed=3, size="tiny_plus", progress=False)
+    assert big["splits"]["train"]["utterances"] == 28
+    for split in ("dev", "test"):
+        a = load_manifest(corpus / split / "manifest.jsonl")
+        b = load_manifest(tmp_path / "big" / split / "manifest.jsonl")
+        assert [(u.id, u.text) for u in a] == [(u.id, u.text) for u in b]
+        for ua, ub in zip(a, b, strict=True):
+            assert Path(ua.audio).read_bytes() == Path(ub.audio).read_bytes()
+    small_train = {u.text for u in load_manifest(corpus / "train" / "manifest.jsonl")}
+    big_train = {u.text for u in load_manifest(tmp_path / "big" / "train" / "manifest.jsonl")}
+    assert small_train < big_train  # the larger train split extends the smaller one
+
+
 def test_dev_and_test_voices_are_never_heard_in_training(corpus):
     from kdcache.data.demo_corpus import HELDOUT_ACCENTS, HELDOUT_VARIANTS
 

@@ -199,7 +199,7 @@ arms:
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/*/checkpoints/*.pt")}
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "cpu_large"])
 def test_shipped_plans_load_and_every_arm_config_resolves(name):
     from kdcache.student.config import build_config
     from kdcache.student.study import _config_path

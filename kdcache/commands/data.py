@@ -26,6 +26,7 @@ class CorpusSize(str, Enum):
     tiny = "tiny"
     small = "small"
     demo = "demo"
+    large = "large"
 
 
 def demo_corpus(
@@ -36,7 +37,8 @@ def demo_corpus(
     size: CorpusSize = typer.Option(
         CorpusSize.demo,
         "--size",
-        help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h.",
+        help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h; large: ~6 h "
+        "(the same dev and test as demo).",
     ),
     workers: int = typer.Option(2, "--workers", help="Processes synthesising audio."),
     overwrite: bool = typer.Option(

@@ -10,7 +10,8 @@
 #   5. two students side by side (one core each), same seed, batches and steps: the baseline
 #      (recipes/cpu/none.yaml) and LST distillation from the cache (recipes/cpu/lst.yaml), with
 #      dev CER logged every 100 steps,
-#   6. WER/CER of both on the test set (attention beam 4 + CTC 0.5, the weight chosen on dev) and a table.
+#   6. WER/CER of both on the test set (attention beam 4 + CTC 0.5, the weight chosen on dev),
+#      again with the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev), and a table.
 # Every step is skipped when its output exists, and killed students resume, so a re-run resumes.
 # Time on 2 CPU cores (docs/results.md): ~12 min for corpus, features, LM teacher and caches,
 # ~20 min for the two students (1200 steps each), ~5 min of evaluation.
@@ -92,20 +93,29 @@ wait $p2 || { echo "student lst failed: see $D/runs/lst.log" >&2; ok=1; }
 kdtrain curves "none=$D/runs/none" "lst=$D/runs/lst" --out "$D/runs/curves.png"
 
 step "6. evaluation on the test set (held-out voices)"
-for recipe in none lst; do
-  OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
-    --decode attention_beam --beam 4 --ctc-weight 0.5 --out "$D/runs/$recipe/eval-test" > /dev/null &
+# then with the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev: docs/results.md)
+for lm in "" "--lm $D/lstm_lm --lm-weight 0.5"; do
+  for recipe in none lst; do
+    # shellcheck disable=SC2086  # $lm is two options or nothing
+    OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
+      --decode attention_beam --beam 4 --ctc-weight 0.5 $lm \
+      --out "$D/runs/$recipe/eval-test${lm:+-lm}" > /dev/null &
+  done
+  wait
 done
-wait
 .venv/bin/python - "$D" <<'EOF'
 import csv, json, sys
 d = sys.argv[1]
-print(f"\n{'recipe':<8} {'test WER':>9} {'test CER':>9} {'dev CER*':>9} {'steps':>6} {'train min':>10}")
+print(f"\n{'recipe':<8} {'test WER':>9} {'test CER':>9} {'+LM WER':>9} {'+LM CER':>9} "
+      f"{'dev CER*':>9} {'steps':>6} {'train min':>10}")
 for r in ("none", "lst"):
     res = json.load(open(f"{d}/runs/{r}/eval-test/results.json"))
+    lm = json.load(open(f"{d}/runs/{r}/eval-test-lm/results.json"))
     dev = list(csv.DictReader(open(f"{d}/runs/{r}/dev.csv")))[-1]
-    print(f"{r:<8} {100 * res['wer']:8.2f}% {100 * res['cer']:8.2f}% "
-          f"{100 * float(dev['dev_cer']):8.2f}% {res['step']:>6} {float(dev['train_seconds']) / 60:10.1f}")
-print("test: attention beam 4 + CTC 0.5; *dev: CTC greedy at the last step. Curves: "
-      f"{d}/runs/curves.png. One seed: docs/results.md has the multi-seed study.")
+    print(f"{r:<8} {100 * res['wer']:8.2f}% {100 * res['cer']:8.2f}% {100 * lm['wer']:8.2f}% "
+          f"{100 * lm['cer']:8.2f}% {100 * float(dev['dev_cer']):8.2f}% {res['step']:>6} "
+          f"{float(dev['train_seconds']) / 60:10.1f}")
+print("test: attention beam 4 + CTC 0.5; +LM: and the LSTM LM fused at weight 0.5; *dev: CTC "
+      f"greedy at the last step. Curves: {d}/runs/curves.png. One seed: docs/results.md has the "
+      "multi-seed study.")
 EOF

@@ -91,6 +91,30 @@ def test_windows_cover_and_owners_are_valid(n, width):
         assert min(p - s, e - 1 - p) >= min(p, n - 1 - p, width // 4 - 1)
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 120), width=st.integers(2, 30))
+def test_window_rules_are_exactly_what_docs_teachers_says(n, width):
+    """docs/teachers.md, "Long inputs": starts at multiples of width // 2 while the window ends
+    before the sequence, then one window aligned to the end; the bidirectional owner maximises
+    min(left, right) with ties to the earliest window; the left-to-right owner is the earliest
+    window holding the position."""
+    wins = windows(n, width)
+    if n <= width:
+        assert wins == [(0, n)]
+    else:
+        stride = width // 2
+        k = 0
+        while k * stride + width < n:
+            k += 1
+        assert wins == [(i * stride, i * stride + width) for i in range(k)] + [(n - width, n)]
+    co, lo = centre_owner(n, wins), left_owner(n, wins)
+    for p in range(n):
+        holding = [w for w, (s, e) in enumerate(wins) if s <= p < e]
+        ctx = [min(p - wins[w][0], wins[w][1] - 1 - p) for w in holding]
+        assert co[p] == holding[ctx.index(max(ctx))]  # index() = the earliest of the ties
+        assert lo[p] == holding[0]
+
+
 def test_batch_rows_respects_budget():
     rows = [Row(0, [1] * n) for n in (10, 9, 9, 5, 5, 5, 5, 30)]
     batches = list(batch_rows(rows, 20))

@@ -12,10 +12,13 @@ import typer
 from kdcache.commands import build as _build
 from kdcache.commands import cache as _cache
 from kdcache.commands import data as _data
+from kdcache.commands import recipes as _recipes
 from kdcache.commands import train as _train
+from kdcache.commands.params import Command, Group
 
 app = typer.Typer(
     name="kdcache",
+    cls=Group,
     help="Build, inspect and verify offline teacher-target caches for knowledge distillation into ASR.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,6 +26,7 @@ app = typer.Typer(
 )
 train_app = typer.Typer(
     name="kdtrain",
+    cls=Group,
     help="Train and evaluate small ASR students from audio features and a kdcache, without loading any teacher.",
     no_args_is_help=True,
     add_completion=False,
@@ -30,20 +34,21 @@ train_app = typer.Typer(
 )
 
 # Teacher stage.
-app.command("build")(_build.build)
-app.command("train-lm")(_build.train_lm)
+app.command("build", cls=Command)(_build.build)
+app.command("train-lm", cls=Command)(_build.train_lm)
 # Cache format.
-app.command("inspect")(_cache.inspect)
-app.command("verify")(_cache.verify)
+app.command("inspect", cls=Command)(_cache.inspect)
+app.command("verify", cls=Command)(_cache.verify)
 # Data.
-app.command("demo-corpus")(_data.demo_corpus)
-app.command("features")(_data.features)
-app.command("tokenizer")(_data.tokenizer)
+app.command("demo-corpus", cls=Command)(_data.demo_corpus)
+app.command("features", cls=Command)(_data.features)
+app.command("tokenizer", cls=Command)(_data.tokenizer)
 # Student stage.
-train_app.command("run")(_train.run)
-train_app.command("eval")(_train.evaluate)
-train_app.command("study")(_train.study)
-train_app.command("curves")(_train.curves)
+train_app.command("run", cls=Command)(_train.run)
+train_app.command("eval", cls=Command)(_train.evaluate)
+train_app.command("study", cls=Command)(_train.study)
+train_app.command("curves", cls=Command)(_train.curves)
+train_app.command("recipes", cls=Command)(_recipes.recipes)
 
 if __name__ == "__main__":
     app()

@@ -11,6 +11,14 @@ from pathlib import Path
 import typer
 
 from kdcache.commands.errors import fail, user_errors
+from kdcache.commands.params import DEVICE_HELP, one_of
+
+# The values kdcache.teachers.build, kdcache.cache_format.spec and kdcache.teachers.masked_lm
+# accept (tests/test_cli_help.py keeps them equal), spelled out because importing those modules
+# loads numpy and the cache format for every --help.
+TEACHERS = ("bert", "causal_lm", "lstm_lm")
+HIDDEN_CODECS = ("float16", "int8")
+MLM_MODES = ("masked", "unmasked")
 
 
 def _layers(spec: str) -> tuple[int, ...]:
@@ -31,47 +39,71 @@ def _env_int(name: str, default: int) -> int:
 
 
 def build(
-    teacher: str = typer.Option(..., "--teacher", help="bert (masked LM), causal_lm or lstm_lm."),
+    teacher: str = typer.Option(
+        ...,
+        "--teacher",
+        help="bert: a masked LM; causal_lm: a left-to-right LM; lstm_lm: an LSTM LM from train-lm.",
+        **one_of(TEACHERS),
+    ),
     model: str = typer.Option(
         ...,
         "--model",
+        metavar="MODEL",
         help="Hub id, local directory, .gguf file, an LSTM LM "
         "directory from train-lm, or an alias: minilm, smollm2.",
     ),
     data: Path = typer.Option(
-        ..., "--data", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."
+        ..., "--data", metavar="PATH", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."
     ),
-    out: str = typer.Option(..., "--out", help="Cache path (NAME.kdc) or fsspec URL."),
+    out: str = typer.Option(
+        ..., "--out", metavar="PATH", help="Cache path (NAME.kdc) or fsspec URL."
+    ),
     name: str = typer.Option(
-        None, "--name", help="Teacher name in the cache (default: --teacher)."
+        None, "--name", metavar="NAME", help="Teacher name in the cache (default: --teacher)."
     ),
     top_k: int = typer.Option(
-        16, "--top-k", help="Entries kept per position; 0 = hidden states only."
+        16, "--top-k", metavar="N", help="Entries kept per position; 0 = hidden states only."
     ),
     temperature: float = typer.Option(
-        1.0, "--temperature", help="Softmax temperature of the stored log-probs."
+        1.0, "--temperature", metavar="FLOAT", help="Softmax temperature of the stored log-probs."
     ),
     hidden_layers: str = typer.Option(
-        "", "--hidden-layers", help="Hidden states to store, e.g. -1 or 4,-1 (0 = embeddings)."
+        "",
+        "--hidden-layers",
+        metavar="LAYERS",
+        help="Hidden states to store, e.g. -1 or 4,-1 (0 = embeddings).",
     ),
-    hidden_codec: str = typer.Option("float16", "--hidden-codec", help="float16 or int8."),
+    hidden_codec: str = typer.Option(
+        "float16",
+        "--hidden-codec",
+        help="How hidden states are stored: float16, or int8 with a float32 scale per vector.",
+        **one_of(HIDDEN_CODECS),
+    ),
     logprob_keepbits: int = typer.Option(
         None,
         "--logprob-keepbits",
-        help="Mantissa bits kept in stored log-probs, 1..10 (10 = plain float16) (default: the format's).",
+        metavar="BITS",
+        help="Mantissa bits kept in the stored log-probs, 1..10 (10 = plain float16; default: 7).",
     ),
     mlm_mode: str = typer.Option(
         "masked",
         "--mlm-mode",
         help="bert only: masked (one masked copy of the sentence per position) or unmasked (one pass).",
+        **one_of(MLM_MODES),
     ),
     batch_tokens: int = typer.Option(
-        0, "--batch-tokens", help="Padded tokens per batch (default: 4096 CPU, 65536 GPU)."
+        0,
+        "--batch-tokens",
+        metavar="N",
+        show_default=False,
+        help="Padded tokens per batch (default: 4096 on CPU, 65536 on GPU).",
     ),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    rank: int = typer.Option(None, "--rank", help="This worker's rank (default: $RANK or 0)."),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    rank: int = typer.Option(
+        None, "--rank", metavar="N", help="This worker's rank (default: $RANK or 0)."
+    ),
     world_size: int = typer.Option(
-        None, "--world-size", help="Number of workers (default: $WORLD_SIZE or 1)."
+        None, "--world-size", metavar="N", help="Number of workers (default: $WORLD_SIZE or 1)."
     ),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip utterances without a transcript instead of failing."
@@ -79,6 +111,7 @@ def build(
     shard_positions: int = typer.Option(
         None,
         "--shard-positions",
+        metavar="N",
         help="Positions per committed shard (what a killed build can lose).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -129,28 +162,44 @@ def build(
 
 def train_lm(
     text: list[Path] = typer.Option(
-        ..., "--text", help="Text file(s), one sentence a line (repeat the option)."
+        ..., "--text", metavar="FILE", help="Text file(s), one sentence a line (repeat the option)."
     ),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="Saved kdcache tokenizer directory."),
-    out: Path = typer.Option(..., "--out", help="Output model directory."),
+    tokenizer: str = typer.Option(
+        ..., "--tokenizer", metavar="DIR", help="Saved kdcache tokenizer directory."
+    ),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output model directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    layers: int = typer.Option(2, "--layers"),
-    hidden: int = typer.Option(512, "--hidden"),
-    dropout: float = typer.Option(0.2, "--dropout"),
-    epochs: int = typer.Option(10, "--epochs"),
+    layers: int = typer.Option(2, "--layers", metavar="N", help="LSTM layers."),
+    hidden: int = typer.Option(512, "--hidden", metavar="N", help="LSTM units per layer."),
+    dropout: float = typer.Option(
+        0.2, "--dropout", metavar="FLOAT", help="Dropout between layers."
+    ),
+    epochs: int = typer.Option(10, "--epochs", metavar="N", help="At most this many epochs."),
     max_minutes: float = typer.Option(
-        None, "--max-minutes", help="Stop after this long (the best epoch so far is kept)."
+        None,
+        "--max-minutes",
+        metavar="MINUTES",
+        help="Stop after this long (the best epoch so far is kept).",
     ),
-    batch_tokens: int = typer.Option(8192, "--batch-tokens"),
-    lr: float = typer.Option(2e-3, "--lr"),
+    batch_tokens: int = typer.Option(
+        8192, "--batch-tokens", metavar="N", help="Padded tokens per batch."
+    ),
+    lr: float = typer.Option(
+        2e-3, "--lr", metavar="FLOAT", help="Adam learning rate (halved when validation stalls)."
+    ),
     patience: int = typer.Option(
-        2, "--patience", help="Epochs without validation improvement before stopping."
+        2, "--patience", metavar="N", help="Epochs without validation improvement before stopping."
     ),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        metavar="N",
+        help="Random seed (validation split, batch order, initial weights).",
+    ),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train an LSTM language model on external text, for ``kdcache build --teacher lstm_lm``."""
+    """Train an LSTM language model on external text, for kdcache build --teacher lstm_lm."""
     from kdcache.commands.data import read_sentences, refuse_overwrite
     from kdcache.data.text import normalize_text
     from kdcache.teachers.build import pick_device

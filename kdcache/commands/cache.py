@@ -22,17 +22,23 @@ def _fail(e: BaseException, path: str | None = None, code: int = EXIT_USAGE) -> 
 
 
 def inspect(
-    path: str = typer.Argument(..., help="Cache directory (NAME.kdc) or fsspec URL."),
+    path: str = typer.Argument(
+        ..., metavar="PATH", help="Cache directory (NAME.kdc) or fsspec URL."
+    ),
     json_out: bool = typer.Option(
         False, "--json", help="Print one JSON object instead of a table."
     ),
-    utt: str | None = typer.Option(None, "--utt", help="Show one utterance position by position."),
-    teacher: str | None = typer.Option(
-        None, "--teacher", help="Only this teacher (--utt, --plot)."
+    utt: str | None = typer.Option(
+        None, "--utt", metavar="ID", help="Show one utterance position by position."
     ),
-    top: int = typer.Option(5, "--top", help="Top entries shown per position with --utt."),
+    teacher: str | None = typer.Option(
+        None, "--teacher", metavar="NAME", help="Only this teacher (--utt, --plot)."
+    ),
+    top: int = typer.Option(
+        5, "--top", metavar="N", help="Top entries shown per position with --utt."
+    ),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Write top-k mass and entropy plots to this PNG."
+        None, "--plot", metavar="FILE", help="Write top-k mass and entropy plots to this PNG."
     ),
 ) -> None:
     """Summarise a cache: teachers, utterances, positions, bytes per position."""
@@ -62,8 +68,10 @@ def inspect(
 
 
 def verify(
-    path: str = typer.Argument(..., help="Cache directory (NAME.kdc) or fsspec URL."),
-    workers: int = typer.Option(4, "--workers", help="Threads decoding chunks."),
+    path: str = typer.Argument(
+        ..., metavar="PATH", help="Cache directory (NAME.kdc) or fsspec URL."
+    ),
+    workers: int = typer.Option(4, "--workers", metavar="N", help="Threads decoding chunks."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Check every chunk checksum, index and commit marker; exit 0 only when the cache is intact."""

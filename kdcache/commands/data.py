@@ -3,12 +3,12 @@ kdcache.data (docs/data.md)."""
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 
 import typer
 
 from kdcache.commands.errors import fail as _fail
+from kdcache.commands.params import one_of
 
 
 def refuse_overwrite(out: Path, overwrite: bool, option: str = "--out") -> None:
@@ -22,25 +22,27 @@ def refuse_overwrite(out: Path, overwrite: bool, option: str = "--out") -> None:
     )
 
 
-class CorpusSize(str, Enum):
-    tiny = "tiny"
-    small = "small"
-    demo = "demo"
-    large = "large"
+# kdcache.data.demo_corpus.SIZES and VOICE_MODES (tests/test_cli_help.py keeps them equal), spelled
+# out because importing that module loads numpy for every --help.
+CORPUS_SIZES = ("tiny", "small", "demo", "large")
+VOICE_MODES = ("heldout", "shared")
 
 
 def demo_corpus(
-    out: Path = typer.Option(..., "--out", help="Directory to create (the corpus root)."),
-    seed: int = typer.Option(
-        0, "--seed", help="Seed for sentence split, voices, prosody and noise."
+    out: Path = typer.Option(
+        ..., "--out", metavar="DIR", help="Directory to create (the corpus root)."
     ),
-    size: CorpusSize = typer.Option(
-        CorpusSize.demo,
+    seed: int = typer.Option(
+        0, "--seed", metavar="N", help="Seed for sentence split, voices, prosody and noise."
+    ),
+    size: str = typer.Option(
+        "demo",
         "--size",
         help="tiny: ~20 train utterances (tests); small: ~10 min; demo: ~1.5 h; large: ~6 h "
         "(the same dev and test as demo).",
+        **one_of(CORPUS_SIZES),
     ),
-    workers: int = typer.Option(2, "--workers", help="Processes synthesising audio."),
+    workers: int = typer.Option(2, "--workers", metavar="N", help="Processes synthesising audio."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing corpus at --out."
     ),
@@ -49,6 +51,7 @@ def demo_corpus(
         "heldout",
         "--voices",
         help="heldout: dev/test voices (13 variants, 1 accent) never heard in train; shared: every split hears every voice (the old corpus).",
+        **one_of(VOICE_MODES),
     ),
 ) -> None:
     """Build the offline English demo corpus: public-domain sentences spoken by espeak-ng.
@@ -62,7 +65,7 @@ def demo_corpus(
         summary = build_demo_corpus(
             out,
             seed=seed,
-            size=size.value,
+            size=size,
             workers=workers,
             overwrite=overwrite,
             progress=progress,
@@ -75,14 +78,17 @@ def demo_corpus(
 
 def features(
     manifest: Path = typer.Argument(
-        ..., help="Manifest (Kaldi dir, .jsonl, lhotse cuts) or a demo-corpus root (all splits)."
+        ...,
+        metavar="MANIFEST",
+        help="Manifest (Kaldi dir, .jsonl, lhotse cuts) or a demo-corpus root (all splits).",
     ),
     out: Path | None = typer.Option(
         None,
         "--out",
-        help="Store to create. Default for a demo-corpus root: ROOT/feats/<split>.fbank.",
+        metavar="DIR",
+        help="Store to create. Default for a demo-corpus root: ROOT/feats/SPLIT.fbank.",
     ),
-    workers: int = typer.Option(2, "--workers", help="Processes computing features."),
+    workers: int = typer.Option(2, "--workers", metavar="N", help="Processes computing features."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing store (atomically)."
     ),
@@ -90,6 +96,7 @@ def features(
     keepbits: int | None = typer.Option(
         None,
         "--keepbits",
+        metavar="BITS",
         min=1,
         max=10,
         help="Round to this many of float16's 10 mantissa bits (6: <= 0.8% error, ~60% of the "
@@ -156,48 +163,47 @@ def features(
         _fail(e)
 
 
-class TokenizerAction(str, Enum):
-    train = "train"
-    show = "show"
-    encode = "encode"
-    export = "export"
-
-
-class TokenizerKind(str, Enum):
-    char = "char"
-    bpe = "bpe"
-    phone = "phone"
+TOKENIZER_ACTIONS = ("train", "show", "encode", "export")
+TOKENIZER_KINDS = ("char", "bpe", "phone")
 
 
 def tokenizer(
-    action: TokenizerAction = typer.Argument(
+    action: str = typer.Argument(
         ...,
         help="train: build from text; show: summary; encode: ids of --sample; export: save a HF/gguf tokenizer as a kdcache tokenizer dir.",
+        **one_of(TOKENIZER_ACTIONS, metavar="ACTION"),
     ),
     path: str | None = typer.Argument(
-        None, help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id."
+        None,
+        metavar="PATH",
+        help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id.",
     ),
     text: list[Path] | None = typer.Option(
         None,
         "--text",
+        metavar="FILE",
         help="train: text files (one sentence a line) or manifests (their transcripts); repeatable.",
     ),
-    kind: TokenizerKind = typer.Option(
-        TokenizerKind.bpe,
+    kind: str = typer.Option(
+        "bpe",
         "--kind",
         help="train: char, bpe or phone (English phones through espeak-ng, offline).",
+        **one_of(TOKENIZER_KINDS),
     ),
     vocab_size: int = typer.Option(
-        500, "--vocab-size", help="train --kind bpe: vocabulary size incl. specials."
+        500, "--vocab-size", metavar="N", help="train --kind bpe: vocabulary size incl. specials."
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="train/export: directory to write the tokenizer to."
+        None, "--out", metavar="DIR", help="train/export: directory to write the tokenizer to."
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="train/export: replace an existing --out."
     ),
     sample: str | None = typer.Option(
-        None, "--sample", help="show/encode: a sentence to normalise, encode and decode."
+        None,
+        "--sample",
+        metavar="TEXT",
+        help="show/encode: a sentence to normalise, encode and decode.",
     ),
 ) -> None:
     """Train, inspect and export tokenizers: the student's output units (char, BPE, or a teacher's).
@@ -213,7 +219,7 @@ def tokenizer(
     from kdcache.data.tokenizer import Tokenizer, TokenizerError
 
     try:
-        if action is TokenizerAction.train:
+        if action == "train":
             if not text or out is None:
                 raise ValueError("train needs --text FILE (one or more) and --out DIR")
             if path is not None:
@@ -222,10 +228,10 @@ def tokenizer(
             texts = [t for t in (normalize_text(s) for s in _read_texts(text)) if t]
             if not texts:
                 raise ValueError("no text found in " + ", ".join(map(str, text)))
-            if kind is TokenizerKind.char:
+            if kind == "char":
                 tok = Tokenizer.build_char(texts)
                 tok.save(out)
-            elif kind is TokenizerKind.phone:
+            elif kind == "phone":
                 tok = Tokenizer.build_phone(texts)
                 tok.save(out)
             else:
@@ -233,16 +239,16 @@ def tokenizer(
             typer.echo(f"{out}: {tok!r} from {len(texts)} sentences")
             return
         if path is None:
-            raise ValueError(f"{action.value} needs PATH (a tokenizer)")
+            raise ValueError(f"{action} needs PATH (a tokenizer)")
         tok = Tokenizer.load(path)
-        if action is TokenizerAction.export:
+        if action == "export":
             if out is None:
                 raise ValueError("export needs --out DIR")
             refuse_overwrite(out, overwrite)
             tok.save(out)
             typer.echo(f"{out}: {tok!r}")
             return
-        if action is TokenizerAction.show:
+        if action == "show":
             typer.echo(
                 f"name        {tok.name}\nkind        {tok.kind}\nvocab_size  {tok.vocab_size}"
             )
@@ -258,7 +264,7 @@ def tokenizer(
             typer.echo(f"normalised  {norm}\nids         {ids}")
             typer.echo("pieces      " + " ".join(tok.id_to_piece(i) for i in ids))
             typer.echo(f"decoded     {tok.decode(ids)}")
-        elif action is TokenizerAction.encode:
+        elif action == "encode":
             raise ValueError("encode needs --sample TEXT")
     except (TokenizerError, ManifestError, ValueError, OSError) as e:
         _fail(e)

@@ -10,30 +10,46 @@ from pathlib import Path
 import typer
 
 from kdcache.commands.errors import fail, user_errors
+from kdcache.commands.params import DEVICE_HELP, one_of
+from kdcache.student.evaluate import DECODERS
 from kdcache.student.objectives import OBJECTIVES, RECIPES, recipes_help
 
 _NO_CACHE = " / ".join(o.name for o in OBJECTIVES.values() if not o.needs_cache)
 _SEVERAL = " / ".join(o.name for o in OBJECTIVES.values() if o.several_teachers)
+_METRICS = ("dev_cer", "dev_wer")
 
 
 def run(
     out: Path = typer.Option(
-        ..., "--out", help="Run directory (config.yaml, checkpoints/, metrics.csv)."
+        ..., "--out", metavar="DIR", help="Run directory (config.yaml, checkpoints/, metrics.csv)."
     ),
     data: Path = typer.Option(
-        None, "--data", help="Training manifest (Kaldi dir, lhotse cuts or JSONL)."
+        None, "--data", metavar="PATH", help="Training manifest (Kaldi dir, lhotse cuts or JSONL)."
     ),
     features: Path = typer.Option(
-        None, "--features", help="Feature store of the training utterances."
+        None, "--features", metavar="DIR", help="Feature store of the training utterances."
     ),
-    tokenizer: Path = typer.Option(None, "--tokenizer", help="Student tokenizer directory."),
+    tokenizer: Path = typer.Option(
+        None, "--tokenizer", metavar="DIR", help="Student tokenizer directory."
+    ),
     cache: list[Path] = typer.Option(
         None,
         "--cache",
+        metavar="PATH",
         help=f"Teacher-target cache (NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches).",
     ),
-    recipe: str = typer.Option(None, "--recipe", help=f"Training recipe. {recipes_help()}"),
-    config: Path = typer.Option(None, "--config", help="YAML config file (e.g. recipes/lst.yaml)."),
+    recipe: str = typer.Option(
+        None,
+        "--recipe",
+        help=f"Training recipe, one of: {recipes_help()}",
+        **one_of(RECIPES, metavar="RECIPE"),
+    ),
+    config: Path = typer.Option(
+        None,
+        "--config",
+        metavar="FILE",
+        help="YAML config file, e.g. recipes/cpu/lst.yaml (kdtrain recipes lists the shipped ones).",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue RUN_DIR from its newest checkpoint."
     ),
@@ -43,13 +59,16 @@ def run(
     dev_data: Path = typer.Option(
         None,
         "--dev-data",
+        metavar="PATH",
         help="Dev manifest: CTC-greedy WER/CER every train.eval_every steps into RUN_DIR/dev.csv (learning curves).",
     ),
     dev_features: Path = typer.Option(
-        None, "--dev-features", help="Feature store of the dev utterances."
+        None, "--dev-features", metavar="DIR", help="Feature store of the dev utterances."
     ),
     overrides: list[str] = typer.Argument(
-        None, help="key=value config overrides, dotted for sections: optim.lr=1e-3"
+        None,
+        metavar="KEY=VALUE",
+        help="Config overrides, dotted for sections: optim.lr=1e-3",
     ),
 ) -> None:
     """Train a student ASR model, distilling from a kdcache (no teacher is loaded)."""
@@ -88,29 +107,49 @@ def run(
 
 
 def evaluate(
-    run_dir: Path = typer.Option(..., "--run", help="Run directory written by kdtrain run."),
-    data: Path = typer.Option(..., "--data", help="Manifest of the utterances to decode."),
-    features: Path = typer.Option(..., "--features", help="Feature store of those utterances."),
-    decode: str = typer.Option("ctc_greedy", "--decode", help="ctc_greedy | attention_beam | cif."),
-    beam: int = typer.Option(4, "--beam", help="Beam size (attention_beam)."),
+    run_dir: Path = typer.Option(
+        ..., "--run", metavar="DIR", help="Run directory written by kdtrain run."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", metavar="PATH", help="Manifest of the utterances to decode."
+    ),
+    features: Path = typer.Option(
+        ..., "--features", metavar="DIR", help="Feature store of those utterances."
+    ),
+    decode: str = typer.Option(
+        "ctc_greedy",
+        "--decode",
+        help="Decoder: CTC greedy, attention beam search (with CTC rescoring) or the CIF decoder.",
+        **one_of(DECODERS),
+    ),
+    beam: int = typer.Option(4, "--beam", metavar="N", help="Beam size (attention_beam)."),
     ctc_weight: float = typer.Option(
-        0.3, "--ctc-weight", help="CTC rescoring weight in attention_beam."
+        0.3, "--ctc-weight", metavar="FLOAT", help="CTC rescoring weight in attention_beam."
     ),
     checkpoint: Path = typer.Option(
-        None, "--checkpoint", help="Checkpoint to load (default: the newest)."
+        None, "--checkpoint", metavar="FILE", help="Checkpoint to load (default: the newest)."
     ),
     out: Path = typer.Option(
-        None, "--out", help="Output directory (default RUN_DIR/eval/<data>-<decode>)."
+        None, "--out", metavar="DIR", help="Output directory (default RUN_DIR/eval/DATA-DECODE)."
     ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        metavar="DEVICE",
+        help=DEVICE_HELP,
+    ),
     lm: Path = typer.Option(
         None,
         "--lm",
+        metavar="DIR",
         help="Shallow fusion (attention_beam): an LSTM LM directory (kdcache train-lm) in the "
         "student's units.",
     ),
     lm_weight: float = typer.Option(
-        0.0, "--lm-weight", help="Weight of the --lm log-probs in the beam score (e.g. 0.3)."
+        0.0,
+        "--lm-weight",
+        metavar="FLOAT",
+        help="Weight of the --lm log-probs in the beam score (e.g. 0.3).",
     ),
 ) -> None:
     """Decode a set with a trained student; write hypotheses and WER/CER (jiwer)."""
@@ -139,27 +178,35 @@ def study(
     plan: Path = typer.Option(
         ...,
         "--plan",
+        metavar="FILE",
         help="Study plan YAML (e.g. recipes/plans/cpu.yaml): data, arms, seeds, steps.",
     ),
     root: Path = typer.Option(
         Path("."),
         "--root",
+        metavar="DIR",
         help="Directory the plan's data and cache paths are relative to (e.g. demo).",
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Study directory: runs/<arm>/seed<N>/, study.json, study.md, curves.png."
+        ...,
+        "--out",
+        metavar="DIR",
+        help="Study directory: runs/ARM/seedN/, study.json, study.md, curves.png.",
     ),
     jobs: int = typer.Option(
-        1, "--jobs", help="Runs side by side (each gets cores / jobs threads)."
+        1, "--jobs", metavar="N", help="Runs side by side (each gets cores / jobs threads)."
     ),
     arms: list[str] = typer.Option(
         None,
         "--arm",
+        metavar="NAME",
         help="Run only these arms (repeatable); the summary covers every finished run.",
     ),
-    seeds: int = typer.Option(0, "--seeds", help="Use the first N seeds of the plan (0 = all)."),
+    seeds: int = typer.Option(
+        0, "--seeds", metavar="N", help="Use the first N seeds of the plan (0 = all)."
+    ),
     steps: int = typer.Option(
-        0, "--steps", help="Override the plan's steps per run (0 = the plan's)."
+        0, "--steps", metavar="N", help="Override the plan's steps per run (0 = the plan's)."
     ),
     summarize_only: bool = typer.Option(
         False,
@@ -167,8 +214,9 @@ def study(
         help="Only rewrite study.json / study.md / curves.png from finished runs.",
     ),
 ) -> None:
-    """Train and evaluate every recipe of a plan against the identical baseline, N seeds each;
-    resumable (finished runs are skipped, killed ones resume). Writes study.json (per run:
+    """Train and evaluate every arm of a study plan against the same baseline, N seeds each.
+
+    Resumable: finished runs are skipped, killed ones resume. Writes study.json (per run:
     dev/test WER and CER, steps, time, caches, config hash, commit, machine), study.md (mean +- sd,
     paired differences against the baseline, 95% bootstrap interval over test utterances) and
     curves.png (dev CER against step)."""
@@ -189,10 +237,14 @@ def study(
 
 def curves(
     runs: list[str] = typer.Argument(
-        ..., help="Run directories with a dev.csv, each optionally LABEL=RUN_DIR."
+        ...,
+        metavar="[LABEL=]RUN_DIR",
+        help="Run directories with a dev.csv, each optionally labelled: none=runs/none.",
     ),
-    out: Path = typer.Option(..., "--out", help="PNG to write."),
-    metric: str = typer.Option("dev_cer", "--metric", help="dev_cer or dev_wer."),
+    out: Path = typer.Option(..., "--out", metavar="FILE", help="PNG to write."),
+    metric: str = typer.Option(
+        "dev_cer", "--metric", help="Dev CER or dev WER.", **one_of(_METRICS)
+    ),
 ) -> None:
     """Plot learning curves (dev CER/WER against step and against training time) of runs
     trained with --dev-data."""
@@ -204,7 +256,5 @@ def curves(
         if not (Path(path) / "dev.csv").exists():
             fail(f"{path}/dev.csv not found (train the run with --dev-data)")
         named[label] = Path(path)
-    if metric not in ("dev_cer", "dev_wer"):
-        fail(f"--metric {metric!r}: use dev_cer or dev_wer")
     plot_runs(named, out, metric=metric)
     typer.echo(str(out))

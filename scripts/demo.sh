@@ -16,7 +16,8 @@
 # Time on 2 CPU cores (docs/results.md): ~12 min for corpus, features, LM teacher and caches,
 # ~20 min for the two students (1200 steps each), ~5 min of evaluation.
 #
-# Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo),
+# Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo|large;
+# large: 6 h of training speech, same dev/test, a much better baseline: docs/results.md),
 # KDCACHE_DEMO_STEPS (student optimizer steps, default 1200), KDCACHE_DEMO_LM_MINUTES (LSTM LM
 # time budget, default 6), KDCACHE_DEMO_SMOLLM2 (1 = also cache the real SmolLM2, default 1).
 set -euo pipefail

@@ -13,11 +13,11 @@
 #   6. WER/CER of both on the test set (attention beam 4 + CTC 0.5, the weight chosen on dev),
 #      again with the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev), and a table.
 # Every step is skipped when its output exists, and killed students resume, so a re-run resumes.
-# Time on 2 CPU cores (docs/results.md): ~12 min for corpus, features, LM teacher and caches,
-# ~20 min for the two students (1200 steps each), ~5 min of evaluation.
+# Time on 2 CPU cores (docs/results.md, 33 min in all): ~14 min for corpus, features, LM teacher,
+# caches, inspect and verify, ~17 min for the two students (1200 steps each), ~3 min of evaluation.
 #
-# Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo|large;
-# large: 6 h of training speech, same dev/test, a much better baseline: docs/results.md),
+# Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo|large,
+# default large: 6 h of training speech; demo: the former 1.5 h, same dev/test; docs/results.md),
 # KDCACHE_DEMO_STEPS (student optimizer steps, default 1200), KDCACHE_DEMO_LM_MINUTES (LSTM LM
 # time budget, default 6), KDCACHE_DEMO_SMOLLM2 (1 = also cache the real SmolLM2, default 1).
 set -euo pipefail
@@ -26,7 +26,7 @@ bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 D=${KDCACHE_DEMO_DIR:-demo}
-SIZE=${KDCACHE_DEMO_SIZE:-demo}
+SIZE=${KDCACHE_DEMO_SIZE:-large}
 STEPS=${KDCACHE_DEMO_STEPS:-1200}
 LM_MINUTES=${KDCACHE_DEMO_LM_MINUTES:-6}
 SMOLLM2=${KDCACHE_DEMO_SMOLLM2:-1}

@@ -1,9 +1,10 @@
 """Test results of a study's runs decoded again into another eval directory (e.g. with the LM fused:
 ``kdtrain eval --run STUDY/runs/ARM/seedN ... --lm demo/lstm_lm --lm-weight 0.5 --out
 STUDY/runs/ARM/seedN/eval-test-lm``): mean +- sd per arm, paired differences per seed and the
-utterance bootstrap of kdcache.student.study, for the arms none and lst_dense_t5.
+utterance bootstrap, with the statistics of kdcache.student.study, for the arms none and
+lst_dense_t5.
 
-    .venv/bin/python scripts/fused_stats.py STUDY [eval-test-lm]
+    .venv/bin/python scripts/fused_stats.py STUDY [test-lm]     # reads runs/*/seed*/eval-test-lm
 """
 
 import json
@@ -12,47 +13,36 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcache.student.study import bootstrap_ci, edit_errors
+from kdcache.student.study import _mean_sd, _per_utt_errors, bootstrap_ci, paired_differences
 
 root = Path(sys.argv[1])
-sub = sys.argv[2] if len(sys.argv) > 2 else "eval-test-lm"
-
-
-def per_utt(rd, unit):
-    rows = sorted(
-        (json.loads(x) for x in (rd / sub / "hyp.jsonl").read_text().splitlines() if x),
-        key=lambda r: r["utt_id"],
-    )
-    errs, lens = zip(*(edit_errors(r["ref"], r["hyp"], unit) for r in rows), strict=True)
-    return np.array(errs), np.array(lens)
-
-
-res = {}
-for arm in ("none", "lst_dense_t5"):
+split = sys.argv[2] if len(sys.argv) > 2 else "test-lm"
+arms = ("none", "lst_dense_t5")
+res: dict[str, dict[int, dict]] = {}
+for arm in arms:
     for s in (1, 2, 3):
-        rd = root / "runs" / arm / f"seed{s}"
-        if (rd / sub / "results.json").exists():
-            r = json.loads((rd / sub / "results.json").read_text())
-            res.setdefault(arm, {})[s] = (r["wer"], r["cer"])
+        f = root / "runs" / arm / f"seed{s}" / f"eval-{split}" / "results.json"
+        if f.exists():
+            res.setdefault(arm, {})[s] = json.loads(f.read_text())
 for arm, d in res.items():
-    w = np.array([v[0] for v in d.values()]) * 100
-    c = np.array([v[1] for v in d.values()]) * 100
+    (w, wsd), (c, csd) = (_mean_sd([r[k] for r in d.values()]) for k in ("wer", "cer"))
     print(
-        arm,
-        sorted(d),
-        f"WER {w.mean():.2f} ± {w.std(ddof=1) if len(w) > 1 else 0:.2f}  CER {c.mean():.2f} ± {c.std(ddof=1) if len(c) > 1 else 0:.2f}",
+        arm, sorted(d), f"WER {100 * w:.2f} ± {100 * wsd:.2f}  CER {100 * c:.2f} ± {100 * csd:.2f}"
     )
-seeds = sorted(set(res.get("none", {})) & set(res.get("lst_dense_t5", {})))
+base, arm = (res.get(a, {}) for a in arms)
+seeds = sorted(set(base) & set(arm))
 if seeds:
-    print(
-        "paired WER",
-        [round(100 * (res["lst_dense_t5"][s][0] - res["none"][s][0]), 2) for s in seeds],
-        "CER",
-        [round(100 * (res["lst_dense_t5"][s][1] - res["none"][s][1]), 2) for s in seeds],
-    )
+    for key in ("wer", "cer"):
+        diff = paired_differences({s: arm[s][key] for s in seeds}, {s: base[s][key] for s in seeds})
+        print("paired", key.upper(), [round(100 * v, 2) for v in diff.values()])
     for unit in ("word", "char"):
-        a = np.stack([per_utt(root / "runs/lst_dense_t5" / f"seed{s}", unit)[0] for s in seeds])
-        b = np.stack([per_utt(root / "runs/none" / f"seed{s}", unit)[0] for s in seeds])
-        lens = per_utt(root / "runs/none" / f"seed{seeds[0]}", unit)[1]
-        o, lo, hi = bootstrap_ci(a, b, lens)
+        runs = {a: [_per_utt_errors(root / "runs" / a / f"seed{s}", split, unit) for s in seeds]
+                for a in arms}  # fmt: skip
+        if any(ids != runs["none"][0][0] for a in arms for ids, _, _ in runs[a]):
+            sys.exit(f"{split}: the runs decoded different utterances")
+        o, lo, hi = bootstrap_ci(
+            np.stack([e for _, e, _ in runs[arms[1]]]),
+            np.stack([e for _, e, _ in runs[arms[0]]]),
+            runs["none"][0][2],
+        )
         print(unit, f"{100 * o:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")

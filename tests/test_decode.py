@@ -427,7 +427,7 @@ def test_incremental_lm_equals_the_full_pass():
     from kdcache.student.lm import LMFusion
 
     model, cfg = _tiny_lm()
-    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id, vocab_size=11).scorer(2)
+    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id).scorer(2)
 
     def full(prefixes):
         ids = prefixes.clone()
@@ -452,7 +452,7 @@ def test_lm_without_eos_says_nothing_about_eos():
     from kdcache.student.lm import LMFusion
 
     model, cfg = _tiny_lm(eos=-1)
-    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=-1, vocab_size=11).scorer(2)
+    inc = LMFusion(model, bos_id=cfg.bos_id, eos_id=-1).scorer(2)
     out = inc.step(torch.tensor([[1, 5], [1, 6]]))
     assert (out[:, 2] == 0).all() and (out[:, 5] < 0).all()
 
@@ -469,7 +469,7 @@ def test_fusion_with_a_zero_weight_changes_nothing_and_a_strong_lm_wins():
     with torch.no_grad():
         out = m(feats, lens)
     model, cfg = _tiny_lm(vocab=v, bos=m.cfg.bos_id, eos=m.cfg.eos_id)
-    fusion = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id, vocab_size=v)
+    fusion = LMFusion(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
     plain = attention_beam_search(m, out, beam_size=3, max_len_ratio=0.5)
     assert attention_beam_search(m, out, beam_size=3, max_len_ratio=0.5, lm=fusion,
                                  lm_weight=0.0) == plain  # fmt: skip

@@ -147,6 +147,19 @@ class AttentionDecoder(nn.Module):
         return IncrementalDecoder(self, memory, memory_mask)
 
 
+def parent_rows(
+    rows: list[list[int]], prev: dict[tuple[int, ...], int], prev_len: int
+) -> list[int] | None:
+    """For prefixes ``rows`` (all of one length), the row of each one's parent (the prefix without
+    its last token) in the previous call, whose prefixes ``prev`` maps to their rows and were
+    ``prev_len`` long; None when the previous call was not one token shorter or a parent is
+    unknown (then the caller recomputes from scratch). Shared by the incremental scorers."""
+    if not rows or len(rows[0]) - 1 != prev_len:
+        return None
+    parents = [prev.get(tuple(r[:-1])) for r in rows]
+    return None if any(p is None for p in parents) else parents
+
+
 class IncrementalDecoder:
     """`step(prefixes)` -> next-token logits [N, V] of prefixes [N, i + 1] (bos first), equal to
     `decoder(prefixes, mem, mask)[0][:, -1]` but linear in the prefix length per call.
@@ -172,10 +185,8 @@ class IncrementalDecoder:
     def step(self, prefixes: Tensor) -> Tensor:
         n, length = prefixes.shape
         rows = prefixes.tolist()
-        parents = (
-            [self.prev.get(tuple(r[:-1])) for r in rows] if length - 1 == self.prev_len else []
-        )
-        if length == 1 or (parents and all(p is not None for p in parents)):
+        parents = parent_rows(rows, self.prev, self.prev_len)
+        if length == 1 or parents is not None:
             idx = (
                 torch.tensor(parents, dtype=torch.long, device=prefixes.device) if parents else None
             )

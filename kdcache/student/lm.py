@@ -18,23 +18,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kdcache.student.decoder import parent_rows
+
 
 class LMFusion:
-    """An LSTM LM ready for shallow fusion with a student of ``vocab_size`` outputs.
+    """An LSTM LM ready for shallow fusion with a student that uses its tokenizer (so the two agree
+    on every id and on the vocabulary size; `from_dir` checks the tokenizer hash).
 
     Args:
         model: the LSTM LM module of ``kdcache.teachers.lstm_lm.build_model``.
         bos_id: the id the LM reads first (its own; the student's bos is replaced by it).
-        eos_id: the id the LM predicts after a sentence, or -1 when it was trained without one
-            (then eos gets no LM score: log p_lm(eos) = 0).
-        vocab_size: the LM's output size; must equal the student's.
+        eos_id: the id the LM predicts after a sentence (the student's eos), or -1 when it was
+            trained without one (then eos gets no LM score: log p_lm(eos) = 0).
     """
 
-    def __init__(self, model, *, bos_id: int, eos_id: int, vocab_size: int) -> None:
+    def __init__(self, model, *, bos_id: int, eos_id: int) -> None:
         self.model = model.eval()
         self.bos_id = bos_id
         self.eos_id = eos_id
-        self.vocab_size = vocab_size
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, tokenizer) -> LMFusion:
@@ -58,7 +59,7 @@ class LMFusion:
                 f"{lm_tok.content_hash()}) is not the student's ({tokenizer.name!r}, hash "
                 f"{tokenizer.content_hash()}); shallow fusion needs an LM in the student's units"
             )
-        return cls(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id, vocab_size=cfg.vocab_size)
+        return cls(model, bos_id=cfg.bos_id, eos_id=cfg.eos_id)
 
     def to(self, device: torch.device) -> LMFusion:
         self.model.to(device)
@@ -78,22 +79,20 @@ class IncrementalLM:
     def __init__(self, lm: LMFusion, student_eos_id: int) -> None:
         self.lm = lm
         self.student_eos = student_eos_id
+        self.device = next(lm.model.parameters()).device
         self.prev: dict[tuple[int, ...], int] = {}
         self.prev_state: list[tuple[Tensor, Tensor]] = []
         self.prev_len = -1
 
     @torch.no_grad()
     def step(self, prefixes: Tensor) -> Tensor:
-        n, length = prefixes.shape
-        device = next(self.lm.model.parameters()).device
-        ids = prefixes.to(device).clone()
+        length = prefixes.shape[1]
+        ids = prefixes.to(self.device).clone()
         ids[:, 0] = self.lm.bos_id
         rows = prefixes.tolist()
-        parents = (
-            [self.prev.get(tuple(r[:-1])) for r in rows] if length - 1 == self.prev_len else []
-        )
-        if length > 1 and parents and all(p is not None for p in parents):
-            idx = torch.tensor(parents, dtype=torch.long, device=device)
+        parents = parent_rows(rows, self.prev, self.prev_len)
+        if parents is not None:
+            idx = torch.tensor(parents, dtype=torch.long, device=self.device)
             state = [(h[:, idx], c[:, idx]) for h, c in self.prev_state]
             out, state = self._run(ids[:, -1:], state)
         else:
@@ -103,8 +102,6 @@ class IncrementalLM:
         logp = self.lm.model.out(out[:, -1]).float().log_softmax(-1)
         if self.lm.eos_id < 0:  # an LM without an end of sentence says nothing about eos
             logp[:, self.student_eos] = 0.0
-        elif self.lm.eos_id != self.student_eos:
-            logp[:, self.student_eos] = logp[:, self.lm.eos_id]
         return logp
 
     def _run(self, ids: Tensor, state):

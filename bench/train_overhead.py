@@ -217,7 +217,7 @@ def bench_loss(args) -> None:
     """Forward+backward of the decoder loss on [64, 40, V] logits: hard CE_ls vs LST (k=16)."""
     import torch
 
-    from kdcache.student import losses
+    from kdcache import losses
 
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)

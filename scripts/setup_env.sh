@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KDCACHE_VENV:-.venv}
-EXTRAS=${KDCACHE_EXTRAS:-test,plot,gguf}
+EXTRAS=${KDCACHE_EXTRAS:-test,plot,gguf,lhotse}
 
 apt_pkgs=()
 command -v espeak-ng >/dev/null 2>&1 || apt_pkgs+=(espeak-ng)

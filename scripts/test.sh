@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/ruff format --check --quiet kdcache tests bench
-.venv/bin/ruff check --quiet kdcache tests bench
+.venv/bin/ruff format --check --quiet kdcache tests bench examples
+.venv/bin/ruff check --quiet kdcache tests bench examples
 exec .venv/bin/python -m pytest -n 2 -q "$@"

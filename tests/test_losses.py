@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdcache.student import losses
+from kdcache import losses
 
 torch.set_num_threads(1)
 DT = torch.float64

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kdcache.student import losses
+from kdcache import losses
 from kdcache.student.config import RunConfig, from_dict, load_yaml
 from kdcache.student.objectives import OBJECTIVES
 

@@ -16,7 +16,8 @@ from kdcache.commands.params import DEVICE_HELP, one_of
 # The values kdcache.teachers.build, kdcache.cache_format.spec and kdcache.teachers.masked_lm
 # accept (tests/test_cli_help.py keeps them equal), spelled out because importing those modules
 # loads numpy and the cache format for every --help.
-TEACHERS = ("bert", "causal_lm", "lstm_lm")
+TEACHERS = ("bert", "causal_lm", "lstm_lm", "ensemble")
+COMBINE = ("mean", "product")
 HIDDEN_CODECS = ("float16", "int8")
 MLM_MODES = ("masked", "unmasked")
 
@@ -42,15 +43,17 @@ def build(
     teacher: str = typer.Option(
         ...,
         "--teacher",
-        help="bert: a masked LM; causal_lm: a left-to-right LM; lstm_lm: an LSTM LM from train-lm.",
+        help="bert: a masked LM; causal_lm: a left-to-right LM; lstm_lm: an LSTM LM from "
+        "train-lm; ensemble: kdtrain runs whose frame-level CTC posteriors are combined.",
         **one_of(TEACHERS),
     ),
-    model: str = typer.Option(
+    model: list[str] = typer.Option(
         ...,
         "--model",
         metavar="MODEL",
         help="Hub id, local directory, .gguf file, an LSTM LM "
-        "directory from train-lm, or an alias: minilm, smollm2.",
+        "directory from train-lm, or an alias: minilm, smollm2. ensemble: a kdtrain run "
+        "directory per member (repeat the option).",
     ),
     data: Path = typer.Option(
         ..., "--data", metavar="PATH", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."
@@ -96,7 +99,8 @@ def build(
         "--batch-tokens",
         metavar="N",
         show_default=False,
-        help="Padded tokens per batch (default: 4096 on CPU, 65536 on GPU).",
+        help="Padded tokens per batch (default: 4096 on CPU, 65536 on GPU); ensemble: input "
+        "frames per batch (default 20000).",
     ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
     rank: int = typer.Option(
@@ -114,9 +118,29 @@ def build(
         metavar="N",
         help="Positions per committed shard (what a killed build can lose).",
     ),
+    features: Path = typer.Option(
+        None,
+        "--features",
+        metavar="PATH",
+        help="ensemble only: the feature store the members read (kdcache features).",
+    ),
+    combine: str = typer.Option(
+        "mean",
+        "--combine",
+        help="ensemble only: mean of the members' probabilities, or their product (log-linear).",
+        **one_of(COMBINE),
+    ),
+    weights: str = typer.Option(
+        "",
+        "--weights",
+        metavar="W1,W2,..",
+        show_default=False,
+        help="ensemble only: one weight per --model (default: equal).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Run one teacher over a manifest's transcripts and write top-k targets and hidden states."""
+    """Run one teacher over a manifest's transcripts (or, for an ensemble, its features) and
+    write top-k targets and hidden states."""
     import logging
 
     from kdcache.teachers.build import BuildError, build_cache
@@ -126,27 +150,43 @@ def build(
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     # ValueError: bad option values, bad manifest lines, the writer's checks.
-    with user_errors(BuildError, MissingHeadError, ValueError):
-        summary = build_cache(
-            teacher=teacher,
-            model=model,
-            data=str(data),
-            out=out,
-            name=name,
-            k=top_k,
-            temperature=temperature,
-            hidden_layers=_layers(hidden_layers),
-            hidden_codec=hidden_codec,
-            logprob_keepbits=logprob_keepbits,
-            mlm_mode=mlm_mode,
-            batch_tokens=batch_tokens,
-            device=device,
-            rank=rank,
-            world_size=world_size,
-            skip_bad=skip_bad,
-            shard_positions=shard_positions,
-            progress=progress,
-        )
+    if teacher == "ensemble":
+        summary = _build_ensemble(
+            model, data, out, name, top_k, temperature, hidden_layers, hidden_codec,
+            logprob_keepbits, batch_tokens, device, rank, world_size, shard_positions, features,
+            combine, weights, progress,
+        )  # fmt: skip
+    else:
+        if len(model) != 1:
+            fail(f"--teacher {teacher} takes one --model, got {len(model)}")
+        for opt, given in (
+            ("--features", features is not None),
+            ("--weights", bool(weights)),
+            ("--combine", combine != "mean"),
+        ):
+            if given:
+                fail(f"{opt} is for --teacher ensemble, not {teacher}")
+        with user_errors(BuildError, MissingHeadError, ValueError):
+            summary = build_cache(
+                teacher=teacher,
+                model=model[0],
+                data=str(data),
+                out=out,
+                name=name,
+                k=top_k,
+                temperature=temperature,
+                hidden_layers=_layers(hidden_layers),
+                hidden_codec=hidden_codec,
+                logprob_keepbits=logprob_keepbits,
+                mlm_mode=mlm_mode,
+                batch_tokens=batch_tokens,
+                device=device,
+                rank=rank,
+                world_size=world_size,
+                skip_bad=skip_bad,
+                shard_positions=shard_positions,
+                progress=progress,
+            )
     for line in summary.lines():
         typer.echo(line)
     if summary.world_size == 1:  # with several ranks the cache is complete only when all end
@@ -158,6 +198,47 @@ def build(
             typer.echo(format_summary(summarize(open_cache(out))))
         except Exception as e:  # noqa: BLE001 - the build itself succeeded
             typer.echo(f"(no cache summary: {type(e).__name__}: {e})")
+
+
+def _build_ensemble(
+    model, data, out, name, top_k, temperature, hidden_layers, hidden_codec, logprob_keepbits,
+    batch_tokens, device, rank, world_size, shard_positions, features, combine, weights, progress,
+):  # fmt: skip
+    from kdcache.teachers.base import BuildError
+    from kdcache.teachers.ensemble import build_ensemble_cache
+
+    if features is None:
+        fail("--teacher ensemble needs --features STORE (the members' input features)")
+    layers = _layers(hidden_layers)
+    if layers not in ((), (-1,)):
+        fail(
+            f"--hidden-layers {hidden_layers}: an ensemble stores only -1 (the mean encoder output)"
+        )
+    try:
+        w = [float(x) for x in weights.split(",") if x.strip()] if weights else None
+    except ValueError:
+        fail(f"--weights {weights!r}: expected comma-separated numbers like 1,1,2")
+    with user_errors(BuildError, ValueError):
+        return build_ensemble_cache(
+            models=list(model),
+            data=str(data),
+            features=str(features),
+            out=out,
+            name=name,
+            k=top_k,
+            temperature=temperature,
+            combine=combine,
+            weights=w,
+            hidden=bool(layers),
+            hidden_codec=hidden_codec,
+            logprob_keepbits=logprob_keepbits,
+            max_frames=batch_tokens or 20000,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            shard_positions=shard_positions,
+            progress=progress,
+        )
 
 
 def train_lm(

@@ -35,9 +35,10 @@ def _fmt_ids(ids: Sequence[str], n: int = 5) -> str:
     return shown + (", ..." if len(ids) > n else "")
 
 
-def check_teacher_units(record: Any, tokenizer: Any) -> None:
-    """Tokenizer hash and vocabulary size of a teacher record against the student's tokenizer."""
-    if record.units != "tokens":
+def check_teacher_units(record: Any, tokenizer: Any, frames_ok: bool = False) -> None:
+    """Tokenizer hash and vocabulary size of a teacher record against the student's tokenizer
+    (``frames_ok``: frame-level targets over the same vocabulary are accepted too)."""
+    if record.units != "tokens" and not (frames_ok and record.units == "frames"):
         raise CacheMismatchError(
             f"teacher {record.name!r} stores {record.units}-level targets; the student recipes "
             f"distil token-level targets"
@@ -90,6 +91,7 @@ def check_cache(
     tokens: dict[str, np.ndarray],
     allow_missing: bool = False,
     own_units: Sequence[str] = (),
+    frame_units: Sequence[str] = (),
 ) -> list[str]:
     """Check ``cache`` against the student and the training set; return the usable utterances.
 
@@ -103,6 +105,9 @@ def check_cache(
         own_units: Teachers in other units than the student's (hierarchical KD through aux
             decoders): checked against themselves (check_own_units_teacher), not against the
             student's tokenizer.
+        frame_units: Teachers with frame-level targets the recipe reads (an ensemble on the
+            CTC head): their vocabulary must be the student's; frame counts are checked per
+            batch against the encoder.
 
     Returns:
         ``utt_ids`` minus the missing ones (all of them unless ``allow_missing``).
@@ -114,7 +119,7 @@ def check_cache(
             )
         if name in own_units:
             continue
-        check_teacher_units(cache.teachers[name], tokenizer)
+        check_teacher_units(cache.teachers[name], tokenizer, frames_ok=name in frame_units)
     have: set[str] | None = None
     for name in teachers:
         ids = set(cache.utt_ids(name))
@@ -146,7 +151,7 @@ def check_cache(
     for utt_id in usable[:TOKEN_CHECK_SAMPLE]:
         targets = {name: cache.get(utt_id, name, hidden=False) for name in teachers}
         try:
-            check_alignment(utt_id, tokens[utt_id], targets, own_units)
+            check_alignment(utt_id, tokens[utt_id], targets, own_units, frame_units)
         except TargetMismatchError as e:
             raise CacheMismatchError(str(e)) from e
     return usable

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,55 +47,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kdcache.cache_format.multi import MultiCache, open_caches  # noqa: F401  (re-exported)
 from kdcache.student.config import DataConfig
 from kdcache.student.specaug import spec_augment, speed_perturb
+from kdcache.torch import (  # noqa: F401  (TeacherBatch, TargetMismatchError: public here too)
+    TargetMismatchError,
+    TeacherBatch,
+    check_tokens,
+    collate_targets,
+)
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
 # Batches
-
-
-@dataclass
-class TeacherBatch:
-    """Cached targets of one teacher for a batch, aligned to the student's token positions.
-
-    Attributes:
-        topk_ids: [B, L, k] int64 teacher top-k ids (0 at padding).
-        topk_logprobs: [B, L, k] float32 log-probs at the cache's build temperature, sorted
-            descending (uniform log(1/k) at padding so no loss sees -inf there).
-        tail_logmass: [B, L] float32 log of the mass outside the top k (-inf at padding).
-        mask: [B, L] bool, True at real positions.
-        hidden: layer -> [B, L, D] float32 teacher hidden states (0 at padding).
-        temperature: the cache's build temperature.
-        token_ids: [B, L] int64 the teacher's own input token ids (0 at padding), only for
-            teachers in other units than the student's (``own_units``); None otherwise. For
-            those teachers L is the teacher's longest utterance, not the student's.
-        token_lens: [B] int64 teacher positions per utterance (with ``token_ids``).
-    """
-
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_logmass: torch.Tensor
-    mask: torch.Tensor
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
-    temperature: float = 1.0
-    token_ids: torch.Tensor | None = None
-    token_lens: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> TeacherBatch:
-        def move(x):
-            return None if x is None else x.to(device, non_blocking=True)
-
-        return dataclasses.replace(
-            self,
-            topk_ids=self.topk_ids.to(device, non_blocking=True),
-            topk_logprobs=self.topk_logprobs.to(device, non_blocking=True),
-            tail_logmass=self.tail_logmass.to(device, non_blocking=True),
-            mask=self.mask.to(device, non_blocking=True),
-            hidden={k: v.to(device, non_blocking=True) for k, v in self.hidden.items()},
-            token_ids=move(self.token_ids),
-            token_lens=move(self.token_lens),
-        )
 
 
 @dataclass
@@ -149,6 +111,7 @@ def collate(
     texts: list[str] | None = None,
     position: tuple[int, int, int] = (-1, -1, -1),
     own_units: Sequence[str] = (),
+    frame_units: Sequence[str] = (),
 ) -> Batch:
     """Pad per-utterance arrays into a :class:`Batch` (targets: one dict[teacher, UttTargets]
     per utterance, or empty dicts when training without a cache). Teachers in ``own_units`` are
@@ -160,52 +123,18 @@ def collate(
     for i, f in enumerate(feats):
         x[i, : f.shape[0]] = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
     token_lens = torch.tensor([len(t) for t in tokens], dtype=torch.long)
-    max_l = max_tok = max(1, int(token_lens.max()))
-    y = torch.full((b, max_l), pad_id, dtype=torch.long)
+    max_tok = max(1, int(token_lens.max()))
+    y = torch.full((b, max_tok), pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
         y[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-    out: dict[str, TeacherBatch] = {}
-    names = list(targets[0]) if targets else []
-    own = set(own_units)
-    for name in names:
-        k = targets[0][name].topk_ids.shape[1]
-        max_l = max_tok
-        tid = tlen = None
-        if name in own:
-            max_l = max(1, max(per_teacher[name].topk_ids.shape[0] for per_teacher in targets))
-            tid = torch.zeros(b, max_l, dtype=torch.long)
-            tlen = torch.zeros(b, dtype=torch.long)
-        ids = torch.zeros(b, max_l, k, dtype=torch.long)
-        lp = torch.full((b, max_l, k), -math.log(k) if k else 0.0, dtype=torch.float32)
-        tail = torch.full((b, max_l), -math.inf, dtype=torch.float32)
-        mask = torch.zeros(b, max_l, dtype=torch.bool)
-        hid: dict[int, torch.Tensor] = {}
-        for i, per_teacher in enumerate(targets):
-            t = per_teacher[name]
-            n = t.topk_ids.shape[0]
-            if k:
-                ids[i, :n] = torch.from_numpy(np.asarray(t.topk_ids, dtype=np.int64))
-                lp[i, :n] = torch.from_numpy(np.asarray(t.topk_logprobs, dtype=np.float32))
-            tail[i, :n] = torch.from_numpy(np.asarray(t.tail_logmass, dtype=np.float32))
-            mask[i, :n] = True
-            if tid is not None:
-                tid[i, :n] = torch.from_numpy(np.asarray(t.token_ids, dtype=np.int64))
-                tlen[i] = n
-            for layer in hidden_layers.get(name, ()):
-                h = np.asarray(t.hidden[layer], dtype=np.float32)
-                if layer not in hid:
-                    hid[layer] = torch.zeros(b, max_l, h.shape[1], dtype=torch.float32)
-                hid[layer][i, :n] = torch.from_numpy(h)
-        out[name] = TeacherBatch(
-            ids,
-            lp,
-            tail,
-            mask,
-            hid,
-            float(temperatures.get(name, 1.0)),
-            token_ids=tid,
-            token_lens=tlen,
-        )
+    out = collate_targets(
+        targets,
+        length=max_tok,
+        temperatures=temperatures,
+        hidden_layers=hidden_layers,
+        own_units=own_units,
+        frame_units=frame_units,
+    )
     return Batch(
         utt_ids=list(utt_ids),
         feats=x,
@@ -336,9 +265,11 @@ class KDDataset(IterableDataset):
         temperatures: dict[str, float] | None = None,
         texts: dict[str, str] | None = None,
         own_units: Sequence[str] = (),
+        frame_units: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.own_units = list(own_units)
+        self.frame_units = list(frame_units)
         self.utt_ids = sorted(utt_ids)
         self.tokens = tokens
         self.num_frames = num_frames
@@ -518,7 +449,7 @@ class KDDataset(IterableDataset):
                 }
             tokens = self.tokens[utt_id]
             if targets:
-                check_alignment(utt_id, tokens, targets, self.own_units)
+                check_alignment(utt_id, tokens, targets, self.own_units, self.frame_units)
             ids.append(utt_id)
             feats.append(x)
             toks.append(tokens)
@@ -535,39 +466,31 @@ class KDDataset(IterableDataset):
             texts=texts,
             position=position,
             own_units=self.own_units,
+            frame_units=self.frame_units,
         )
 
 
-class TargetMismatchError(ValueError):
-    """Cached targets do not line up with the student's tokens of the same utterance."""
-
-
 def check_alignment(
-    utt_id: str, tokens: np.ndarray, targets: dict[str, Any], own_units: Sequence[str] = ()
+    utt_id: str,
+    tokens: np.ndarray,
+    targets: dict[str, Any],
+    own_units: Sequence[str] = (),
+    frame_units: Sequence[str] = (),
 ) -> None:
     """Raise :class:`TargetMismatchError` when a teacher's positions are not the student's tokens.
 
     Teachers in ``own_units`` are checked against themselves instead: their token ids must be
-    stored, one per position (the aux decoder is teacher-forced on them).
+    stored, one per position (the aux decoder is teacher-forced on them). Teachers in
+    ``frame_units`` (frame-level targets) are checked against the encoder's frame count by the
+    loss, which knows it.
     """
     for name, t in targets.items():
-        n = t.topk_ids.shape[0]
+        if name in frame_units:
+            continue  # frames, not tokens: the loss checks them against the encoder's frames
         if name in own_units:
             check_own_tokens(utt_id, name, t)
-            continue
-        if t.token_ids is not None and not np.array_equal(
-            np.asarray(t.token_ids, dtype=np.int64), np.asarray(tokens, dtype=np.int64)
-        ):
-            raise TargetMismatchError(
-                f"utterance {utt_id!r}: teacher {name!r} token_ids {list(t.token_ids)[:12]} differ "
-                f"from the student's tokenisation of the normalised transcript "
-                f"{list(tokens)[:12]}; rebuild the cache with the student's tokenizer"
-            )
-        if n != len(tokens):
-            raise TargetMismatchError(
-                f"utterance {utt_id!r}: teacher {name!r} has {n} positions, the student "
-                f"{len(tokens)} tokens"
-            )
+        else:
+            check_tokens(utt_id, tokens, {name: t})
 
 
 def check_own_tokens(utt_id: str, name: str, t: Any) -> None:

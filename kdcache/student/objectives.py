@@ -34,7 +34,7 @@ is cache position i of that teacher, output L_t predicts the aux decoder's eos.
 Every loss is a mean over valid positions.
 
 Importing this module is cheap (no torch): ``kdtrain --help`` lists the recipes from it. The loss
-functions import torch and kdcache.student.losses when they first run.
+functions import torch and kdcache.losses when they first run.
 """
 
 from __future__ import annotations
@@ -121,6 +121,35 @@ def _to_decoder_positions(t: TeacherBatch, n: int) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _to_encoder_frames(
+    t: TeacherBatch, out: StudentOutput, batch: Batch, name: str
+) -> tuple[torch.Tensor, ...]:
+    """A frame-level TeacherBatch on the student's encoder frames; every utterance must have as
+    many cached frames as the encoder gives (same subsampling, same features)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdcache.torch import TargetMismatchError
+
+    have = t.mask.sum(1)
+    bad = torch.nonzero(have != out.enc_lens.to(have.device)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise TargetMismatchError(
+            f"utterance {batch.utt_ids[i]!r}: teacher {name!r} has {int(have[i])} frames, the "
+            f"student's encoder {int(out.enc_lens[i])}; build the frame cache from members with "
+            f"the student's subsampling on the same features (and no speed perturbation)"
+        )
+    n = out.ctc_logits.shape[1]
+    pad = n - t.topk_ids.shape[1]  # >= 0: the longest utterance has n frames in both
+    return (
+        F.pad(t.topk_ids, (0, 0, 0, pad)),
+        F.pad(t.topk_logprobs, (0, 0, 0, pad)),
+        F.pad(t.tail_logmass, (0, pad)),
+        F.pad(t.mask, (0, pad), value=False),
+    )
+
+
 def _token_mask(batch: Batch) -> torch.Tensor:
     import torch
 
@@ -151,7 +180,7 @@ def none(
     mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
 ) -> tuple[torch.Tensor, Terms]:
     """Baseline: joint CTC / attention-decoder CE_ls, no teacher."""
-    from kdcache.student import losses
+    from kdcache import losses
 
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
     att = losses.hard_ce(out.dec_logits, _decoder_targets(batch, mcfg), out.dec_mask,
@@ -163,7 +192,7 @@ def lst(
     mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
 ) -> tuple[torch.Tensor, Terms]:
     """Learn Spelling from Teachers (paper 001) on the attention decoder."""
-    from kdcache.student import losses
+    from kdcache import losses
 
     cfg = ctx.cfg
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
@@ -181,7 +210,7 @@ def multitask(
     mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
 ) -> tuple[torch.Tensor, Terms]:
     """Multi-task KD (paper 000, eq. (4)): an aux KD head beside the decoder's output layer."""
-    from kdcache.student import losses
+    from kdcache import losses
 
     m = ctx.cfg.multitask
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
@@ -199,12 +228,34 @@ def multitask(
 def essence(
     mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
 ) -> tuple[torch.Tensor, Terms]:
-    """Essence KD (paper 003): hard labels plus the renormalised top-k teacher."""
-    from kdcache.student import losses
+    """Essence KD (paper 003): hard labels plus the renormalised top-k teacher.
+
+    Token-level teacher (an LM): on the attention decoder, alpha CE + (1 - alpha) H(p~_k, q).
+    Frame-level teacher (``kdcache build --teacher ensemble``, units "frames"): on the CTC head,
+    frame t of the cache against encoder frame t, with CTC as the hard-label term:
+    ctc_weight [alpha CTC + (1 - alpha) H(p~_k, q_ctc)] + (1 - ctc_weight) CE_ls(decoder)."""
+    from kdcache import losses
 
     e = ctx.cfg.essence
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
-    t = batch.targets[ctx.teachers[0]]
+    name = ctx.teachers[0]
+    t = batch.targets[name]
+    if getattr(ctx.records.get(name), "units", "tokens") == "frames":
+        ids, lp, tail, fmask = _to_encoder_frames(t, out, batch, name)
+        terms["frame_kd"] = losses.sparse_kd_ce(
+            out.ctc_logits.float(), ids, lp, tail, fmask, tail="renormalize",
+            k=min(e.k, ids.shape[-1]) or None, teacher_temperature=e.temperature,
+            build_temperature=t.temperature,
+        )  # fmt: skip
+        ctc_side = e.alpha * terms["ctc"] + (1.0 - e.alpha) * terms["frame_kd"]
+        if out.dec_logits is None:
+            return ctc_side, terms
+        terms["att"] = losses.hard_ce(
+            out.dec_logits, _decoder_targets(batch, mcfg), out.dec_mask,
+            label_smoothing=ctx.cfg.label_smoothing,
+        )  # fmt: skip
+        cw = ctx.cfg.ctc_weight
+        return cw * ctc_side + (1.0 - cw) * terms["att"], terms
     ids, lp, tail, tmask = _to_decoder_positions(t, out.dec_logits.shape[1])
     att = losses.essence_kd_loss(
         out.dec_logits, _decoder_targets(batch, mcfg), ids, lp, tail, out.dec_mask,
@@ -219,7 +270,7 @@ def interaed(
 ) -> tuple[torch.Tensor, Terms]:
     """interAED KD (paper 002): CTC + aux decoders on encoder layers against masked-LM targets
     (+ the attention decoder's CE, weighted like ``none``, when the model has one)."""
-    from kdcache.student import losses
+    from kdcache import losses
 
     cfg, i = ctx.cfg, ctx.cfg.interaed
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
@@ -243,7 +294,7 @@ def cif_hkd(
     mcfg: StudentConfig, out: StudentOutput, batch: Batch, ctx: Context
 ) -> tuple[torch.Tensor, Terms]:
     """Hierarchical KD on a CIF model (paper 004): CE + CTC + quantity + ACD + LRD."""
-    from kdcache.student import losses
+    from kdcache import losses
 
     cfg, h = ctx.cfg, ctx.cfg.cif_hkd
     name = ctx.teachers[0]
@@ -277,7 +328,7 @@ def hierarchical(
     """
     import torch
 
-    from kdcache.student import losses
+    from kdcache import losses
     from kdcache.student.model import decoder_targets
 
     h = ctx.cfg.hierarchical
@@ -376,6 +427,27 @@ def _cif_heads(
     )  # fmt: skip
 
 
+def _check_frame_teacher(cfg: RunConfig, records: dict[str, Any]) -> None:
+    """A frame-level teacher's frames are the student's encoder frames: no speed perturbation
+    (it changes the frame count) and the members' subsampling."""
+    from kdcache.student.config import ConfigError
+
+    for name, rec in records.items():
+        if getattr(rec, "units", "tokens") != "frames":
+            continue
+        if any(f != 1.0 for f in cfg.data.speed_perturb):
+            raise ConfigError(
+                f"teacher {name!r} has frame-level targets: data.speed_perturb="
+                f"{list(cfg.data.speed_perturb)} would change the frame count; set it to []"
+            )
+        sub = (rec.options or {}).get("subsampling")
+        if sub is not None and sub != cfg.model.subsampling:
+            raise ConfigError(
+                f"teacher {name!r} stores frames after {sub}x subsampling, the student has "
+                f"model.subsampling={cfg.model.subsampling}"
+            )
+
+
 def _check_lst_temperature(cfg: RunConfig, records: dict[str, Any]) -> None:
     (rec,) = records.values()
     if rec.temperature != cfg.lst.temperature:
@@ -400,7 +472,8 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("multitask", multitask, "multi-task KD (000): an aux KD head on the decoder",
                   needs_decoder=True, student=_kd_heads),
         Objective("essence", essence, "Essence KD (003): renormalised top-k teacher on the "
-                  "decoder", needs_decoder=True),
+                  "decoder (an LM) or per frame on the CTC head (an ensemble)", needs_decoder=True,
+                  check_records=_check_frame_teacher),
         Objective("interaed", interaed, "interAED KD (002): aux decoders on CTC encoder layers",
                   student=_interaed_decoders),
         Objective("cif_hkd", cif_hkd, "hierarchical KD on a CIF model (004): teacher hidden "

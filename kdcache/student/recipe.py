@@ -172,6 +172,17 @@ def own_units_teachers(cfg: RunConfig, tokenizer, records: dict) -> list[str]:
     return [n for n, rec in records.items() if rec.tokenizer_hash != h]
 
 
+def frame_teachers(cfg: RunConfig, records: dict) -> list[str]:
+    """Teachers with frame-level targets (an ensemble), for the recipes that read them."""
+    frames = [n for n, rec in records.items() if getattr(rec, "units", "tokens") == "frames"]
+    if frames and cfg.recipe != "essence":
+        raise ConfigError(
+            f"teacher(s) {frames} store frame-level targets; recipe {cfg.recipe} distils "
+            f"token-level targets (frame targets: --recipe essence)"
+        )
+    return frames
+
+
 def resolve_model_config(cfg: RunConfig, tokenizer, input_dim: int, records: dict) -> StudentConfig:
     """Fill the student config from the tokenizer, the features and the recipe's heads."""
     m = dataclasses.replace(
@@ -325,6 +336,7 @@ def train(inputs: RunInputs) -> TrainResult:
     teachers: list[str] = []
     records: dict[str, Any] = {}
     own_units: list[str] = []
+    frame_units: list[str] = []
     cache = None
     if needs_cache:
         from kdcache.student.checks import check_cache
@@ -340,9 +352,11 @@ def train(inputs: RunInputs) -> TrainResult:
         if own_units:
             log.info("hierarchical: teacher(s) %s use other units than the student's tokenizer; "
                      "each gets an aux decoder on its own tokens", own_units)  # fmt: skip
+        frame_units = frame_teachers(cfg, records)
         train_ids = check_cache(
             cache, teachers, tok, train_ids, tokens,
             allow_missing=inputs.allow_missing or cfg.train.allow_missing, own_units=own_units,
+            frame_units=frame_units,
         )  # fmt: skip
     elif inputs.cache is not None:
         log.info("recipe %s: --cache %s is not read", cfg.recipe, inputs.cache)
@@ -419,7 +433,7 @@ def train(inputs: RunInputs) -> TrainResult:
         cfg.data, pad_id=tok.pad_id, seed=cfg.train.seed, rank=rank, world_size=world,
         reader=reader, state=data_state, train=True,
         temperatures={n: r.temperature for n, r in records.items()}, texts=texts,
-        own_units=own_units,
+        own_units=own_units, frame_units=frame_units,
     )  # fmt: skip
     loader = make_loader(dataset)
     ctx = Context(cfg, teachers, records, hidden_layer, own_units=own_units)

@@ -22,7 +22,8 @@ from kdcache.teachers.base import BuildError
 
 log = logging.getLogger(__name__)
 
-TEACHERS = ("bert", "causal_lm", "lstm_lm")
+TOKEN_TEACHERS = ("bert", "causal_lm", "lstm_lm")
+TEACHERS = (*TOKEN_TEACHERS, "ensemble")  # ensemble: kdcache.teachers.ensemble (frames)
 KIND_OF = {"bert": "masked_lm", "causal_lm": "causal_lm", "lstm_lm": "lstm_lm"}
 DEFAULT_BUDGET = {"cpu": 4096, "cuda": 65536}
 
@@ -110,6 +111,8 @@ def load_teacher(
     """Load a teacher adapter (masked_lm, causal_lm or lstm_lm) by its ``--teacher`` name."""
     from kdcache.teachers.loading import resolve_model
 
+    if teacher == "ensemble":
+        raise BuildError("--teacher ensemble runs acoustic models: use build_ensemble_cache")
     if teacher not in TEACHERS:
         raise BuildError(f"--teacher {teacher!r} must be one of {', '.join(TEACHERS)}")
     if k < 0:

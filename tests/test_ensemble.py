@@ -247,3 +247,34 @@ def test_frame_count_mismatch_names_the_utterance(toy, frame_cache, tmp_path):
                           tail_logmass=t.tail_logmass[:-2]))  # fmt: skip
     with pytest.raises(TargetMismatchError, match=r"utterance 'toy5-\d+': teacher 'ensemble' has"):
         _student(toy, out, tmp_path / "mm", steps=2)
+
+
+def test_eval_an_ensemble(toy, members, tmp_path):
+    """kdtrain eval with several --run: CTC greedy on the combined posteriors, equal to a greedy
+    decode of the dense reference combination."""
+    import json
+
+    from kdcache.cli import train_app
+    from kdcache.data.tokenizer import Tokenizer
+
+    r = CliRunner()
+    base = ["eval", "--run", members[0], "--run", members[1], "--data", str(toy.manifest),
+            "--features", str(toy.features), "--device", "cpu"]  # fmt: skip
+    res = r.invoke(train_app, [*base, "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    got = {json.loads(line)["utt_id"]: json.loads(line)["hyp"]
+           for line in (tmp_path / "ev" / "hyp.jsonl").read_text().splitlines()}  # fmt: skip
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert len(results["ensemble"]["members"]) == 2 and results["utterances"] == len(toy.utt_ids)
+    tok = Tokenizer.load(toy.tokenizer)
+    ids, x, lens = _batch(toy)
+    per = [_member_log_probs(m, x, lens) for m in members]
+    for b, u in enumerate(ids):
+        n = int(per[0][1][b])
+        ref = _reference(np.stack([p[0][b, :n] for p in per]), np.ones(2), "mean")
+        best = [int(i) for i in torch.unique_consecutive(torch.from_numpy(ref.argmax(-1)))]
+        want = tok.decode([i for i in best if i != tok.blank_id])
+        assert got[u] == " ".join(want.split())
+    assert any(got[u] for u in ids), "members this young may emit nothing; the check needs output"
+    res = r.invoke(train_app, [*base, "--decode", "attention_beam"])
+    assert res.exit_code == 2 and "ensemble with --decode ctc_greedy" in res.output

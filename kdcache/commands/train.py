@@ -107,8 +107,12 @@ def run(
 
 
 def evaluate(
-    run_dir: Path = typer.Option(
-        ..., "--run", metavar="DIR", help="Run directory written by kdtrain run."
+    run_dir: list[Path] = typer.Option(
+        ...,
+        "--run",
+        metavar="DIR",
+        help="Run directory written by kdtrain run. Repeat it to decode an ensemble: CTC greedy "
+        "on the runs' combined frame posteriors (--combine).",
     ),
     data: Path = typer.Option(
         ..., "--data", metavar="PATH", help="Manifest of the utterances to decode."
@@ -151,15 +155,38 @@ def evaluate(
         metavar="FLOAT",
         help="Weight of the --lm log-probs in the beam score (e.g. 0.3).",
     ),
+    combine: str = typer.Option(
+        "mean",
+        "--combine",
+        help="Several --run: mean of their probabilities, or their product (log-linear).",
+        **one_of(("mean", "product")),
+    ),
 ) -> None:
-    """Decode a set with a trained student; write hypotheses and WER/CER (jiwer)."""
+    """Decode a set with a trained student (or an ensemble of them); write hypotheses and
+    WER/CER (jiwer)."""
     import json
 
-    from kdcache.student.evaluate import evaluate_run
+    from kdcache.student.evaluate import evaluate_ensemble, evaluate_run
 
+    if len(run_dir) > 1:
+        if decode != "ctc_greedy":
+            fail(f"several --run decode as an ensemble with --decode ctc_greedy, not {decode}")
+        if lm is not None or checkpoint is not None:
+            fail("--lm and --checkpoint are for a single --run")
+        with user_errors(ValueError):
+            res = evaluate_ensemble(
+                [str(r) for r in run_dir], data, features, combine=combine, out_dir=out,
+                device=device,
+            )  # fmt: skip
+        typer.echo(
+            json.dumps({k: res[k] for k in ("wer", "cer", "utterances", "decode", "out_dir")})
+        )
+        return
+    if combine != "mean":
+        fail("--combine is for several --run (an ensemble)")
     with user_errors(ValueError):
         res = evaluate_run(
-            run_dir,
+            run_dir[0],
             data,
             features,
             decode=decode,

@@ -153,18 +153,7 @@ def evaluate_run(
     scores = score(refs, hyp_list)
     default = f"{set_name(data)}-{decode}" + (f"-lm{lm_weight:g}" if fusion is not None else "")
     out = Path(out_dir) if out_dir is not None else run_dir / "eval" / default
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(
-        out / "hyp.jsonl",
-        "".join(
-            json.dumps({"utt_id": u, "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
-            for u, r, h in zip(order, refs, hyp_list, strict=True)
-        ),
-    )
-    _atomic_write(
-        out / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(order, hyp_list, strict=True))
-    )
-    _atomic_write(out / "ref.txt", "".join(f"{u} {r}\n" for u, r in zip(order, refs, strict=True)))
+    _write_hyps(out, order, refs, hyp_list)
     results = {
         "wer": scores["wer"],
         "cer": scores["cer"],
@@ -184,4 +173,90 @@ def evaluate_run(
     log.info(
         "WER %.4f CER %.4f on %d utterances (%s)", scores["wer"], scores["cer"], len(order), decode
     )
+    return results
+
+
+def _write_hyps(out: Path, order: list[str], refs: list[str], hyps: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(
+        out / "hyp.jsonl",
+        "".join(
+            json.dumps({"utt_id": u, "ref": r, "hyp": h}, ensure_ascii=False) + "\n"
+            for u, r, h in zip(order, refs, hyps, strict=True)
+        ),
+    )
+    _atomic_write(out / "hyp.txt", "".join(f"{u} {h}\n" for u, h in zip(order, hyps, strict=True)))
+    _atomic_write(out / "ref.txt", "".join(f"{u} {r}\n" for u, r in zip(order, refs, strict=True)))
+
+
+def evaluate_ensemble(
+    run_dirs: list[str | os.PathLike],
+    data: str | os.PathLike,
+    features: str | os.PathLike,
+    *,
+    combine: str = "mean",
+    weights: list[float] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "auto",
+    max_frames: int = 20000,
+) -> dict[str, Any]:
+    """Decode ``data`` with an ensemble of students: CTC greedy on their combined frame
+    posteriors (the rules of ``kdcache build --teacher ensemble``: mean, weighted, product).
+
+    Returns:
+        The results dict also written to ``results.json`` (default out dir:
+        FIRST_RUN/eval/SET-ensembleN-ctc_greedy).
+    """
+    import torch
+
+    from kdcache.data.text import normalize_text
+    from kdcache.student.data import eval_batches
+    from kdcache.student.rundir import load_tokenizer, pick_device, prepare_split
+    from kdcache.teachers.base import BuildError
+    from kdcache.teachers.ensemble import EnsembleTeacher
+
+    dev = pick_device(device)
+    try:
+        t = EnsembleTeacher.load(
+            [str(r) for r in run_dirs], k=1, combine=combine, weights=weights, device=str(dev)
+        )
+    except BuildError as e:
+        raise ValueError(str(e).replace("--model", "--run")) from None
+    first = Path(run_dirs[0])
+    tok = load_tokenizer(first / "tokenizer")
+    split = prepare_split(data, features, tok)
+    hyps: dict[str, str] = {}
+    with torch.inference_mode():
+        for batch in eval_batches(split.utt_ids, split.tokens, split.texts, split.store,
+                                  max_frames=max_frames, max_utts=10_000, pad_id=tok.pad_id,
+                                  cmvn=t.members[0].cmvn):  # fmt: skip
+            lp, lens, _ = t.log_probs(batch.feats.to(dev), batch.feat_lens.to(dev))
+            best = lp.argmax(-1).cpu()
+            for u, row, n in zip(batch.utt_ids, best, lens.cpu(), strict=True):
+                ids = torch.unique_consecutive(row[: int(n)]).tolist()
+                hyps[u] = normalize_text(tok.decode([i for i in ids if i != tok.blank_id]))
+    order = split.utt_ids
+    refs = [split.texts[u] for u in order]
+    hyp_list = [hyps[u] for u in order]
+    scores = score(refs, hyp_list)
+    n = len(t.members)
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else first / "eval" / f"{set_name(data)}-ensemble{n}-ctc_greedy"
+    )
+    _write_hyps(out, order, refs, hyp_list)
+    results = {
+        "wer": scores["wer"],
+        "cer": scores["cer"],
+        "utterances": len(order),
+        "decode": "ctc_greedy",
+        "ensemble": t.options(),
+        "data": str(data),
+        "features": str(features),
+        "out_dir": str(out),
+    }
+    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    log.info("ensemble of %d: WER %.4f CER %.4f on %d utterances", n, scores["wer"],
+             scores["cer"], len(order))  # fmt: skip
     return results

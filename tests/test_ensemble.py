@@ -278,3 +278,34 @@ def test_eval_an_ensemble(toy, members, tmp_path):
     assert any(got[u] for u in ids), "members this young may emit nothing; the check needs output"
     res = r.invoke(train_app, [*base, "--decode", "attention_beam"])
     assert res.exit_code == 2 and "ensemble with --decode ctc_greedy" in res.output
+
+
+def test_inspect_shows_frame_statistics(toy, frame_cache):
+    """kdcache inspect: frame shift, positions per second, entropy and the blank-dominated
+    fraction, the last recomputed here from the stored arrays."""
+    import json
+
+    from kdcache.cli import app
+    from kdcache.data.tokenizer import Tokenizer
+
+    res = CliRunner().invoke(app, ["inspect", str(frame_cache), "--json"])
+    assert res.exit_code == 0, res.output
+    fr = json.loads(res.output)["teachers"][0]["frames"]
+    assert fr["frame_shift_ms"] == 40.0 and fr["positions_per_second"] == 25.0
+    cache = open_cache(str(frame_cache))
+    blank = Tokenizer.load(toy.tokenizer).blank_id
+    assert cache.teachers["ensemble"].options["blank_id"] == blank
+    n = dom = 0
+    ent = []
+    for u in cache.utt_ids("ensemble"):
+        t = cache.get(u, "ensemble")
+        p = np.exp(t.topk_logprobs.astype(np.float64))
+        dom += int(((t.topk_ids[:, 0] == blank) & (p[:, 0] > 0.5)).sum())
+        n += t.num_positions
+        pt = np.exp(t.tail_logmass.astype(np.float64))
+        ent += list(-(p * np.log(p)).sum(1) - np.where(pt > 0, pt * np.log(pt), 0))
+    assert fr["sampled_frames"] == n
+    assert fr["blank_dominated"] == pytest.approx(dom / n)
+    assert fr["mean_entropy_nats"] == pytest.approx(np.mean(ent), rel=1e-6)
+    text = CliRunner().invoke(app, ["inspect", str(frame_cache)]).output
+    assert "one position every 40 ms (25 per second)" in text and "blank-dominated" in text

@@ -54,6 +54,8 @@ def summarize(cache: KDCache) -> dict[str, Any]:
                 "ratio_to_dense_fp16": (bpp / (2.0 * rec.vocab_size)) if bpp is not None else None,
             }
         )
+        if rec.units == "frames":
+            teachers[-1]["frames"] = frame_stats(cache, t)
     return {
         "path": cache.path,
         "format_version": cache.format_version,
@@ -64,6 +66,47 @@ def summarize(cache: KDCache) -> dict[str, Any]:
         "bytes_on_disk": cache._storage.size_tree(""),
         "teachers": teachers,
     }
+
+
+def frame_stats(cache: KDCache, teacher: str, max_positions: int = 50_000) -> dict[str, Any]:
+    """For a frame-level teacher: frame shift, positions per second and, over the first
+    ``max_positions`` frames, the mean entropy (top k + tail bin) and the fraction of frames
+    whose most likely entry is the blank with probability > 0.5 (``options["blank_id"]``)."""
+    rec = cache.teachers[teacher]
+    shift = rec.frame_shift_ms
+    out: dict[str, Any] = {
+        "frame_shift_ms": shift,
+        "positions_per_second": (1000.0 / shift) if shift else None,
+        "sampled_frames": 0,
+        "mean_entropy_nats": None,
+        "blank_dominated": None,
+    }
+    if rec.k == 0 or cache.num_positions(teacher) == 0:
+        return out
+    f, ent = topk_mass_and_entropy(cache, teacher, max_positions)
+    del f
+    out["sampled_frames"] = int(len(ent))
+    out["mean_entropy_nats"] = float(ent.mean()) if len(ent) else None
+    blank = (rec.options or {}).get("blank_id")
+    if blank is None and rec.tokenizer_id:  # the members' tokenizer directory, if still there
+        try:
+            from kdcache.data.tokenizer import Tokenizer
+
+            blank = Tokenizer.load(rec.tokenizer_id).blank_id
+        except Exception:  # noqa: BLE001 - a moved or remote tokenizer: leave the figure out
+            blank = None
+    if blank is not None:
+        n = dominated = 0
+        for item in cache.stream([teacher], hidden=False, prefetch=0):
+            u = item[teacher]
+            top = np.asarray(u.topk_ids[:, 0])
+            p1 = np.exp(np.asarray(u.topk_logprobs[:, 0], dtype=np.float64))
+            dominated += int(((top == blank) & (p1 > 0.5)).sum())
+            n += len(top)
+            if n >= max_positions:
+                break
+        out["blank_dominated"] = dominated / n if n else None
+    return out
 
 
 def _human(n: float | None) -> str:
@@ -128,6 +171,21 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append("  ".join(h.ljust(w[i]) for i, h in enumerate(head)))
     for r in rows:
         lines.append("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+    for t in s["teachers"]:
+        fr = t.get("frames")
+        if not fr:
+            continue
+        parts = [f"{t['name']}: frame-level, one position every {fr['frame_shift_ms']:g} ms"]
+        if fr["positions_per_second"]:
+            parts[0] += f" ({fr['positions_per_second']:g} per second)"
+        if fr["mean_entropy_nats"] is not None:
+            parts.append(f"mean entropy {fr['mean_entropy_nats']:.3f} nats/frame")
+        if fr["blank_dominated"] is not None:
+            parts.append(f"{100 * fr['blank_dominated']:.1f}% of frames blank-dominated (p > 0.5)")
+        if fr["sampled_frames"]:
+            parts.append(f"over the first {fr['sampled_frames']} frames")
+        lines.append("")
+        lines.append(", ".join(parts))
     return "\n".join(lines)
 
 

@@ -182,6 +182,7 @@ class EnsembleTeacher:
                 for m in self.members
             ],
             "subsampling": self.subsampling,
+            "blank_id": int(self.members[0].model.cfg.blank_id),
         }
 
     @torch.inference_mode()

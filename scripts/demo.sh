@@ -7,14 +7,16 @@
 #      teacher, cached three ways), the real MiniLM BERT (hidden states) and the real
 #      SmolLM2-135M causal LM (top-k + hidden states),
 #   4. inspect + verify every cache,
-#   5. two students side by side (one core each), same seed, batches and steps: the baseline
-#      (recipes/cpu/none.yaml) and LST distillation from the cache (recipes/cpu/lst.yaml), with
-#      dev CER logged every 100 steps,
-#   6. WER/CER of both on the test set (attention beam 4 + CTC 0.5, the weight chosen on dev),
-#      again with the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev), and a table.
+#   5. students, two at a time (one core each), same steps and batches: the baseline (seed 1234) and a
+#      second baseline (seed 1235); the two as an ensemble teacher (paper 003: their frame-level CTC
+#      posteriors averaged into a cache); then LST distillation from the LSTM LM cache (paper 001)
+#      and essence distillation from the ensemble cache (seed 1234 both), dev CER logged every 100 steps,
+#   6. WER/CER on the test set (attention beam 4 + CTC 0.5, the weight chosen on dev), again with
+#      the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev), the ensemble
+#      itself and the students by CTC greedy, and a table.
 # Every step is skipped when its output exists, and killed students resume, so a re-run resumes.
-# Time on 2 CPU cores (docs/results.md, 33 min in all): ~14 min for corpus, features, LM teacher,
-# caches, inspect and verify, ~17 min for the two students (1200 steps each), ~3 min of evaluation.
+# Time on 2 CPU cores (docs/results.md): ~14 min for corpus, features, LM teacher, caches, inspect
+# and verify, ~17 min for each pair of students (1200 steps each), ~4 min of evaluation.
 #
 # Environment knobs: KDCACHE_DEMO_DIR (default demo), KDCACHE_DEMO_SIZE (tiny|small|demo|large,
 # default large: 6 h of training speech; demo: the former 1.5 h, same dev/test; docs/results.md),
@@ -70,10 +72,10 @@ for cache in "${caches[@]}"; do
   kdcache verify "$D/caches/$cache.kdc"
 done
 
-step "5. students side by side: no KD and LST from the dense LSTM LM cache ($STEPS steps each)"
-train_student() {  # recipe cache...
-  local recipe=$1 out=$D/runs/$1
-  shift
+step "5. students, two side by side (one core each), same batches and steps ($STEPS steps each)"
+train_student() {  # name recipe seed cache...
+  local name=$1 recipe=$2 seed=$3 out=$D/runs/$1
+  shift 3
   if [ -f "$out/train_summary.json" ] && grep -q "\"step\": $STEPS," "$out/train_summary.json"; then
     return 0
   fi
@@ -81,22 +83,35 @@ train_student() {  # recipe cache...
               --tokenizer "$D/char" --dev-data "$C/dev" --dev-features "$C/feats/dev.fbank")
   for c in "$@"; do args+=(--cache "$c"); done
   [ -f "$out/config.yaml" ] && args=(--resume)
-  OMP_NUM_THREADS=1 kdtrain run --out "$out" "${args[@]}" train.max_steps="$STEPS" \
-    train.progress=false > "$D/runs/$recipe.log" 2>&1
+  OMP_NUM_THREADS=1 kdtrain run --out "$out" "${args[@]}" train.max_steps="$STEPS" train.seed="$seed" \
+    train.progress=false > "$D/runs/$name.log" 2>&1
+}
+pair() {  # "name recipe seed [cache]" "name recipe seed [cache]"
+  local ok=0 p1 p2
+  # shellcheck disable=SC2086  # each argument is a word list
+  train_student $1 & p1=$!
+  # shellcheck disable=SC2086
+  train_student $2 & p2=$!
+  wait $p1 || { echo "student ${1%% *} failed: see $D/runs/${1%% *}.log" >&2; ok=1; }
+  wait $p2 || { echo "student ${2%% *} failed: see $D/runs/${2%% *}.log" >&2; ok=1; }
+  return $ok
 }
 mkdir -p "$D/runs"
-train_student none & p1=$!
-train_student lst "$D/caches/lstm_t5_dense.kdc" & p2=$!
-ok=0
-wait $p1 || { echo "student none failed: see $D/runs/none.log" >&2; ok=1; }
-wait $p2 || { echo "student lst failed: see $D/runs/lst.log" >&2; ok=1; }
-[ $ok = 0 ]
-kdtrain curves "none=$D/runs/none" "lst=$D/runs/lst" --out "$D/runs/curves.png"
+step "5a. the baseline (seed 1234, the default) and a second baseline (seed 1235): the ensemble's two members"
+pair "none none 1234" "none_s2 none 1235"
+step "5b. the ensemble teacher: both baselines' frame posteriors averaged (paper 003)"
+kdcache build --teacher ensemble --model "$D/runs/none" --model "$D/runs/none_s2" --data "$C/train" \
+  --features "$C/feats/train.fbank" --out "$D/caches/ens2_k8.kdc" --top-k 8
+kdcache inspect "$D/caches/ens2_k8.kdc"
+kdcache verify "$D/caches/ens2_k8.kdc"
+step "5c. distilled students (seed 1234, like the baseline): LST from the LSTM LM, essence from the ensemble"
+pair "lst lst 1234 $D/caches/lstm_t5_dense.kdc" "essence essence 1234 $D/caches/ens2_k8.kdc"
+kdtrain curves "none=$D/runs/none" "lst=$D/runs/lst" "essence=$D/runs/essence" --out "$D/runs/curves.png"
 
 step "6. evaluation on the test set (held-out voices)"
 # then with the LSTM LM fused into the beam (shallow fusion, weight 0.5 chosen on dev: docs/results.md)
 for lm in "" "--lm $D/lstm_lm --lm-weight 0.5"; do
-  for recipe in none lst; do
+  for recipe in none lst essence; do
     # shellcheck disable=SC2086  # $lm is two options or nothing
     OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
       --decode attention_beam --beam 4 --ctc-weight 0.5 $lm \
@@ -104,19 +119,35 @@ for lm in "" "--lm $D/lstm_lm --lm-weight 0.5"; do
   done
   wait
 done
+# CTC greedy: the ensemble as a system of its own, and the students it is compared with
+for recipe in none essence; do
+  OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/$recipe" --data "$C/test" --features "$C/feats/test.fbank" \
+    --decode ctc_greedy --out "$D/runs/$recipe/eval-test-ctc" > /dev/null &
+done
+OMP_NUM_THREADS=1 kdtrain eval --run "$D/runs/none" --run "$D/runs/none_s2" --data "$C/test" \
+  --features "$C/feats/test.fbank" --out "$D/runs/ensemble-eval-test-ctc" > /dev/null
+wait
 .venv/bin/python - "$D" <<'EOF'
 import csv, json, sys
 d = sys.argv[1]
 print(f"\n{'recipe':<8} {'test WER':>9} {'test CER':>9} {'+LM WER':>9} {'+LM CER':>9} "
-      f"{'dev CER*':>9} {'steps':>6} {'train min':>10}")
-for r in ("none", "lst"):
+      f"{'CTC CER':>9} {'dev CER*':>9} {'steps':>6} {'train min':>10}")
+for r in ("none", "lst", "essence"):
     res = json.load(open(f"{d}/runs/{r}/eval-test/results.json"))
     lm = json.load(open(f"{d}/runs/{r}/eval-test-lm/results.json"))
+    try:
+        ctc = f"{100 * json.load(open(f'{d}/runs/{r}/eval-test-ctc/results.json'))['cer']:8.2f}%"
+    except FileNotFoundError:
+        ctc = f"{'-':>9}"
     dev = list(csv.DictReader(open(f"{d}/runs/{r}/dev.csv")))[-1]
     print(f"{r:<8} {100 * res['wer']:8.2f}% {100 * res['cer']:8.2f}% {100 * lm['wer']:8.2f}% "
-          f"{100 * lm['cer']:8.2f}% {100 * float(dev['dev_cer']):8.2f}% {res['step']:>6} "
+          f"{100 * lm['cer']:8.2f}% {ctc} {100 * float(dev['dev_cer']):8.2f}% {res['step']:>6} "
           f"{float(dev['train_seconds']) / 60:10.1f}")
-print("test: attention beam 4 + CTC 0.5; +LM: and the LSTM LM fused at weight 0.5; *dev: CTC "
-      f"greedy at the last step. Curves: {d}/runs/curves.png. One seed: docs/results.md has the "
-      "multi-seed study.")
+ens = json.load(open(f"{d}/runs/ensemble-eval-test-ctc/results.json"))
+print(f"{'ensemble':<8} {'':>9} {'':>9} {'':>9} {'':>9} {100 * ens['cer']:8.2f}%   (none + none_s2, "
+      f"CTC greedy on averaged posteriors; test WER {100 * ens['wer']:.2f}%)")
+print("test: attention beam 4 + CTC 0.5; +LM: and the LSTM LM fused at weight 0.5; CTC: CTC greedy; "
+      "*dev: CTC greedy at the last step. lst: LST from the LSTM LM (paper 001); essence: from the "
+      f"ensemble of the two baselines, per frame on the CTC head (paper 003). Curves: "
+      f"{d}/runs/curves.png. One seed: docs/results.md has the multi-seed study.")
 EOF

@@ -309,3 +309,18 @@ def test_inspect_shows_frame_statistics(toy, frame_cache):
     assert fr["mean_entropy_nats"] == pytest.approx(np.mean(ent), rel=1e-6)
     text = CliRunner().invoke(app, ["inspect", str(frame_cache)]).output
     assert "one position every 40 ms (25 per second)" in text and "blank-dominated" in text
+
+
+def test_resume_against_changed_features_is_refused(toy, members, tmp_path):
+    """The same utterances with other features (here: rounded to 3 mantissa bits) must not be
+    mixed into a cache built from the original ones."""
+    from kdcache.data.features import write_features
+
+    utts = load_manifest(toy.manifest)
+    other = tmp_path / "other.fbank"
+    write_features(utts, other, progress=False, keepbits=3)
+    out = tmp_path / "mixed.kdc"
+    kw = dict(models=members, data=str(toy.manifest), out=str(out), k=4, progress=False)
+    build_ensemble_cache(features=str(toy.features), **kw)
+    with pytest.raises(BuildError, match="other features"):
+        build_ensemble_cache(features=str(other), **kw)

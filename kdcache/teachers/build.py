@@ -472,14 +472,22 @@ def _check_unknown_tokens(prepared: list[PreparedUtt], unk: int | None, model: s
         )
 
 
+def stored_input_hashes(out: str, teacher: str) -> dict[str, str]:
+    """utt id -> input_hash of every committed utterance of ``teacher`` in the cache ``out``."""
+    from kdcache.cache_format import open_cache
+
+    stored: dict[str, str] = {}
+    for si in open_cache(out).shards.get(teacher, []):
+        stored.update(zip(si.utt_ids, si.input_hash, strict=True))
+    return stored
+
+
 def _check_not_stale(out: str, teacher: str, done: list[PreparedUtt]) -> None:
     """Refuse to resume when committed utterances were built from other text than the manifest's
     now (their index ``input_hash`` differs): mixing the two would give stale targets."""
-    from kdcache.cache_format import content_hash, open_cache
+    from kdcache.cache_format import content_hash
 
-    stored = {}
-    for si in open_cache(out).shards.get(teacher, []):
-        stored.update(zip(si.utt_ids, si.input_hash, strict=True))
+    stored = stored_input_hashes(out, teacher)
     stale = [p.id for p in done if p.id in stored and stored[p.id] != content_hash(p.text)]
     if stale:
         raise BuildError(

@@ -400,11 +400,10 @@ def build_ensemble_cache(
 
 def _check_not_stale(out: str, teacher: str, done: list[str], store) -> None:
     """Refuse to resume when committed utterances came from other features than the store's."""
-    from kdcache.cache_format import content_hash, open_cache
+    from kdcache.cache_format import content_hash
+    from kdcache.teachers.build import stored_input_hashes
 
-    stored = {}
-    for si in open_cache(out).shards.get(teacher, []):
-        stored.update(zip(si.utt_ids, si.input_hash, strict=True))
+    stored = stored_input_hashes(out, teacher)
     for u in done:
         if u in stored and stored[u] != content_hash(np.asarray(store[u])):
             raise BuildError(

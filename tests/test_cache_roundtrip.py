@@ -237,6 +237,15 @@ def test_not_a_cache(tmp_path):
         open_cache(tmp_path / "x")
     with pytest.raises(CacheError, match="not a kdcache cache"):
         CacheWriter(tmp_path / "x", make_record())
+    # A directory another rank is creating right now (its lock file, no root zarr.json yet) passes
+    # the early check; the check under the lock still refuses it if it never becomes a cache.
+    from kdcache.cache_format import spec
+    from kdcache.cache_format.writer import check_out_path
+
+    (tmp_path / "x" / spec.LOCK_FILE).write_text("")
+    check_out_path(tmp_path / "x")
+    with pytest.raises(CacheError, match="not a kdcache cache"):
+        CacheWriter(tmp_path / "x", make_record())
     with pytest.raises(KeyError, match="nope"):
         rec = make_record()
         build_cache(tmp_path / "c.kdc", [(rec, make_utts(rec, 1))], fsync=False)

@@ -82,7 +82,12 @@ def check_out_path(path: str | os.PathLike) -> None:
     if os.path.exists(p) and not os.path.isdir(p):
         raise CacheError(f"{p}: exists and is a file, not a cache directory; choose another --out")
     if os.path.isdir(p) and not os.path.exists(os.path.join(p, "zarr.json")):
-        if any(x != spec.LOCK_FILE for x in os.listdir(p)):
+        names = os.listdir(p)
+        if spec.LOCK_FILE in names:
+            # A kdcache writer made it and may be creating it right now (another rank): the
+            # writer's check under that lock decides, once the creation is over.
+            return
+        if names:
             raise CacheError(
                 f"{p}: exists, is not empty and is not a kdcache cache; choose another --out"
             )

@@ -137,8 +137,9 @@ def main():
             ys_out[torch.arange(b), yl] = tok.eos_id
             mask = torch.arange(ys_out.size(1))[None] <= yl[:, None]
             t = kd[teacher]
+            logits = model.decode(ys_in, mem, mem_pad)
             att = lst_loss(
-                model.decode(ys_in, mem, mem_pad),
+                logits,
                 ys_out,
                 t.topk_ids,
                 t.topk_logprobs,
@@ -152,7 +153,7 @@ def main():
             )  # KD 3: the loss, eos has no teacher
             with torch.no_grad():  # the soft-label term alone, for the report
                 soft = lst_loss(
-                    model.decode(ys_in, mem, mem_pad),
+                    logits,
                     ys_out,
                     t.topk_ids,
                     t.topk_logprobs,

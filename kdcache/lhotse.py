@@ -92,20 +92,13 @@ def attach_targets(
             raise
         except TargetMismatchError as e:
             raise TargetMismatchError(f"cut {cut.id!r}: {e}") from None
-        custom = dict(cut.custom or {})
-        custom[FIELD] = {
+        field = {
             "cache": paths,
             "key": utt_id,
             "input_hash": {t: u.input_hash for t, u in got.items()},
         }
-        out.append(_with_custom(cut, custom))
+        out.append(cut.with_custom(FIELD, field))
     return CutSet.from_cuts(out)
-
-
-def _with_custom(cut: Any, custom: dict) -> Any:
-    from dataclasses import replace
-
-    return replace(cut, custom=custom)
 
 
 def load_targets(

@@ -252,6 +252,8 @@ class CacheTargets:
                 f"teacher(s) {unknown} not in {', '.join(self.paths)} (teachers: {sorted(records)})"
             )
         self.teachers = list(teachers)
+        self.temperatures = {t: float(records[t].temperature) for t in self.teachers}
+        self._idsets: list[set[str]] | None = None
         if hidden is True:
             self.hidden_layers = {t: list(records[t].hidden_layers) for t in self.teachers}
         elif hidden is False:
@@ -281,6 +283,7 @@ class CacheTargets:
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_reader"] = None
+        d["_idsets"] = None
         return d
 
     @property
@@ -288,18 +291,18 @@ class CacheTargets:
         """teacher -> TeacherRecord (model, tokenizer hash, vocab, k, temperature, units...)."""
         return dict(self.reader.teachers)
 
-    @property
-    def temperatures(self) -> dict[str, float]:
-        return {t: float(self.records[t].temperature) for t in self.teachers}
+    def _sets(self) -> list[set[str]]:
+        if self._idsets is None:
+            self._idsets = [set(self.reader.utt_ids(t)) for t in self.teachers]
+        return self._idsets
 
     def utt_ids(self) -> list[str]:
         """Utterance ids that every selected teacher holds."""
-        sets = [set(self.reader.utt_ids(t)) for t in self.teachers]
-        first = self.reader.utt_ids(self.teachers[0])
-        return [u for u in first if all(u in s for s in sets[1:])]
+        sets = self._sets()
+        return [u for u in self.reader.utt_ids(self.teachers[0]) if all(u in s for s in sets[1:])]
 
     def __contains__(self, utt_id: object) -> bool:
-        return all(utt_id in set(self.reader.utt_ids(t)) for t in self.teachers)
+        return all(utt_id in s for s in self._sets())
 
     def __repr__(self) -> str:
         return f"CacheTargets({self.paths}, teachers={self.teachers})"

@@ -83,8 +83,8 @@ def frame_stats(cache: KDCache, teacher: str, max_positions: int = 50_000) -> di
     }
     if rec.k == 0 or cache.num_positions(teacher) == 0:
         return out
-    f, ent = topk_mass_and_entropy(cache, teacher, max_positions)
-    del f
+    p, pt, top1 = _sample_topk(cache, teacher, max_positions)
+    _, ent = _mass_and_entropy(p, pt, rec.k)
     out["sampled_frames"] = int(len(ent))
     out["mean_entropy_nats"] = float(ent.mean()) if len(ent) else None
     blank = (rec.options or {}).get("blank_id")
@@ -95,17 +95,8 @@ def frame_stats(cache: KDCache, teacher: str, max_positions: int = 50_000) -> di
             blank = Tokenizer.load(rec.tokenizer_id).blank_id
         except Exception:  # noqa: BLE001 - a moved or remote tokenizer: leave the figure out
             blank = None
-    if blank is not None:
-        n = dominated = 0
-        for item in cache.stream([teacher], hidden=False, prefetch=0):
-            u = item[teacher]
-            top = np.asarray(u.topk_ids[:, 0])
-            p1 = np.exp(np.asarray(u.topk_logprobs[:, 0], dtype=np.float64))
-            dominated += int(((top == blank) & (p1 > 0.5)).sum())
-            n += len(top)
-            if n >= max_positions:
-                break
-        out["blank_dominated"] = dominated / n if n else None
+    if blank is not None and len(top1):
+        out["blank_dominated"] = float(((top1 == blank) & (p[:, 0] > 0.5)).mean())
     return out
 
 
@@ -264,6 +255,37 @@ def utterance_view(
     return "\n".join(out)
 
 
+def _sample_topk(
+    cache: KDCache, teacher: str, max_positions: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``max_positions`` positions in stream order: top-k probabilities [P, K], tail
+    mass [P] (float64) and top-1 ids [P]."""
+    lps, tails, ids, n = [], [], [], 0
+    for item in cache.stream([teacher], hidden=False, prefetch=0):
+        u = item[teacher]
+        lps.append(u.topk_logprobs)
+        tails.append(u.tail_logmass)
+        ids.append(np.asarray(u.topk_ids[:, 0]))
+        n += u.num_positions
+        if n >= max_positions:
+            break
+    k = cache.teachers[teacher].k
+    if n == 0:
+        return np.zeros((0, k)), np.zeros(0), np.zeros(0, np.int64)
+    p = np.exp(np.concatenate(lps).astype(np.float64))[:max_positions]
+    pt = np.exp(np.concatenate(tails).astype(np.float64))[:max_positions]
+    return p, pt, np.concatenate(ids)[:max_positions]
+
+
+def _mass_and_entropy(p: np.ndarray, pt: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(p) == 0:
+        return np.zeros(k), np.zeros(0)
+    f = np.cumsum(p, axis=1).mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -(np.where(p > 0, p * np.log(p), 0).sum(1) + np.where(pt > 0, pt * np.log(pt), 0))
+    return f, ent
+
+
 def topk_mass_and_entropy(
     cache: KDCache, teacher: str, max_positions: int = 200_000
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -275,22 +297,8 @@ def topk_mass_and_entropy(
     rec = cache.teachers[teacher]
     if rec.k == 0:
         raise ValueError(f"teacher {teacher!r} stores no top-k (k == 0)")
-    lps, tails, n = [], [], 0
-    for item in cache.stream([teacher], hidden=False, prefetch=0):
-        u = item[teacher]
-        lps.append(u.topk_logprobs)
-        tails.append(u.tail_logmass)
-        n += u.num_positions
-        if n >= max_positions:
-            break
-    if n == 0:
-        return np.zeros(rec.k), np.zeros(0)
-    p = np.exp(np.concatenate(lps).astype(np.float64))[:max_positions]
-    pt = np.exp(np.concatenate(tails).astype(np.float64))[:max_positions]
-    f = np.cumsum(p, axis=1).mean(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = -(np.where(p > 0, p * np.log(p), 0).sum(1) + np.where(pt > 0, pt * np.log(pt), 0))
-    return f, ent
+    p, pt, _ = _sample_topk(cache, teacher, max_positions)
+    return _mass_and_entropy(p, pt, rec.k)
 
 
 def plot_cache(

@@ -104,11 +104,12 @@ def _ctc_loss(out: StudentOutput, batch: Batch, blank_id: int) -> torch.Tensor:
     )  # fmt: skip
 
 
-def _to_decoder_positions(t: TeacherBatch, n: int) -> tuple[torch.Tensor, ...]:
-    """Pad a TeacherBatch from L token positions to the decoder's n = L+1 (eos) positions.
+def _pad_positions(t: TeacherBatch, n: int) -> tuple[torch.Tensor, ...]:
+    """Pad a TeacherBatch to n positions: from L tokens to the decoder's n = L+1 (eos), or from
+    the cached frames to the encoder's padded frame count.
 
-    Returns (topk_ids, topk_logprobs, tail_logmass, teacher_mask); the eos position and padding
-    are outside teacher_mask, so the losses give them the hard-label term only.
+    Returns (topk_ids, topk_logprobs, tail_logmass, teacher_mask); the added positions (eos,
+    padding) are outside teacher_mask, so the losses give them the hard-label term only.
     """
     import torch.nn.functional as F
 
@@ -127,7 +128,6 @@ def _to_encoder_frames(
     """A frame-level TeacherBatch on the student's encoder frames; every utterance must have as
     many cached frames as the encoder gives (same subsampling, same features)."""
     import torch
-    import torch.nn.functional as F
 
     from kdcache.torch import TargetMismatchError
 
@@ -140,14 +140,8 @@ def _to_encoder_frames(
             f"student's encoder {int(out.enc_lens[i])}; build the frame cache from members with "
             f"the student's subsampling on the same features (and no speed perturbation)"
         )
-    n = out.ctc_logits.shape[1]
-    pad = n - t.topk_ids.shape[1]  # >= 0: the longest utterance has n frames in both
-    return (
-        F.pad(t.topk_ids, (0, 0, 0, pad)),
-        F.pad(t.topk_logprobs, (0, 0, 0, pad)),
-        F.pad(t.tail_logmass, (0, pad)),
-        F.pad(t.mask, (0, pad), value=False),
-    )
+    # n >= the cached length: the longest utterance has n frames in both
+    return _pad_positions(t, out.ctc_logits.shape[1])
 
 
 def _token_mask(batch: Batch) -> torch.Tensor:
@@ -197,7 +191,7 @@ def lst(
     cfg = ctx.cfg
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
     t = batch.targets[ctx.teachers[0]]
-    ids, lp, tail, tmask = _to_decoder_positions(t, out.dec_logits.shape[1])
+    ids, lp, tail, tmask = _pad_positions(t, out.dec_logits.shape[1])
     att = losses.lst_loss(
         out.dec_logits, _decoder_targets(batch, mcfg), ids, lp, tail, out.dec_mask,
         weight=cfg.lst.kd_weight, label_smoothing=cfg.label_smoothing,
@@ -216,7 +210,7 @@ def multitask(
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
     name = ctx.teachers[0]
     t = batch.targets[name]
-    ids, lp, tail, tmask = _to_decoder_positions(t, out.dec_logits.shape[1])
+    ids, lp, tail, tmask = _pad_positions(t, out.dec_logits.shape[1])
     att = losses.multitask_kd_loss(
         out.dec_logits, out.aux_kd_logits[name], _decoder_targets(batch, mcfg), ids, lp, tail,
         out.dec_mask, lam=m.lam, temperature=m.temperature, build_temperature=t.temperature,
@@ -256,7 +250,7 @@ def essence(
         )  # fmt: skip
         cw = ctx.cfg.ctc_weight
         return cw * ctc_side + (1.0 - cw) * terms["att"], terms
-    ids, lp, tail, tmask = _to_decoder_positions(t, out.dec_logits.shape[1])
+    ids, lp, tail, tmask = _pad_positions(t, out.dec_logits.shape[1])
     att = losses.essence_kd_loss(
         out.dec_logits, _decoder_targets(batch, mcfg), ids, lp, tail, out.dec_mask,
         alpha=e.alpha, k=min(e.k, ids.shape[-1]) or None, temperature=e.temperature,
@@ -349,7 +343,7 @@ def hierarchical(
             a_mask = (
                 torch.arange(a_logits.shape[1], device=a_dt.device)[None] <= t.token_lens[:, None]
             )
-            a_ids, a_lp, a_tail, a_tmask = _to_decoder_positions(t, a_logits.shape[1])
+            a_ids, a_lp, a_tail, a_tmask = _pad_positions(t, a_logits.shape[1])
             a_loss = losses.multitask_kd_loss(
                 a_logits, a_logits, a_dt, a_ids, a_lp, a_tail, a_mask, lam=h.lam,
                 temperature=h.temperature, build_temperature=t.temperature,
@@ -358,7 +352,7 @@ def hierarchical(
             terms[f"aux_{name}"] = a_loss.detach()
             own_terms.append((w, a_loss))
             continue
-        ids, lp, tail, tmask = _to_decoder_positions(t, n)
+        ids, lp, tail, tmask = _pad_positions(t, n)
         kd = losses.sparse_kd_kl(
             out.aux_kd_logits[name], ids, lp, tail, tmask, student_temperature=h.temperature,
             teacher_temperature=h.temperature, build_temperature=t.temperature,

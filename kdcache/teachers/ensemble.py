@@ -291,9 +291,8 @@ def build_ensemble_cache(
             f"{missing[0]!r}"
         )
     ss = t.subsampling
-    n_out = {
-        u.id: int(subsampled_lengths(torch.tensor([store.num_frames(u.id)]), ss)[0]) for u in utts
-    }
+    lens_all = subsampled_lengths(torch.tensor([store.num_frames(u.id) for u in utts]), ss)
+    n_out = {u.id: int(n) for u, n in zip(utts, lens_all.tolist(), strict=True)}
     too_short = [u for u in n_out if n_out[u] < 1]
     if too_short:
         raise BuildError(

@@ -34,7 +34,7 @@ LM_MINUTES=${KDCACHE_DEMO_LM_MINUTES:-6}
 SMOLLM2=${KDCACHE_DEMO_SMOLLM2:-1}
 C=$D/corpus
 mkdir -p "$D/caches"
-step() { printf '\n=== %s\n' "$*"; }
+step() { printf '\n=== [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 
 step "1. demo corpus ($SIZE) -> $C"
 [ -f "$C/corpus.json" ] || kdcache demo-corpus --out "$C" --size "$SIZE"

@@ -69,7 +69,7 @@ def test_build_help_reads_like_unix_help():
 @pytest.mark.parametrize(
     "prog, name, option, values",
     [
-        ("kdcache", "build", "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble")),
+        ("kdcache", "build", "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")),
         ("kdcache", "build", "--hidden-codec", ("float16", "int8")),
         ("kdcache", "build", "--mlm-mode", ("masked", "unmasked")),
         ("kdcache", "demo-corpus", "--size", ("tiny", "small", "demo", "large")),
@@ -95,7 +95,7 @@ def test_recipe_choices_are_shown():
     "prog, args, option, values",
     [
         ("kdcache", ["build", "--model", "m", "--data", "d", "--out", "o.kdc", "--teacher",
-                     "gpt"], "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble")),
+                     "gpt"], "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")),
         ("kdcache", ["build", "--teacher", "bert", "--model", "m", "--data", "d", "--out",
                      "o.kdc", "--hidden-codec", "bf16"], "--hidden-codec", ("float16", "int8")),
         ("kdcache", ["build", "--teacher", "bert", "--model", "m", "--data", "d", "--out",

@@ -70,7 +70,7 @@ DEFAULT_CHUNK_POSITIONS = 16384
 # killed build loses.
 DEFAULT_SHARD_POSITIONS = 1 << 20
 
-TEACHER_KINDS = ("masked_lm", "causal_lm", "lstm_lm", "ensemble")
+TEACHER_KINDS = ("masked_lm", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")
 UNITS = ("tokens", "frames")
 HIDDEN_CODECS = ("float16", "int8")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")

@@ -16,7 +16,7 @@ from kdcache.commands.params import DEVICE_HELP, one_of
 # The values kdcache.teachers.build, kdcache.cache_format.spec and kdcache.teachers.masked_lm
 # accept (tests/test_cli_help.py keeps them equal), spelled out because importing those modules
 # loads numpy and the cache format for every --help.
-TEACHERS = ("bert", "causal_lm", "lstm_lm", "ensemble")
+TEACHERS = ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")
 COMBINE = ("mean", "product")
 HIDDEN_CODECS = ("float16", "int8")
 MLM_MODES = ("masked", "unmasked")
@@ -44,7 +44,8 @@ def build(
         ...,
         "--teacher",
         help="bert: a masked LM; causal_lm: a left-to-right LM; lstm_lm: an LSTM LM from "
-        "train-lm; ensemble: kdtrain runs whose frame-level CTC posteriors are combined.",
+        "train-lm; ensemble: kdtrain runs whose frame-level CTC posteriors are combined; "
+        "aligned_lm: an LM cache put on frames by a kdtrain run's CTC forced alignment.",
         **one_of(TEACHERS),
     ),
     model: list[str] = typer.Option(
@@ -53,7 +54,7 @@ def build(
         metavar="MODEL",
         help="Hub id, local directory, .gguf file, an LSTM LM "
         "directory from train-lm, or an alias: minilm, smollm2. ensemble: a kdtrain run "
-        "directory per member (repeat the option).",
+        "directory per member (repeat the option). aligned_lm: the kdtrain run that aligns.",
     ),
     data: Path = typer.Option(
         ..., "--data", metavar="PATH", help="Manifest: Kaldi data dir, lhotse cuts or JSONL."
@@ -122,7 +123,7 @@ def build(
         None,
         "--features",
         metavar="PATH",
-        help="ensemble only: the feature store the members read (kdcache features).",
+        help="ensemble, aligned_lm: the feature store the acoustic models read (kdcache features).",
     ),
     combine: str = typer.Option(
         "mean",
@@ -136,6 +137,18 @@ def build(
         metavar="W1,W2,..",
         show_default=False,
         help="ensemble only: one weight per --model (default: equal).",
+    ),
+    lm_cache: str = typer.Option(
+        None,
+        "--lm-cache",
+        metavar="PATH",
+        help="aligned_lm only: the token-level LM cache (in the aligner's units) to put on frames.",
+    ),
+    lm_teacher: str = typer.Option(
+        None,
+        "--lm-teacher",
+        metavar="NAME",
+        help="aligned_lm only: the teacher in --lm-cache (default: its only one).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -156,16 +169,24 @@ def build(
             logprob_keepbits, batch_tokens, device, rank, world_size, shard_positions, features,
             combine, weights, progress,
         )  # fmt: skip
+    elif teacher == "aligned_lm":
+        summary = _build_aligned_lm(
+            model, data, out, name, top_k, temperature, hidden_layers, logprob_keepbits,
+            batch_tokens, device, rank, world_size, shard_positions, features, combine, weights,
+            lm_cache, lm_teacher, progress,
+        )  # fmt: skip
     else:
         if len(model) != 1:
             fail(f"--teacher {teacher} takes one --model, got {len(model)}")
-        for opt, given in (
-            ("--features", features is not None),
-            ("--weights", bool(weights)),
-            ("--combine", combine != "mean"),
+        for opt, given, owner in (
+            ("--features", features is not None, "ensemble or aligned_lm"),
+            ("--weights", bool(weights), "ensemble"),
+            ("--combine", combine != "mean", "ensemble"),
+            ("--lm-cache", lm_cache is not None, "aligned_lm"),
+            ("--lm-teacher", lm_teacher is not None, "aligned_lm"),
         ):
             if given:
-                fail(f"{opt} is for --teacher ensemble, not {teacher}")
+                fail(f"{opt} is for --teacher {owner}, not {teacher}")
         with user_errors(BuildError, MissingHeadError, ValueError):
             summary = build_cache(
                 teacher=teacher,
@@ -198,6 +219,51 @@ def build(
             typer.echo(format_summary(summarize(open_cache(out))))
         except Exception as e:  # noqa: BLE001 - the build itself succeeded
             typer.echo(f"(no cache summary: {type(e).__name__}: {e})")
+
+
+def _build_aligned_lm(
+    model, data, out, name, top_k, temperature, hidden_layers, logprob_keepbits, batch_tokens,
+    device, rank, world_size, shard_positions, features, combine, weights, lm_cache, lm_teacher,
+    progress,
+):  # fmt: skip
+    from kdcache.teachers.aligned_lm import build_aligned_lm_cache
+    from kdcache.teachers.base import BuildError
+
+    if len(model) != 1:
+        fail(f"--teacher aligned_lm takes one --model (the aligning kdtrain run), got {len(model)}")
+    if features is None:
+        fail("--teacher aligned_lm needs --features STORE (the aligner's input features)")
+    if lm_cache is None:
+        fail("--teacher aligned_lm needs --lm-cache PATH (the token-level LM cache to align)")
+    for opt, given in (
+        ("--weights", bool(weights)),
+        ("--combine", combine != "mean"),
+        ("--hidden-layers", bool(_layers(hidden_layers))),
+        ("--top-k", top_k != 16),
+        ("--temperature", temperature != 1.0),
+    ):
+        if given:
+            fail(
+                f"{opt} does not apply to --teacher aligned_lm: it keeps the LM cache's top k and "
+                f"temperature, and stores no hidden states"
+            )
+    with user_errors(BuildError, ValueError):
+        return build_aligned_lm_cache(
+            model=model[0],
+            lm_cache=lm_cache,
+            lm_teacher=lm_teacher,
+            data=str(data),
+            features=str(features),
+            out=out,
+            name=name,
+            logprob_keepbits=logprob_keepbits,
+            max_frames=batch_tokens or 20000,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            shard_positions=shard_positions,
+            progress=progress,
+        )
 
 
 def _build_ensemble(

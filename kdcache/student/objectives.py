@@ -225,9 +225,10 @@ def essence(
     """Essence KD (paper 003): hard labels plus the renormalised top-k teacher.
 
     Token-level teacher (an LM): on the attention decoder, alpha CE + (1 - alpha) H(p~_k, q).
-    Frame-level teacher (``kdcache build --teacher ensemble``, units "frames"): on the CTC head,
-    frame t of the cache against encoder frame t, with CTC as the hard-label term:
-    ctc_weight [alpha CTC + (1 - alpha) H(p~_k, q_ctc)] + (1 - ctc_weight) CE_ls(decoder)."""
+    Frame-level teacher (``kdcache build --teacher ensemble`` or ``aligned_lm``, units "frames"):
+    on the CTC head, frame t of the cache against encoder frame t, with CTC as the hard-label
+    term: ctc_weight [alpha CTC + (1 - alpha) H(p~_k, q_ctc)] + (1 - ctc_weight) CE_ls(decoder).
+    An aligned-LM cache's blank frames (hard blanks) are outside the H term."""
     from kdcache import losses
 
     e = ctx.cfg.essence
@@ -236,6 +237,10 @@ def essence(
     t = batch.targets[name]
     if getattr(ctx.records.get(name), "units", "tokens") == "frames":
         ids, lp, tail, fmask = _to_encoder_frames(t, out, batch, name)
+        if getattr(ctx.records.get(name), "kind", "") == "aligned_lm":
+            from kdcache.teachers.aligned_lm import blank_frame_mask
+
+            fmask = fmask & ~blank_frame_mask(ids, lp, mcfg.blank_id)  # LM knowledge: token frames
         terms["frame_kd"] = losses.sparse_kd_ce(
             out.ctc_logits.float(), ids, lp, tail, fmask, tail="renormalize",
             k=min(e.k, ids.shape[-1]) or None, teacher_temperature=e.temperature,
@@ -466,7 +471,7 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("multitask", multitask, "multi-task KD (000): an aux KD head on the decoder",
                   needs_decoder=True, student=_kd_heads),
         Objective("essence", essence, "Essence KD (003): renormalised top-k teacher on the "
-                  "decoder (an LM) or per frame on the CTC head (an ensemble)", needs_decoder=True,
+                  "decoder (an LM) or per frame on the CTC head (an ensemble, an aligned LM)", needs_decoder=True,
                   check_records=_check_frame_teacher),
         Objective("interaed", interaed, "interAED KD (002): aux decoders on CTC encoder layers",
                   student=_interaed_decoders),

@@ -23,7 +23,8 @@ from kdcache.teachers.base import BuildError
 log = logging.getLogger(__name__)
 
 TOKEN_TEACHERS = ("bert", "causal_lm", "lstm_lm")
-TEACHERS = (*TOKEN_TEACHERS, "ensemble")  # ensemble: kdcache.teachers.ensemble (frames)
+# frame-level teachers: kdcache.teachers.ensemble and kdcache.teachers.aligned_lm
+TEACHERS = (*TOKEN_TEACHERS, "ensemble", "aligned_lm")
 KIND_OF = {"bert": "masked_lm", "causal_lm": "causal_lm", "lstm_lm": "lstm_lm"}
 DEFAULT_BUDGET = {"cpu": 4096, "cuda": 65536}
 
@@ -57,6 +58,7 @@ class BuildSummary:
     load_seconds_cpu: float
     cache_bytes: int
     bad_utterances: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # teacher-specific lines, printed last
 
     @property
     def utt_per_s(self) -> float:
@@ -81,6 +83,7 @@ class BuildSummary:
             f"time       {self.seconds:.1f} s building ({self.load_seconds:.1f} s loading before): "
             f"{self.utt_per_s:.1f} utt/s, {self.positions_per_s:.0f} positions/s",
             f"size       {self.cache_bytes / 1e6:.2f} MB on disk (whole cache)",
+            *self.notes,
         ]
 
 
@@ -111,8 +114,8 @@ def load_teacher(
     """Load a teacher adapter (masked_lm, causal_lm or lstm_lm) by its ``--teacher`` name."""
     from kdcache.teachers.loading import resolve_model
 
-    if teacher == "ensemble":
-        raise BuildError("--teacher ensemble runs acoustic models: use build_ensemble_cache")
+    if teacher in ("ensemble", "aligned_lm"):
+        raise BuildError(f"--teacher {teacher} runs acoustic models: use build_{teacher}_cache")
     if teacher not in TEACHERS:
         raise BuildError(f"--teacher {teacher!r} must be one of {', '.join(TEACHERS)}")
     if k < 0:

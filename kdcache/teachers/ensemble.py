@@ -238,36 +238,13 @@ def build_ensemble_cache(
 
     Returns the :class:`kdcache.teachers.build.BuildSummary` (positions are frames).
     """
-    from tqdm import tqdm
-
     from kdcache.cache_format import spec
-    from kdcache.cache_format.storage import is_url, open_storage
-    from kdcache.cache_format.writer import CacheWriter, check_out_path
-    from kdcache.data.features import open_features
-    from kdcache.data.manifest import load_manifest
-    from kdcache.data.text import normalize_text
-    from kdcache.student.conformer import subsampled_lengths
-    from kdcache.student.data import cut_batches
-    from kdcache.teachers.build import BuildSummary, pick_device, rank_slice
+    from kdcache.teachers.build import pick_device
     from kdcache.teachers.topk import topk_targets
 
     t0, c0 = time.monotonic(), time.process_time()
-    if hidden_codec not in spec.HIDDEN_CODECS:
-        raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
-    if logprob_keepbits is not None and not 1 <= logprob_keepbits <= 10:
-        raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
-    name = spec.check_name(name or "ensemble", "teacher")
-    check_out_path(out)
-    try:
-        utts = load_manifest(data)
-    except FileNotFoundError:
-        raise BuildError(f"--data {data!r}: no such manifest") from None
-    if not features:
-        raise BuildError("--teacher ensemble needs --features STORE (the members' input)")
-    try:
-        store = open_features(features)
-    except FileNotFoundError:
-        raise BuildError(f"--features {features!r}: no such feature store") from None
+    name = check_frame_options(name or "ensemble", out, hidden_codec, logprob_keepbits)
+    utts, store = open_frame_inputs(data, features, "ensemble")
     dev = pick_device(device)
     t = EnsembleTeacher.load(
         models,
@@ -278,29 +255,6 @@ def build_ensemble_cache(
         hidden=hidden,
         device=dev,
     )
-    if store.num_mel_bins != t.members[0].input_dim:
-        raise BuildError(
-            f"--features {features!r}: {store.num_mel_bins} mel bins, the members were trained on "
-            f"{t.members[0].input_dim}"
-        )
-    load_seconds = time.monotonic() - t0
-    missing = [u.id for u in utts if u.id not in store]
-    if missing:
-        raise BuildError(
-            f"--features {features!r} lacks {len(missing)} utterance(s) of {data!r}, e.g. "
-            f"{missing[0]!r}"
-        )
-    ss = t.subsampling
-    lens_all = subsampled_lengths(torch.tensor([store.num_frames(u.id) for u in utts]), ss)
-    n_out = {u.id: int(n) for u, n in zip(utts, lens_all.tolist(), strict=True)}
-    too_short = [u for u in n_out if n_out[u] < 1]
-    if too_short:
-        raise BuildError(
-            f"utterance {too_short[0]!r} is too short for the members' {ss}x subsampling "
-            f"({store.num_frames(too_short[0])} frames); {len(too_short)} such"
-        )
-    texts = {u.id: normalize_text(u.text or "") for u in utts}
-    mine = rank_slice([u.id for u in utts], [n_out[u.id] for u in utts], rank, world_size)
     record = spec.TeacherRecord(
         name=name,
         kind="ensemble",
@@ -312,13 +266,121 @@ def build_ensemble_cache(
         k=t.k,
         temperature=t.temperature,
         units="frames",
-        frame_shift_ms=FEATURE_SHIFT_MS * ss,
+        frame_shift_ms=FEATURE_SHIFT_MS * t.subsampling,
         hidden_layers=(t.hidden_layer,) if hidden else (),
         hidden_dims={str(t.hidden_layer): t.members[0].d_model} if hidden else {},
         hidden_codec=hidden_codec,
         options=t.options(),
         **({"logprob_keepbits": logprob_keepbits} if logprob_keepbits is not None else {}),
     )
+
+    def targets(u: str, logp: torch.Tensor, hid: torch.Tensor | None):
+        top_ids, top_lp, tail = topk_targets(logp, t.k, t.temperature)
+        hd = {t.hidden_layer: hid.cpu().numpy()} if hid is not None else {}
+        return top_ids.cpu().numpy(), top_lp.cpu().numpy(), tail.cpu().numpy(), hd
+
+    return build_frames(
+        t, record, targets, utts=utts, store=store, out=out, max_frames=max_frames, dev=dev,
+        rank=rank, world_size=world_size, shard_positions=shard_positions, progress=progress,
+        t0=t0, c0=c0,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# What every frame-level build shares (the ensemble here, kdcache.teachers.aligned_lm)
+
+
+def check_frame_options(
+    name: str, out: str, hidden_codec: str, logprob_keepbits: int | None
+) -> str:
+    """The checks of the options before anything is loaded; returns the checked teacher name."""
+    from kdcache.cache_format import spec
+    from kdcache.cache_format.writer import check_out_path
+
+    if hidden_codec not in spec.HIDDEN_CODECS:
+        raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
+    if logprob_keepbits is not None and not 1 <= logprob_keepbits <= 10:
+        raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
+    name = spec.check_name(name, "teacher")
+    check_out_path(out)
+    return name
+
+
+def open_frame_inputs(data: str, features: str, teacher: str):
+    """(utterances of the manifest, the feature store holding every one of them)."""
+    from kdcache.data.features import open_features
+    from kdcache.data.manifest import load_manifest
+
+    try:
+        utts = load_manifest(data)
+    except FileNotFoundError:
+        raise BuildError(f"--data {data!r}: no such manifest") from None
+    if not features:
+        raise BuildError(f"--teacher {teacher} needs --features STORE (the acoustic models' input)")
+    try:
+        store = open_features(features)
+    except FileNotFoundError:
+        raise BuildError(f"--features {features!r}: no such feature store") from None
+    missing = [u.id for u in utts if u.id not in store]
+    if missing:
+        raise BuildError(
+            f"--features {features!r} lacks {len(missing)} utterance(s) of {data!r}, e.g. "
+            f"{missing[0]!r}"
+        )
+    return utts, store
+
+
+def build_frames(
+    t: EnsembleTeacher,
+    record,
+    targets,
+    *,
+    utts,
+    store,
+    out: str,
+    max_frames: int,
+    dev: str,
+    rank: int,
+    world_size: int,
+    shard_positions: int | None,
+    progress: bool,
+    t0: float,
+    c0: float,
+):
+    """Run the acoustic model(s) of ``t`` over this rank's utterances and write, per
+    utterance, what ``targets(utt_id, log_probs [n, V], hidden [n, D] | None)`` makes of its
+    combined frame log-probabilities: ``(topk_ids, topk_logprobs, tail_logmass, hidden)``.
+
+    Resumable: utterances committed before a kill are skipped (after checking that they were
+    built from the same features). Returns the BuildSummary.
+    """
+    from tqdm import tqdm
+
+    from kdcache.cache_format import spec
+    from kdcache.cache_format.storage import is_url, open_storage
+    from kdcache.cache_format.writer import CacheWriter
+    from kdcache.data.text import normalize_text
+    from kdcache.student.conformer import subsampled_lengths
+    from kdcache.student.data import cut_batches
+    from kdcache.teachers.build import BuildSummary, rank_slice
+
+    if store.num_mel_bins != t.members[0].input_dim:
+        raise BuildError(
+            f"--features {str(store.path)!r}: {store.num_mel_bins} mel bins, the model(s) were "
+            f"trained on {t.members[0].input_dim}"
+        )
+    load_seconds = time.monotonic() - t0
+    ss = t.subsampling
+    lens_all = subsampled_lengths(torch.tensor([store.num_frames(u.id) for u in utts]), ss)
+    n_out = {u.id: int(n) for u, n in zip(utts, lens_all.tolist(), strict=True)}
+    too_short = [u for u in n_out if n_out[u] < 1]
+    if too_short:
+        raise BuildError(
+            f"utterance {too_short[0]!r} is too short for the model's {ss}x subsampling "
+            f"({store.num_frames(too_short[0])} frames); {len(too_short)} such"
+        )
+    texts = {u.id: normalize_text(u.text or "") for u in utts}
+    mine = rank_slice([u.id for u in utts], [n_out[u.id] for u in utts], rank, world_size)
     mean = np.asarray(store.mean, np.float32) if t.members[0].cmvn else None
     std = np.maximum(np.asarray(store.std, np.float32), 1e-5) if t.members[0].cmvn else None
     wkw = {"shard_positions": shard_positions} if shard_positions else {}
@@ -326,7 +388,7 @@ def build_ensemble_cache(
     with CacheWriter(out, record, rank=rank, **wkw) as writer:
         committed = writer.committed_utt_ids
         if committed:
-            _check_not_stale(out, name, [u for u in mine if u in committed], store)
+            _check_not_stale(out, record.name, [u for u in mine if u in committed], store)
         todo = sorted((u for u in mine if u not in committed), key=lambda u: (n_out[u], u))
         resumed = len(mine) - len(todo)
         load_cpu = time.process_time() - c0
@@ -335,7 +397,7 @@ def build_ensemble_cache(
             unit="frame",
             unit_scale=True,
             disable=not progress,
-            desc=f"{name} r{rank}",
+            desc=f"{record.name} r{rank}",
             dynamic_ncols=True,
         )
         start = time.monotonic()
@@ -358,20 +420,21 @@ def build_ensemble_cache(
                         raise BuildError(
                             f"utterance {u!r}: {n} encoder frames, expected {n_out[u]}"
                         )
-                    top_ids, top_lp, tail = topk_targets(comb[i, :n], t.k, t.temperature)
-                    item = spec.UttTargets(
-                        utt_id=u,
-                        topk_ids=top_ids.cpu().numpy(),
-                        topk_logprobs=top_lp.cpu().numpy(),
-                        tail_logmass=tail.cpu().numpy(),
-                        hidden={t.hidden_layer: hid[i, :n].cpu().numpy()}
-                        if hid is not None
-                        else {},
-                        token_ids=None,
-                        text=texts[u],
-                        input_hash=spec.content_hash(raw[i]),
+                    top_ids, top_lp, tail, hd = targets(
+                        u, comb[i, :n], hid[i, :n] if hid is not None else None
                     )
-                    writer.add(item)
+                    writer.add(
+                        spec.UttTargets(
+                            utt_id=u,
+                            topk_ids=top_ids,
+                            topk_logprobs=top_lp,
+                            tail_logmass=tail,
+                            hidden=hd,
+                            token_ids=None,
+                            text=texts[u],
+                            input_hash=spec.content_hash(raw[i]),
+                        )
+                    )
                     done += 1
                     positions += n
                     bar.update(n)
@@ -380,7 +443,7 @@ def build_ensemble_cache(
     size = open_storage(out, read_only=True).size_tree() if not is_url(out) else 0
     return BuildSummary(
         cache=str(out),
-        teacher=name,
+        teacher=record.name,
         rank=rank,
         world_size=world_size,
         utterances_total=len(mine),
@@ -412,4 +475,12 @@ def _check_not_stale(out: str, teacher: str, done: list[str], store) -> None:
             )
 
 
-__all__ = ["COMBINE", "EnsembleTeacher", "build_ensemble_cache", "load_member"]
+__all__ = [
+    "COMBINE",
+    "EnsembleTeacher",
+    "build_ensemble_cache",
+    "build_frames",
+    "check_frame_options",
+    "load_member",
+    "open_frame_inputs",
+]

@@ -161,6 +161,7 @@ def test_concurrent_ranks_on_s3(s3, tmp_path, tiny_llama):
     )
 
 
+@pytest.mark.slow  # 11-17 s on the shared 2-core machine
 def test_killed_build_resumes_on_s3(s3, tmp_path, tiny_bert):
     from kdcache.cache_format import open_cache, verify_cache
     from kdcache.teachers.build import build_cache
@@ -234,6 +235,7 @@ def _all_targets(path: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # 11-17 s on the shared 2-core machine
 def test_killed_before_commit_marker_resumes_on_s3(s3, tmp_path):
     """Killed between the index PUT and the marker PUT: the shard does not count; a resume
     deletes it and writes it again; the result equals an uninterrupted build."""

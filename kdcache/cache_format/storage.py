@@ -259,7 +259,16 @@ class LocalStorage(Storage):
 
 class FsspecStorage(Storage):
     """An fsspec URL: a single put is atomic on object stores (s3, gs); no rename, fsync or
-    lock exist there."""
+    lock exist there.
+
+    What the writer relies on (docs/format.md, "Object storage"): a single PUT is atomic
+    (readers see the old object, none, or the whole new one), a read or a listing after a
+    completed PUT or DELETE sees it (S3 has been strongly consistent since 2020; GCS too).
+    fsspec filesystems may cache directory listings per process (s3fs does), which would hide
+    files another process wrote or deleted since; every existence check, listing and read here
+    drops that cache for its path first, so a resume or a reader opened later in the same
+    process sees the store as it is.
+    """
 
     local = False
 
@@ -282,14 +291,21 @@ class FsspecStorage(Storage):
     def full(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root
 
+    def _fresh(self, p: str) -> str:
+        """Forget cached listings of p and its parents (other processes write here too)."""
+        self.fs.invalidate_cache(p)
+        return p
+
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.full(rel))
+        return self.fs.exists(self._fresh(self.full(rel)))
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.full(rel))
+        # s3fs sizes a file from the cached listing of its directory before a whole-file read
+        # and calls a file missing from a stale listing missing.
+        return self.fs.cat_file(self._fresh(self.full(rel)))
 
     def listdir(self, rel: str) -> list[str]:
-        p = self.full(rel)
+        p = self._fresh(self.full(rel))
         if not self.fs.exists(p):
             return []
         return sorted(
@@ -299,7 +315,7 @@ class FsspecStorage(Storage):
         )
 
     def files(self, rel: str) -> set[str]:
-        base = self.full(rel)
+        base = self._fresh(self.full(rel))
         if not self.fs.exists(base):
             return set()
         prefix = base.rstrip("/") + "/"
@@ -316,7 +332,7 @@ class FsspecStorage(Storage):
         self.fs.pipe_file(self.full(rel), data)
 
     def remove(self, rel: str) -> None:
-        p = self.full(rel)
+        p = self._fresh(self.full(rel))
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
 

@@ -159,16 +159,19 @@ class CacheWriter:
         with st.lock(spec.LOCK_FILE):
             if not st.exists("zarr.json"):
                 others = [x for x in st.listdir("") if x != spec.LOCK_FILE]
-                if others:
+                # Without a lock (URLs) another rank may have created the cache between the two
+                # calls above: the root zarr.json is its first write, so look for it again.
+                if others and not st.exists("zarr.json"):
                     raise CacheError(
                         f"{self.path}: exists, is not empty and is not a kdcache cache"
                     )
-                root = {
-                    "format_version": spec.FORMAT_VERSION,
-                    "created": _now(),
-                    "builder": builder,
-                }
-                self._create_group("", {spec.ROOT_ATTR: root})
+                if not others:
+                    root = {
+                        "format_version": spec.FORMAT_VERSION,
+                        "created": _now(),
+                        "builder": builder,
+                    }
+                    self._create_group("", {spec.ROOT_ATTR: root})
             probs = validate.root_problems(self._open_group("").attrs.asdict().get(spec.ROOT_ATTR))
             if probs:
                 raise CacheError(f"{self.path}: {probs[0]}")

@@ -32,11 +32,11 @@ def run(
     tokenizer: Path = typer.Option(
         None, "--tokenizer", metavar="DIR", help="Student tokenizer directory."
     ),
-    cache: list[Path] = typer.Option(
+    cache: list[str] = typer.Option(
         None,
         "--cache",
         metavar="PATH",
-        help=f"Teacher-target cache (NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches).",
+        help=f"Teacher-target cache (NAME.kdc or an fsspec URL such as s3://bucket/NAME.kdc); not needed for --recipe {_NO_CACHE}. Repeatable for --recipe {_SEVERAL} (teachers of all the caches).",
     ),
     recipe: str = typer.Option(
         None,

@@ -65,7 +65,9 @@ class RunInputs:
     data: Path | None = None
     features: Path | None = None
     tokenizer: Path | None = None
-    cache: Path | list[Path] | None = None  # several paths: their teachers are read together
+    # A local path or an fsspec URL (kept a str: Path() would turn s3://b/c into s3:/b/c);
+    # several paths: their teachers are read together.
+    cache: str | Path | list[str | Path] | None = None
     recipe: str | None = None
     config: Path | None = None
     overrides: list[str] = field(default_factory=list)
@@ -115,14 +117,14 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
                 return None
             return [Path(x) for x in v] if isinstance(v, list) else Path(v)
 
-        merged = dataclasses.replace(
-            inputs,
-            **{
-                k: restore(saved.get(k))
-                for k in ("data", "features", "tokenizer", "cache", "dev_data", "dev_features")
-                if getattr(inputs, k) is None
-            },
-        )
+        restored = {
+            k: restore(saved.get(k))
+            for k in ("data", "features", "tokenizer", "dev_data", "dev_features")
+            if getattr(inputs, k) is None
+        }
+        if inputs.cache is None:  # cache paths stay str (they may be URLs)
+            restored["cache"] = saved.get("cache") or None
+        merged = dataclasses.replace(inputs, **restored)
         cfg = load_config(cfg_path, inputs.overrides)
         if inputs.recipe is not None and inputs.recipe != cfg.recipe:
             raise ConfigError(
@@ -136,12 +138,18 @@ def _resolve_config(inputs: RunInputs) -> tuple[RunConfig, RunInputs]:
     return build_config(inputs.config, inputs.recipe, inputs.overrides), inputs
 
 
-def _cache_paths(cache) -> list[Path]:
+def _cache_paths(cache) -> list[str]:
+    """The --cache paths as str: local paths as given, fsspec URLs untouched."""
     if not cache:
         return []
-    if isinstance(cache, (list, tuple)):
-        return [Path(p) for p in cache]
-    return [Path(cache)]
+    return [str(p) for p in (cache if isinstance(cache, (list, tuple)) else [cache])]
+
+
+def _resolved_cache_path(p: str) -> str:
+    """What run.json records for a cache: an absolute local path, or the URL as given."""
+    from kdcache.cache_format.storage import is_url
+
+    return p if is_url(p) else str(Path(p).resolve())
 
 
 def _teacher_names(cfg: RunConfig, cache) -> list[str]:
@@ -374,7 +382,7 @@ def train(inputs: RunInputs) -> TrainResult:
         tok.save(run_dir / "tokenizer")
         paths = {k: str(Path(getattr(inputs, k)).resolve()) if getattr(inputs, k) else None
                  for k in ("data", "features", "tokenizer", "dev_data", "dev_features")}  # fmt: skip
-        resolved = [str(Path(p).resolve()) for p in cache_paths]
+        resolved = [_resolved_cache_path(p) for p in cache_paths]
         paths["cache"] = (resolved[0] if len(resolved) == 1 else resolved) if resolved else None
         tmp = run_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(paths, indent=1) + "\n")
@@ -427,7 +435,7 @@ def train(inputs: RunInputs) -> TrainResult:
     reader = _pick_reader(cfg, cache, teachers, len(train_ids), world)
     dataset = KDDataset(
         train_ids, tokens, num_frames, str(inputs.features),
-        ([str(p) for p in cache_paths] if len(cache_paths) > 1 else str(cache_paths[0]))
+        (cache_paths if len(cache_paths) > 1 else cache_paths[0])
         if needs_cache else None, teachers,
         {n: ([hidden_layer] if hidden_layer is not None else []) for n in teachers},
         cfg.data, pad_id=tok.pad_id, seed=cfg.train.seed, rank=rank, world_size=world,

@@ -13,6 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from tiny_models import SENTENCES
 from typer.testing import CliRunner
 
@@ -261,3 +262,39 @@ def test_minilm_init_unfreezes_and_refuses_other_units(tmp_path):
     r = kdcache("train-lm", "--arch", "bert", "--init", "minilm", "--layers", "2", "--text",
                 tmp_path / "lm.txt", "--tokenizer", "minilm", "--out", tmp_path / "x")  # fmt: skip
     assert r.exit_code == 2 and "the size comes from MiniLM" in r.output, r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# The point of it all: the masked-LM recipes run from a trained BERT's cache
+
+
+@pytest.mark.parametrize("recipe", ["interaed", "cif_hkd"])
+def test_bert_cache_feeds_the_cpu_recipe(tmp_path, recipe):
+    """A BERT trained in the toy student's characters gives a cache (top-8 + last hidden layer)
+    that kdtrain accepts (same tokenizer hash, same vocabulary) for recipes/cpu/<recipe>.yaml."""
+    from kdcache.commands.recipes import RECIPES_DIR
+    from kdcache.student.recipe import RunInputs, train
+    from kdcache.student.toy import make_toy_corpus, toy_texts
+
+    toy = make_toy_corpus(tmp_path / "toy", num_utts=8, seed=0, with_cache=False)
+    train_transformer_lm(toy_texts(64, seed=1), str(toy.tokenizer), str(tmp_path / "bert"),
+                         arch="bert", progress=False, **{**TINY, "epochs": 1})  # fmt: skip
+    cache = tmp_path / "bert.kdc"
+    r = kdcache("build", "--teacher", "bert", "--model", tmp_path / "bert", "--data", toy.manifest,
+                "--out", cache, "--top-k", "8", "--hidden-layers", "-1", "--device", "cpu",
+                "--no-progress")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    tiny = ["model.d_model=48", "model.num_heads=2", "model.num_layers=2", "model.ff_mult=2",
+            "model.conv_kernel=7", "data.max_frames=1000", "train.progress=false",
+            "train.max_steps=3", "train.eval_every=0", "train.ckpt_every=3"]  # fmt: skip
+    if recipe == "interaed":
+        tiny += ["interaed.layers=[1,-1]", "model.decoder_heads=2"]
+    else:
+        tiny += ["cif_hkd.num_negatives=16"]
+    res = train(RunInputs(out=tmp_path / "run", data=toy.manifest, features=toy.features,
+                          tokenizer=toy.tokenizer, cache=cache, recipe=recipe,
+                          config=RECIPES_DIR / "cpu" / f"{recipe}.yaml",
+                          overrides=tiny))  # fmt: skip
+    assert res.step == 3 and all(np.isfinite(res.losses))
+    used = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert used["recipe"] == recipe and used["model"]["subsampling_channels"] == 32  # the CPU file

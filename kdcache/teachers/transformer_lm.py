@@ -502,7 +502,7 @@ def train_transformer_lm(
     mask_prob: float = 0.15,
     init: str | None = None,
     unfreeze_after: int | None = None,
-    pppl_positions: int = 2000,
+    pppl_positions: int = 1000,
 ) -> TransformerTrainResult:
     """Train a BERT masked LM or a GPT-2 causal LM on ``texts`` and save it to ``out_dir``.
 

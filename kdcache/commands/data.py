@@ -176,7 +176,8 @@ def tokenizer(
     path: str | None = typer.Argument(
         None,
         metavar="PATH",
-        help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file or hub id.",
+        help="Tokenizer (show/encode/export): saved dir, HF dir, .gguf file, hub id, or the "
+        "tokenizer of an offline model: minilm, smollm2.",
     ),
     text: list[Path] | None = typer.Option(
         None,
@@ -240,7 +241,7 @@ def tokenizer(
             return
         if path is None:
             raise ValueError(f"{action} needs PATH (a tokenizer)")
-        tok = Tokenizer.load(path)
+        tok = Tokenizer.load(tokenizer_path(path))
         if action == "export":
             if out is None:
                 raise ValueError("export needs --out DIR")
@@ -268,6 +269,19 @@ def tokenizer(
             raise ValueError("encode needs --sample TEXT")
     except (TokenizerError, ManifestError, ValueError, OSError) as e:
         _fail(e)
+
+
+def tokenizer_path(path: str) -> str:
+    """A tokenizer argument with the offline model aliases (``minilm``, ``smollm2``, as in
+    ``kdcache build --model``) resolved to their installed files; anything else unchanged."""
+    from kdcache.hub import OFFLINE_NAMES
+
+    if path in OFFLINE_NAMES and not Path(path).exists():
+        from kdcache.teachers.loading import resolve_model
+
+        src = resolve_model(path)
+        return str(Path(src.path) / src.gguf_file) if src.gguf_file else src.path
+    return path
 
 
 def _read_texts(paths: list[Path]):

@@ -97,7 +97,8 @@ def load_model(model_dir: str | Path):
     if not cfg_path.is_file():
         raise FileNotFoundError(
             f"--model {model_dir}: not an LSTM LM directory (no {CONFIG_FILE}); make one with "
-            f"`kdcache train-lm`"
+            f"`kdcache train-lm --arch lstm` (a train-lm --arch bert|gpt directory is a "
+            f"--teacher bert|causal_lm)"
         )
     meta = json.loads(cfg_path.read_text())
     cfg = LSTMConfig.from_dict(meta["config"])
@@ -218,6 +219,7 @@ def train_lm(
     batch_tokens: int = 8192,
     lr: float = 2e-3,
     valid_fraction: float = 0.05,
+    valid_texts: list[str] | None = None,
     patience: int = 2,
     seed: int = 0,
     device: str = "cpu",
@@ -233,7 +235,9 @@ def train_lm(
         texts: Training sentences (normalised).
         tokenizer_dir: A saved kdcache Tokenizer (copied into ``out_dir/tokenizer``).
         out_dir: Output directory.
-        valid_fraction: Share of sentences held out (at least one).
+        valid_fraction: Share of sentences held out (at least one) when ``valid_texts`` is not
+            given.
+        valid_texts: Validation sentences (normalised), e.g. the dev transcripts.
 
     Returns:
         Training summary (also stored in ``lstm_lm.json``).
@@ -259,14 +263,24 @@ def train_lm(
         hidden=hidden,
         dropout=dropout,
     )
-    seqs = [[cfg.bos_id, *tok.encode(t)] + ([cfg.eos_id] if cfg.eos_id >= 0 else []) for t in texts]
-    seqs = [s for s in seqs if len(s) >= 2]
-    if len(seqs) < 2:
-        raise ValueError("train-lm needs at least 2 non-empty sentences")
+
+    def sequences(lines: list[str]) -> list[list[int]]:
+        eos = [cfg.eos_id] if cfg.eos_id >= 0 else []
+        seqs = [[cfg.bos_id, *tok.encode(t), *eos] for t in lines]
+        return [s for s in seqs if len(s) >= 2]
+
+    seqs = sequences(texts)
     rng = random.Random(seed)
-    rng.shuffle(seqs)
-    n_valid = max(1, int(len(seqs) * valid_fraction))
-    valid, train = seqs[:n_valid], seqs[n_valid:]
+    if valid_texts:
+        valid, train = sequences(valid_texts), seqs
+        if not train or not valid:
+            raise ValueError("train-lm needs non-empty training and validation sentences")
+    else:
+        if len(seqs) < 2:
+            raise ValueError("train-lm needs at least 2 non-empty sentences")
+        rng.shuffle(seqs)
+        n_valid = max(1, int(len(seqs) * valid_fraction))
+        valid, train = seqs[:n_valid], seqs[n_valid:]
 
     dev = torch.device(device)
     torch.manual_seed(seed)

@@ -9,6 +9,7 @@ import inspect
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import typer
@@ -70,7 +71,12 @@ def test_build_help_reads_like_unix_help():
 @pytest.mark.parametrize(
     "prog, name, option, values",
     [
-        ("kdcache", "build", "--teacher", ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")),
+        (
+            "kdcache",
+            "build",
+            "--teacher",
+            ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm"),
+        ),
         ("kdcache", "build", "--hidden-codec", ("float16", "int8")),
         ("kdcache", "build", "--mlm-mode", ("masked", "unmasked")),
         ("kdcache", "train-lm", "--arch", ("lstm", "bert", "gpt")),
@@ -195,3 +201,33 @@ def test_recipes_without_the_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(recipes, "RECIPES_DIR", tmp_path / "recipes")
     one_error(CliRunner().invoke(train_app, ["recipes"]), "no recipes directory", "pip install -e")
+
+
+def test_a_wheel_carries_the_recipes(tmp_path):
+    """The recipes are package data: a wheel built from the source holds every shipped file,
+    byte for byte (so `kdtrain recipes` works from a plain `pip install`)."""
+    import shutil
+    import zipfile
+
+    from kdcache.commands.recipes import RECIPES_DIR, shipped
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)
+    shutil.copytree(root / "kdcache", src / "kdcache", ignore=shutil.ignore_patterns("__pycache__"))
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    (wheel,) = (tmp_path / "dist").glob("kdcache-*.whl")
+    files = shipped()
+    assert len(files) >= 15 and "cpu/lst" in files and "plans/cpu_large" in files
+    with zipfile.ZipFile(wheel) as z:
+        for name, path in files.items():
+            arc = f"kdcache/recipes/{name}.yaml"
+            assert z.read(arc) == path.read_bytes(), arc
+    assert RECIPES_DIR == Path(__file__).resolve().parents[1] / "kdcache" / "recipes"

@@ -1,7 +1,7 @@
 """``kdtrain recipes``: list the shipped recipe configs and study plans, or print one.
 
-They live in recipes/ at the root of the repository, beside the kdcache package, which is where
-an editable install (``pip install -e .``) finds them; a wheel does not carry them yet.
+They live in kdcache/recipes/ (package data: a wheel carries them; the repository's top-level
+recipes/ is a link to it, so the paths in the docs work from a checkout).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import typer
 
 from kdcache.commands.errors import fail
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def shipped() -> dict[str, Path]:
@@ -20,9 +20,8 @@ def shipped() -> dict[str, Path]:
     root = RECIPES_DIR
     if not root.is_dir():
         fail(
-            f"no recipes directory at {root}: the recipe files ship with the kdcache source "
-            "repository (recipes/ beside kdcache/), not with a wheel; clone it and install it "
-            "with pip install -e ."
+            f"no recipes directory at {root}: the kdcache installation lacks its package data; "
+            "reinstall it (pip install kdcache, or pip install -e . from a checkout)"
         )
     files = sorted(root.rglob("*.yaml"), key=lambda p: (len(p.relative_to(root).parts), p))
     return {p.relative_to(root).with_suffix("").as_posix(): p for p in files}

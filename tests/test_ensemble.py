@@ -324,3 +324,55 @@ def test_resume_against_changed_features_is_refused(toy, members, tmp_path):
     build_ensemble_cache(features=str(toy.features), **kw)
     with pytest.raises(BuildError, match="other features"):
         build_ensemble_cache(features=str(other), **kw)
+
+
+KILL_AFTER = """
+import os, signal, sys
+from kdcache.cache_format import writer
+from kdcache.teachers.ensemble import build_ensemble_cache
+
+n = 0
+add = writer.CacheWriter.add
+def add_then_die(self, item):
+    global n
+    add(self, item)
+    n += 1
+    if n == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+writer.CacheWriter.add = add_then_die
+build_ensemble_cache(models=sys.argv[5:], data=sys.argv[1], features=sys.argv[2], out=sys.argv[3],
+                     k=4, shard_positions=60, progress=False)
+"""
+
+
+def test_sigkill_mid_build_then_resume(toy, members, tmp_path):
+    """An ensemble build killed (SIGKILL) after some shards have committed and while another is
+    half-written resumes to exactly the targets of an uninterrupted build, and verifies."""
+    import signal
+    import subprocess
+    import sys
+
+    from kdcache.cache_format import verify_cache
+
+    out, ref = tmp_path / "killed.kdc", tmp_path / "ref.kdc"
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, str(toy.manifest), str(toy.features), str(out), "11",
+         *members],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    before = open_cache(str(out)).utt_ids("ensemble")
+    assert 0 < len(before) < 11  # some shards committed, the last one lost
+    kw = dict(models=members, data=str(toy.manifest), features=str(toy.features), k=4,
+              shard_positions=60, progress=False)  # fmt: skip
+    s = build_ensemble_cache(out=str(out), **kw)
+    assert s.utterances_resumed == len(before) and s.utterances_done == 16 - len(before)
+    build_ensemble_cache(out=str(ref), **kw)
+    a, b = open_cache(str(out)), open_cache(str(ref))
+    assert sorted(a.utt_ids("ensemble")) == sorted(b.utt_ids("ensemble")) == sorted(toy.utt_ids)
+    for u in toy.utt_ids:
+        x, y = a.get(u, "ensemble"), b.get(u, "ensemble")
+        np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+        np.testing.assert_array_equal(x.topk_logprobs, y.topk_logprobs)
+        np.testing.assert_array_equal(x.tail_logmass, y.tail_logmass)
+    assert verify_cache(str(out), include_info=True) == []

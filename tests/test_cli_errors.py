@@ -524,3 +524,23 @@ def test_features_repack(toy, tmp_path):
     assert res.exit_code == 0, res.output
     assert "keepbits 5" in res.stdout and "% of" in res.stdout
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "prog, args, needles",
+    [
+        (app, ["build", "--teacher", "bert"], ("missing option '--model'", "kdcache build --help")),
+        (app, ["build", "--teacher", "bert", "--model", "m", "--data", "d", "--out", "o.kdc",
+               "--top-k", "many"], ("'--top-k'", "integer")),
+        (app, ["frob"], ("no such command 'frob'", "kdcache --help")),
+        (train_app, ["run", "--bogus"], ("no such option: --bogus", "kdtrain run --help")),
+        (train_app, ["eval", "--run", "r"], ("missing option '--data'",)),
+    ],
+)  # fmt: skip
+def test_usage_mistakes_are_one_error_line(prog, args, needles):
+    """What the argument parser itself refuses (a missing or unknown option, a value of the wrong
+    type, an unknown command) reads like every other mistake: one error line, status 2, no
+    boxed panel."""
+    res = CliRunner().invoke(prog, args)
+    one_error(res, *needles)
+    assert "╭" not in res.output

@@ -18,6 +18,11 @@ from typing import Any
 import typer
 from typer.core import TyperCommand, TyperGroup
 
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import UsageError
+
 from kdcache.commands.errors import fail
 
 DEVICE_HELP = "auto (CUDA if available), cpu, cuda, or a torch device such as cuda:1."
@@ -63,6 +68,12 @@ class Command(TyperCommand):
             _plain(option)
         return option
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:  # a missing option, an unknown one, a bad number, ...
+            _usage_error(ctx, e)
+
 
 class Group(TyperGroup):
     """The ``kdcache`` and ``kdtrain`` apps: ``--help`` without a placeholder there too."""
@@ -72,6 +83,20 @@ class Group(TyperGroup):
         if option is not None:
             _plain(option)
         return option
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as e:  # no such command
+            _usage_error(ctx, e)
+
+
+def _usage_error(ctx: Any, e: Any) -> None:
+    """A usage mistake as one ``error:`` line and status 2, like every other mistake (typer would
+    print a boxed panel)."""
+    msg = e.format_message().rstrip(".")
+    msg = msg[0].lower() + msg[1:] if msg[:1].isupper() and msg[1:2].islower() else msg
+    fail(f"{msg} (see {ctx.command_path} --help)")
 
 
 def _plain(param: Any) -> None:

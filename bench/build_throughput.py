@@ -167,9 +167,8 @@ def frame_main(a) -> None:
     from kdcache.data.features import open_features
     from kdcache.data.manifest import load_manifest
     from kdcache.student.conformer import subsampled_lengths
-    from kdcache.student.data import cut_batches
     from kdcache.teachers.build import pick_device
-    from kdcache.teachers.ensemble import EnsembleTeacher, build_ensemble_cache
+    from kdcache.teachers.ensemble import EnsembleTeacher, build_ensemble_cache, frame_batches
     from kdcache.teachers.topk import topk_targets
 
     if not a.features:
@@ -185,14 +184,10 @@ def frame_main(a) -> None:
                                              t.subsampling).tolist(), strict=True))  # fmt: skip
     todo = sorted(ids, key=lambda u: (n_out[u], u))  # the build's order and batches
     mean, std = np.asarray(store.mean, np.float32), np.maximum(np.asarray(store.std), 1e-5)
-    batches = []
-    for cut in cut_batches(todo, [n_in[u] for u in todo], a.max_frames, 10_000):
-        feats = [(np.asarray(store[todo[i]], np.float32) - mean) / std for i in cut]
-        fl = torch.tensor([len(f) for f in feats])
-        x = torch.zeros(len(feats), int(fl.max()), feats[0].shape[1])
-        for i, f in enumerate(feats):
-            x[i, : len(f)] = torch.from_numpy(f.astype(np.float32))
-        batches.append((x.to(dev), fl.to(dev)))
+    batches = [
+        (x.to(dev), fl.to(dev))
+        for _, _, x, fl in frame_batches(store, todo, a.max_frames, mean, std)
+    ]
     positions = sum(n_out.values())
 
     def bare() -> tuple[float, float]:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 
 from kdcache.cache_format import CacheWriter, UttTargets, open_cache
+from kdcache.teachers.base import hard_label
 
 src, out, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cache = open_cache(src)
@@ -28,14 +29,10 @@ new = replace(
 with CacheWriter(out, new) as w:
     for u in cache.utt_ids(name):
         t = cache.get(u, name, hidden=False)
-        tok = np.asarray(t.token_ids, dtype=np.int64)
-        n = len(tok)
-        ids = np.empty((n, k), dtype=np.int64)
-        for i, x in enumerate(tok):
-            others = [j for j in range(k + 1) if j != x][: k - 1]
-            ids[i] = [x, *others]
-        lp = np.full((n, k), -np.inf, dtype=np.float32)
-        lp[:, 0] = 0.0
+        rows = [hard_label(int(x), k) for x in t.token_ids]
+        n = len(rows)
+        ids = np.stack([r[0] for r in rows]) if n else np.empty((0, k), dtype=np.int64)
+        lp = np.stack([r[1] for r in rows]) if n else np.empty((0, k), dtype=np.float32)
         w.add(
             UttTargets(
                 utt_id=u,

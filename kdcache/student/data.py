@@ -221,6 +221,14 @@ def cut_batches(
     return batches
 
 
+def length_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length (ties by index) and cut by :func:`cut_batches` so that each
+    group's padded size (size x longest) stays within ``budget``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    cuts = cut_batches(order, [lengths[i] for i in order], budget, max(len(order), 1))
+    return [[order[j] for j in cut] for cut in cuts]
+
+
 class KDDataset(IterableDataset):
     """Endless stream of training :class:`Batch` es for one DDP rank (see the module docstring).
 

@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from kdcache.teachers.base import BuildError
+from kdcache.teachers.base import BuildError, hard_label
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def build_aligned_lm_cache(
     Returns the :class:`kdcache.teachers.build.BuildSummary` (positions are frames).
     """
     from kdcache.cache_format import CacheError, open_cache, spec
+    from kdcache.data.text import normalize_text
     from kdcache.teachers.align import ctc_forced_align
     from kdcache.teachers.build import pick_device
     from kdcache.teachers.ensemble import (
@@ -158,21 +159,16 @@ def build_aligned_lm_cache(
         },
         **({"logprob_keepbits": logprob_keepbits} if logprob_keepbits is not None else {}),
     )
-    texts = {u.id: u.text or "" for u in utts}
-    hard_ids = np.arange(k, dtype=np.int64)  # blank (0) first when blank == 0
-    if blank != 0:
-        hard_ids = np.array([blank, *[i for i in range(k + 1) if i != blank][: k - 1]])
-    hard_lp = np.array([0.0] + [-np.inf] * (k - 1), dtype=np.float32)
+    texts = {u.id: normalize_text(u.text or "") for u in utts}
+    hard_ids, hard_lp = hard_label(blank, k)
     counts = {"aligned": 0, "unaligned": 0, "frames_token": 0, "frames": 0}
 
     def targets(u: str, logp: torch.Tensor, _hid):
-        from kdcache.data.text import normalize_text
-
         lt = lm.get(u, lm_teacher, hidden=False)
-        if lt.text and lt.text != normalize_text(texts[u]):
+        if lt.text and lt.text != texts[u]:
             raise BuildError(
                 f"utterance {u!r}: the LM cache holds the transcript {lt.text!r}, the manifest "
-                f"{normalize_text(texts[u])!r}; build the LM cache from this manifest"
+                f"{texts[u]!r}; build the LM cache from this manifest"
             )
         n = logp.shape[0]
         ids = np.broadcast_to(hard_ids, (n, k)).copy()

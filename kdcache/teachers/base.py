@@ -196,14 +196,20 @@ class _Buffer:
         return Targets(self.ids, self.lp, self.tail, self.hidden)
 
 
+def hard_label(token: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """A hard label as one stored top-k row: ids ``[token, then the lowest other ids]`` (distinct,
+    and inside any vocabulary of at least k ids that holds ``token``) and log-probs
+    ``[0, -inf, ...]``; its tail is ``-inf``."""
+    ids = np.array([token, *[i for i in range(k + 1) if i != token][: k - 1]], dtype=np.int64)
+    lp = np.full(k, -np.inf, dtype=np.float32)
+    lp[0] = 0.0
+    return ids, lp
+
+
 def _fill_fixed(buf: _Buffer, fixed: dict[int, int], k: int, vocab: int) -> None:
     """Hard-label top-k at the given positions: the token with log-prob 0, then -inf fillers."""
     for pos, tok in fixed.items():
-        others = [i for i in range(k) if i != tok][: k - 1] if k > 1 else []
-        if len(others) < k - 1:  # tok < k and vocab == k: take the next unused id
-            others.append(k)
-        buf.ids[pos] = [tok, *others[: k - 1]]
-        buf.lp[pos] = [0.0] + [-np.inf] * (k - 1)
+        buf.ids[pos], buf.lp[pos] = hard_label(tok, k)
         buf.tail[pos] = -np.inf
         buf.missing -= 1
 

@@ -361,7 +361,6 @@ def build_frames(
     from kdcache.cache_format.writer import CacheWriter
     from kdcache.data.text import normalize_text
     from kdcache.student.conformer import subsampled_lengths
-    from kdcache.student.data import cut_batches
     from kdcache.teachers.build import BuildSummary, rank_slice
 
     if store.num_mel_bins != t.members[0].input_dim:
@@ -401,18 +400,8 @@ def build_frames(
             dynamic_ncols=True,
         )
         start = time.monotonic()
-        lens_in = [store.num_frames(u) for u in todo]
         try:
-            for cut in cut_batches(todo, lens_in, max_frames, 10_000):
-                ids = [todo[i] for i in cut]
-                raw = [np.asarray(store[u]) for u in ids]
-                feats = [r.astype(np.float32) for r in raw]
-                if mean is not None:
-                    feats = [(f - mean) / std for f in feats]
-                fl = torch.tensor([f.shape[0] for f in feats])
-                x = torch.zeros(len(feats), int(fl.max()), feats[0].shape[1])
-                for i, f in enumerate(feats):
-                    x[i, : f.shape[0]] = torch.from_numpy(f)
+            for ids, raw, x, fl in frame_batches(store, todo, max_frames, mean, std):
                 comb, lens, hid = t.log_probs(x.to(dev), fl.to(dev))
                 for i, u in enumerate(ids):
                     n = int(lens[i])
@@ -460,6 +449,25 @@ def build_frames(
     )
 
 
+def frame_batches(store, todo: list[str], max_frames: int, mean, std):
+    """The frame builds' batches of ``todo`` (in that order, at most ``max_frames`` padded input
+    frames each): ``(utterance ids, their stored features, the padded input [B, T, F] normalised
+    by mean/std when given, lengths [B])``."""
+    from kdcache.student.data import cut_batches
+
+    for cut in cut_batches(todo, [store.num_frames(u) for u in todo], max_frames, 10_000):
+        ids = [todo[i] for i in cut]
+        raw = [np.asarray(store[u]) for u in ids]
+        feats = [r.astype(np.float32) for r in raw]
+        if mean is not None:
+            feats = [(f - mean) / std for f in feats]
+        fl = torch.tensor([f.shape[0] for f in feats])
+        x = torch.zeros(len(feats), int(fl.max()), feats[0].shape[1])
+        for i, f in enumerate(feats):
+            x[i, : f.shape[0]] = torch.from_numpy(f)
+        yield ids, raw, x, fl
+
+
 def _check_not_stale(out: str, teacher: str, done: list[str], store) -> None:
     """Refuse to resume when committed utterances came from other features than the store's."""
     from kdcache.cache_format import content_hash
@@ -481,6 +489,7 @@ __all__ = [
     "build_ensemble_cache",
     "build_frames",
     "check_frame_options",
+    "frame_batches",
     "load_member",
     "open_frame_inputs",
 ]

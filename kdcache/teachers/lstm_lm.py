@@ -247,6 +247,7 @@ def train_lm(
     from tqdm import tqdm
 
     from kdcache.data.tokenizer import Tokenizer
+    from kdcache.student.data import length_groups
 
     tok = Tokenizer.load(tokenizer_dir)
     bos = tok.bos_id if tok.bos_id is not None else tok.eos_id
@@ -289,17 +290,7 @@ def train_lm(
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="sum")
 
     def batches(data: list[list[int]], shuffle: bool):
-        order = sorted(range(len(data)), key=lambda i: len(data[i]))
-        groups, cur, longest = [], [], 0
-        for i in order:
-            n = len(data[i])
-            if cur and (len(cur) + 1) * max(longest, n) > batch_tokens:
-                groups.append(cur)
-                cur, longest = [], 0
-            cur.append(i)
-            longest = max(longest, n)
-        if cur:
-            groups.append(cur)
+        groups = length_groups([len(x) for x in data], batch_tokens)
         if shuffle:
             rng.shuffle(groups)
         for g in groups:

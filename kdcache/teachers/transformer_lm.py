@@ -345,19 +345,11 @@ class Masker:
 
 
 def length_groups(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped by length so that each group's padded size stays under ``batch_tokens``."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups, cur, longest = [], [], 0
-    for i in order:
-        n = lengths[i]
-        if cur and (len(cur) + 1) * max(longest, n) > batch_tokens:
-            groups.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        groups.append(cur)
-    return groups
+    """Indices grouped by length so that each group's padded size stays under ``batch_tokens``
+    (kdcache.student.data.length_groups, imported here so that this module loads without torch)."""
+    from kdcache.student.data import length_groups as groups
+
+    return groups(lengths, batch_tokens)
 
 
 def pad_rows(rows: list[list[int]], pad: int, fill: int | None = None):

@@ -209,3 +209,25 @@ def test_shipped_plans_load_and_every_arm_config_resolves(name):
     for arm in plan.arms:
         cfg = build_config(_config_path(plan, arm), arm.recipe, [*plan.overrides, *arm.overrides])
         assert (cfg.recipe == "none") == (not arm.cache), arm.name
+
+
+def test_arm_decode_overrides_the_plans(tmp_path):
+    """A CIF arm decodes with its own method; the other arms keep the plan's decoding."""
+    from kdcache.student.study import arm_decode, eval_command
+
+    data = (
+        "data: {train: a, train_features: b, dev: c, dev_features: d, test: e, "
+        "test_features: f, tokenizer: g}\ndecode: {method: attention_beam, beam: 4, ctc_weight: 0.5}\n"
+        "arms:\n  - {name: none, config: x.yaml}\n"
+        "  - {name: cif, config: y.yaml, decode: {method: cif}}\n"
+    )
+    plan = load_plan(_write_plan(tmp_path / "a.yaml", data))
+    none, cif = plan.arm("none"), plan.arm("cif")
+    assert arm_decode(plan, cif) == {"method": "cif", "beam": 4, "ctc_weight": 0.5}
+    ev = eval_command(plan, tmp_path / "rd", "test", tmp_path, cif)
+    assert ev[ev.index("--decode") + 1] == "cif"
+    ev = eval_command(plan, tmp_path / "rd", "test", tmp_path, none)
+    assert ev[ev.index("--decode") + 1] == "attention_beam"
+    bad = _write_plan(tmp_path / "b.yaml", data.replace("{method: cif}", "{methd: cif}"))
+    with pytest.raises(ConfigError, match=r"arms\[1\] \(cif\): decode: unknown keys \['methd'\]"):
+        load_plan(bad)

@@ -64,6 +64,31 @@ def test_masked_mode_matches_per_position_reference(tiny_bert, temperature):
         np.testing.assert_allclose(tg.hidden[1], hs[1][0, 1:-1].numpy(), atol=ATOL)
 
 
+def test_mask_stride_masks_positions_stride_apart_together(tiny_bert):
+    """--mask-stride 3: position p's distribution comes from the copy in which every position
+    q = p mod 3 is masked; 3 rows per sentence instead of one per position."""
+    t = MaskedLMTeacher(resolve_model(str(tiny_bert)), k=4, mask_stride=3)
+    assert t.options()["mask_stride"] == 3
+    ids, got = run_all(t, SENTENCES[:4])
+    for u, toks in enumerate(ids):
+        assert len(t.rows(u, toks)) == min(3, len(toks))
+        for p in range(len(toks)):
+            x = [t.cls_id, *toks, t.sep_id]
+            for q in range(p % 3, len(toks), 3):
+                x[q + 1] = t.mask_id
+            with torch.no_grad():
+                ref = torch.log_softmax(t.model(torch.tensor([x])).logits[0, p + 1], -1)
+            top = torch.topk(ref, 4)
+            np.testing.assert_array_equal(got[u].topk_ids[p], top.indices.numpy())
+            np.testing.assert_allclose(got[u].topk_logprobs[p], top.values.numpy(), atol=ATOL)
+    # Stride 0 is the exact form and leaves the record as it was; 1 would mask everything.
+    assert "mask_stride" not in MaskedLMTeacher(resolve_model(str(tiny_bert)), k=4).options()
+    with pytest.raises(ValueError, match="--mask-stride 2 applies to --mlm-mode masked only"):
+        MaskedLMTeacher(resolve_model(str(tiny_bert)), k=4, mode="unmasked", mask_stride=2)
+    with pytest.raises(ValueError, match="must be 0 .* or >= 2"):
+        MaskedLMTeacher(resolve_model(str(tiny_bert)), k=4, mask_stride=1)
+
+
 def test_batching_does_not_change_results(tiny_bert):
     t = MaskedLMTeacher(resolve_model(str(tiny_bert)), k=4, hidden_layers=(-1,))
     _, small = run_all(t, SENTENCES, budget=16)

@@ -69,6 +69,7 @@ class Arm:
     recipe: str | None = None  # --recipe (default: the config's)
     cache: list[str] = field(default_factory=list)  # relative to --root
     overrides: list[str] = field(default_factory=list)
+    decode: dict[str, Any] = field(default_factory=dict)  # over the plan's (e.g. method: cif)
 
 
 @dataclass
@@ -131,9 +132,16 @@ def load_plan(path: str | Path) -> Plan:
     for i, a in enumerate(raw.get("arms") or []):
         if not isinstance(a, dict) or "name" not in a or "config" not in a:
             raise ConfigError(f"{path}: arms[{i}] needs a name and a config")
-        extra = sorted(set(a) - {"name", "config", "recipe", "cache", "overrides"})
+        extra = sorted(set(a) - {"name", "config", "recipe", "cache", "overrides", "decode"})
         if extra:
             raise ConfigError(f"{path}: arms[{i}] ({a['name']}): unknown keys {extra}")
+        arm_decode = a.get("decode") or {}
+        bad = sorted(set(arm_decode) - DECODE_KEYS) if isinstance(arm_decode, dict) else ["?"]
+        if bad:
+            raise ConfigError(
+                f"{path}: arms[{i}] ({a['name']}): decode: unknown keys {bad}; it knows "
+                f"{sorted(DECODE_KEYS)}"
+            )
         cache = a.get("cache") or []
         arms.append(
             Arm(
@@ -142,6 +150,7 @@ def load_plan(path: str | Path) -> Plan:
                 a.get("recipe"),
                 [cache] if isinstance(cache, str) else list(cache),
                 [str(o) for o in a.get("overrides") or []],
+                dict(arm_decode),
             )
         )
     if not arms:
@@ -215,8 +224,17 @@ def train_command(plan: Plan, arm: Arm, seed: int, root: Path, out: Path) -> lis
     ]
 
 
-def eval_command(plan: Plan, rd: Path, split: str, root: Path) -> list[str]:
-    """The `kdtrain eval` of one finished run on ``split`` (dev or test) with the plan's decoding."""
+def arm_decode(plan: Plan, arm: Arm | None) -> dict[str, Any]:
+    """The decoding of ``arm``: the plan's, with the arm's own keys over it (a CIF arm decodes
+    with ``method: cif``)."""
+    return {**plan.decode, **(arm.decode if arm else {})}
+
+
+def eval_command(
+    plan: Plan, rd: Path, split: str, root: Path, arm: Arm | None = None
+) -> list[str]:
+    """The `kdtrain eval` of one finished run on ``split`` (dev or test) with the arm's decoding."""
+    dec = arm_decode(plan, arm)
     ev = [
         sys.executable,
         "-m",
@@ -229,18 +247,18 @@ def eval_command(plan: Plan, rd: Path, split: str, root: Path) -> list[str]:
         "--features",
         str(root / plan.data[f"{split}_features"]),
         "--decode",
-        str(plan.decode.get("method", "attention_beam")),
+        str(dec.get("method", "attention_beam")),
         "--beam",
-        str(plan.decode.get("beam", 4)),
+        str(dec.get("beam", 4)),
         "--ctc-weight",
-        str(plan.decode.get("ctc_weight", 0.3)),
+        str(dec.get("ctc_weight", 0.3)),
         "--out",
         str(rd / f"eval-{split}"),
         "--device",
-        str(plan.decode.get("device", "auto")),
+        str(dec.get("device", "auto")),
     ]
-    if "lm" in plan.decode:
-        ev += ["--lm", str(root / plan.decode["lm"]), "--lm-weight", str(plan.decode["lm_weight"])]
+    if "lm" in dec:
+        ev += ["--lm", str(root / dec["lm"]), "--lm-weight", str(dec["lm_weight"])]
     return ev
 
 
@@ -263,7 +281,7 @@ def _run_one(plan: Plan, arm: Arm, seed: int, root: Path, out: Path, threads: in
                 f"(exit {r.returncode}); see {log}"
             )
         for split in ("dev", "test"):
-            ev = eval_command(plan, rd, split, root)
+            ev = eval_command(plan, rd, split, root, arm)
             f.write("$ " + " ".join(ev) + "\n")
             f.flush()
             r = subprocess.run(ev, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -525,6 +543,7 @@ def summarize(plan: Plan, root: Path, out: Path) -> dict:
                 "recipe": a.recipe,
                 "cache": a.cache,
                 "overrides": a.overrides,
+                "decode": arm_decode(plan, a),
             }
             for a in plan.arms
         },
@@ -565,6 +584,7 @@ def format_table(plan: Plan, stats: dict, runs: dict) -> str:
         if not st:
             lines.append(f"| {a.name} | 0 | | | | | | | |")
             continue
+        label = a.name + (f" (decode {a.decode['method']})" if "method" in a.decode else "")
 
         def ms(key, st=st):
             m, sd = st[key]
@@ -580,7 +600,7 @@ def format_table(plan: Plan, stats: dict, runs: dict) -> str:
             return f"{pct * o:+.2f} [{pct * lo:+.2f}, {pct * hi:+.2f}]"
 
         lines.append(
-            f"| {a.name} | {len(st['seeds'])} | {ms('dev_wer')} | {ms('dev_cer')} | "
+            f"| {label} | {len(st['seeds'])} | {ms('dev_wer')} | {ms('dev_cer')} | "
             f"{ms('test_wer')} | {ms('test_cer')} | {per} | {ci('test_wer')} | "
             f"{ci('test_cer')} |"
         )

@@ -110,6 +110,7 @@ def load_teacher(
     mlm_mode: str = "masked",
     device: str = "cpu",
     max_len: int | None = None,
+    mask_stride: int = 0,
 ):
     """Load a teacher adapter (masked_lm, causal_lm or lstm_lm) by its ``--teacher`` name."""
     from kdcache.teachers.loading import resolve_model
@@ -122,6 +123,8 @@ def load_teacher(
         raise BuildError(f"--top-k {k} must be >= 0")
     if k == 0 and not hidden_layers:
         raise BuildError("--top-k 0 stores nothing: add --hidden-layers (e.g. -1)")
+    if mask_stride and teacher != "bert":
+        raise BuildError(f"--mask-stride applies to --teacher bert only, not {teacher}")
     if teacher == "lstm_lm":
         from kdcache.teachers.lstm_lm import LSTMTeacher
 
@@ -161,6 +164,7 @@ def load_teacher(
                 mode=mlm_mode,
                 device=device,
                 max_len=max_len,
+                mask_stride=mask_stride,
             )
         else:
             from kdcache.teachers.causal_lm import CausalLMTeacher
@@ -275,6 +279,7 @@ def build_cache(
     hidden_codec: str = "float16",
     logprob_keepbits: int | None = None,
     mlm_mode: str = "masked",
+    mask_stride: int = 0,
     batch_tokens: int = 0,
     device: str = "auto",
     rank: int = 0,
@@ -335,6 +340,7 @@ def build_cache(
         mlm_mode=mlm_mode,
         device=dev,
         max_len=max_len,
+        mask_stride=mask_stride,
     )
     load_seconds = time.monotonic() - t0
     budget = batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]

@@ -80,6 +80,7 @@ def test_bert_in_characters(tmp_path):
                              valid_texts=SENTENCES, progress=False, **TINY)  # fmt: skip
     assert r.train_loss[-1] < r.train_loss[0]
     assert r.best["pseudo_perplexity"] < r.initial["pseudo_perplexity"] and r.best_epoch >= 1
+    assert r.seen_tokens == r.epochs * r.train_tokens  # no --max-minutes: whole epochs
     saved = json.loads((tmp_path / "bert" / METRICS_FILE).read_text())
     assert saved["metric"] == "pseudo_perplexity" and saved["arch"] == "bert"
     assert {"masked_accuracy", "pseudo_perplexity"} <= set(saved["training"]["best"])

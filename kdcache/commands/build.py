@@ -503,8 +503,8 @@ def train_lm(
                 valid_texts=valid or None,
             )
             typer.echo(
-                f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
-                f"tokens), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}"
+                f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.seen_tokens:,} tokens "
+                f"trained, {r.train_tokens:,} in the split), best valid perplexity {r.best_valid_ppl:.2f} at epoch {r.best_epoch}"
             )
             return
         from kdcache.teachers.transformer_lm import train_transformer_lm
@@ -546,6 +546,6 @@ def train_lm(
             f"{r.initial['perplexity']:.2f})"
         )
     typer.echo(
-        f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.train_tokens} training "
-        f"tokens), {what} at epoch {r.best_epoch}"
+        f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.seen_tokens:,} tokens trained, "
+        f"{r.train_tokens:,} in the split), {what} at epoch {r.best_epoch}"
     )

@@ -190,6 +190,7 @@ class TrainResult:
     valid_ppls: list[float]
     train_tokens: int
     minutes: float
+    seen_tokens: int = 0  # trained on, all epochs (< train_tokens when --max-minutes cut epoch 1)
 
 
 def read_lines(paths: list[str]) -> list[str]:
@@ -319,6 +320,7 @@ def train_lm(
     best_ppl, best_epoch, bad, ppls = math.inf, 0, 0, []
     best_state = None
     train_tokens = sum(len(s) - 1 for s in train)
+    seen = 0
     out = Path(out_dir)
     epoch = 0
     for epoch in range(1, epochs + 1):
@@ -340,6 +342,7 @@ def train_lm(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            seen += n
             bar.update(n)
             bar.set_postfix(ppl=f"{math.exp(min(loss.item(), 50)):.1f}")
             if time.monotonic() > deadline:
@@ -364,6 +367,7 @@ def train_lm(
         best_valid_ppl=best_ppl,
         valid_ppls=ppls,
         train_tokens=train_tokens,
+        seen_tokens=seen,
         minutes=(time.monotonic() - start) / 60,
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,8 @@ class TransformerTrainResult:
         valid: Validation metrics after each epoch.
         train_loss: Mean training loss of each epoch (masked tokens for BERT, next tokens for GPT).
         train_tokens: Tokens in the training split (predicted positions for GPT, all for BERT).
+        seen_tokens: Tokens trained on, all epochs (less than one split when --max-minutes cut
+            the first epoch).
         minutes: Wall time of the training.
     """
 
@@ -84,6 +86,7 @@ class TransformerTrainResult:
     valid: list[dict] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     train_tokens: int = 0
+    seen_tokens: int = 0
     minutes: float = 0.0
 
     @property
@@ -641,7 +644,7 @@ def train_transformer_lm(
     start = time.monotonic()
     deadline = start + max_minutes * 60 if max_minutes else math.inf
     initial = evaluate()
-    best, best_epoch, bad, step = initial, 0, 0, 0
+    best, best_epoch, bad, step, seen = initial, 0, 0, 0, 0
     best_state = _cpu_state(model)
     valid_log, train_log = [], []
     epoch = 0
@@ -668,7 +671,9 @@ def train_transformer_lm(
             step += 1
             total += loss.item() * n
             count += n
-            bar.update(sum(lengths[i] for i in g))
+            done = sum(lengths[i] for i in g) - (2 * len(g) if arch == "bert" else 0)
+            seen += done  # counted as train_tokens counts (no [CLS]/[SEP])
+            bar.update(done)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if time.monotonic() > deadline:
                 timed_out = True
@@ -696,6 +701,7 @@ def train_transformer_lm(
         valid=valid_log,
         train_loss=train_log,
         train_tokens=train_tokens,
+        seen_tokens=seen,
         minutes=(time.monotonic() - start) / 60,
     )
     model.load_state_dict(best_state)

@@ -9,8 +9,8 @@ Every soft-label loss reads the cache's sparse targets as they are stored (docs/
 
 and the student's unnormalised `logits [B, L, V]`. No dense teacher distribution over V is
 ever built: the student's log-probabilities are gathered at the k ids (O(k) per position after
-one logsumexp over V), and the "rest" bin's student log-probability is a logsumexp over the
-student's logits with the top-k entries set to -inf (see `student_log_probs` for why). Padded
+one logsumexp over V), and the "rest" bin's student log-probability is the non-top-k mass summed
+term by term inside that same pass (see `student_log_probs` for why and how). Padded
 positions are dropped before any arithmetic, so their content (ids out of range, NaN log-probs)
 can change neither the loss nor the gradients.
 
@@ -229,6 +229,97 @@ def teacher_log_probs(
     return lp - norm, None
 
 
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """[N, k] bool: True at the first occurrence of each id in its row (all True when unique).
+
+    O(N k log k); lets the fused rest-bin pass count a repeated id once in the normaliser, as the
+    masked form (a set of ids) did.
+    """
+    if ids.shape[-1] <= 1:
+        return torch.ones_like(ids, dtype=torch.bool)
+    srt, order = ids.sort(dim=-1)
+    first_sorted = torch.ones_like(srt, dtype=torch.bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    return torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+
+
+class _TopkRestLSE(torch.autograd.Function):
+    """(log q[top-k], log q[rest], logsumexp) of logits z [N, V] in one softmax-shaped pass.
+
+    Forward: e = exp(z - max) once (what logsumexp does anyway), read the top k from it, zero
+    them in place, and sum: that sum is the rest mass itself, added up term by term, so there is
+    no cancellation (the total is rest + top, two positive sums). Rows whose rest underflows
+    relative to the row max (rest < tiny * V / eps, i.e. float32 exp lost digits there) are
+    redone exactly with a masked logsumexp on those rows only. e (top k zeroed) is kept for
+    backward instead of z, so no [N, V] exp is recomputed there.
+
+    Backward, with A = g_lse - sum_i g_top_i - g_rest and q = softmax(z):
+        j not in top-k:  A q_j + g_rest exp(z_j - lse_rest)   = e_j * coef[row]
+        j in top-k:      A q_j + g_top_j                     (O(k) per row, scattered)
+    one [N, V] multiply plus an O(N k) scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor, rest: bool):  # type: ignore[override]
+        vocab = z.shape[-1]
+        has_rest = rest and ids.shape[-1] < vocab
+        m = z.amax(dim=-1, keepdim=True)
+        # torch.logsumexp's convention: an all -inf (or inf) row is shifted by 0, not by inf
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.sub(z, m).exp_()
+        first = _first_occurrence(ids)
+        z_top = z.gather(-1, ids)
+        e_top = e.gather(-1, ids)
+        e.scatter_(-1, ids, 0.0)
+        rest_sum = e.sum(dim=-1)
+        total = rest_sum + torch.where(first, e_top, torch.zeros_like(e_top)).sum(dim=-1)
+        m = m.squeeze(-1)
+        lse = m + total.log()
+        log_q_topk = z_top - lse.unsqueeze(-1)
+        shift = m
+        if has_rest:
+            lse_rest = m + rest_sum.log()
+            info = torch.finfo(z.dtype)
+            # terms below `tiny` lose digits in exp; their total is at most V * tiny, so a rest
+            # sum above V * tiny / eps is exact to rounding. Below it, redo those rows exactly.
+            rows = (rest_sum < info.tiny * vocab / info.eps).nonzero().squeeze(-1)
+            if rows.numel():
+                zr = z.index_select(0, rows).scatter_(-1, ids.index_select(0, rows), _NEG_INF)
+                lr = torch.logsumexp(zr, dim=-1)
+                sr = torch.where(torch.isfinite(lr), lr, m.index_select(0, rows))
+                lse_rest = lse_rest.index_copy(0, rows, lr)
+                shift = shift.index_copy(0, rows, sr)
+                e.index_copy_(0, rows, zr.sub_(sr.unsqueeze(-1)).exp_())
+            log_q_rest = lse_rest - lse
+        else:
+            lse_rest = torch.full_like(lse, _NEG_INF)
+            log_q_rest = lse_rest
+        ctx.has_rest = has_rest
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(e, log_q_topk, lse, lse_rest, shift, ids, first)
+        return log_q_topk, log_q_rest, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_top: Tensor, g_rest: Tensor, g_lse: Tensor):  # type: ignore[override]
+        e, log_q_topk, lse, lse_rest, shift, ids, first = ctx.saved_tensors
+        if not ctx.has_rest:
+            g_rest = torch.zeros_like(g_lse)
+        a = g_lse - g_top.sum(dim=-1) - g_rest
+        coef = a * (shift - lse).exp()
+        if ctx.has_rest:
+            finite = torch.isfinite(lse_rest)
+            coef = coef + torch.where(
+                finite, g_rest * (shift - lse_rest).exp(), torch.zeros_like(coef)
+            )
+        grad = e * coef.unsqueeze(-1)
+        top = torch.where(
+            first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk)
+        )
+        grad.scatter_add_(-1, ids, g_top + top)
+        return grad, None, None
+
+
 def student_log_probs(
     logits: Tensor,
     topk_ids: Tensor,
@@ -240,20 +331,49 @@ def student_log_probs(
 
     Args:
         logits: [N, V] student logits (valid positions only).
-        topk_ids: [N, k] teacher ids (unique within a row).
+        topk_ids: [N, k] teacher ids (unique within a row; a repeated id counts once in the
+            normaliser and in the rest bin).
         temperature: student softmax temperature (logits / T).
         rest: compute the rest-bin log-prob.
 
     Returns:
         (log_q_topk [N, k], log_q_rest [N] or None, scaled logits [N, V], lse [N]) where
         log_q_rest = log sum_{j not in top-k} q(j); None when rest=False or k == V (empty rest).
+        Computed in float32 for half-precision logits.
 
-    Why the rest bin is a masked logsumexp and not log1p(-sum(exp(log_q_topk))): the student is
-    trained to put its mass on the teacher's top k, so sum_topk q -> 1 and the subtraction
-    cancels catastrophically (float32 loses the rest entirely below ~1e-7, and the gradient of
-    log1p(-x) blows up near x = 1). logsumexp over the logits with the top-k entries set to
-    -inf has no cancellation. It costs one more O(V) pass and one [N, V] copy, the same order
-    as the logsumexp the student side needs anyway; nothing dense is built for the teacher.
+    Why the rest bin is not log1p(-sum(exp(log_q_topk))): the student is trained to put its mass
+    on the teacher's top k, so sum_topk q -> 1 and the subtraction cancels catastrophically
+    (float32 loses the rest entirely below ~1e-7, and the gradient of log1p(-x) blows up near
+    x = 1). Nor log(sum_all - sum_topk), which cancels the same way. The rest mass is instead
+    summed term by term over the non-top-k entries, which has no cancellation at any peak.
+
+    How it is computed (`_TopkRestLSE`): inside the one exp(z - max) pass that the logsumexp
+    needs anyway, the top-k entries are read and zeroed in place, so one sum gives the rest and
+    the total is rest + top k. No masked [N, V] copy of the logits and no second O(V)
+    logsumexp; only rows whose rest underflows float32 (rest < ~1e-26 of the row max at
+    V = 50k) are redone with the exact masked logsumexp, on those rows alone. The backward is
+    analytic and one [N, V] multiply: d lse / dz = q, d log_q_topk / dz_j = [j = t_i] - q_j,
+    d log_q_rest / dz_j = [j not in top-k] exp(z_j - lse_rest) - q_j. The previous form,
+    logsumexp(z.scatter(top-k, -inf)) with autograd through it, gave the same values and cost
+    1.73x plain CE_ls at V = 5000 (docs/performance/training.md has the numbers and the bench).
+    """
+    if temperature <= 0:
+        raise ValueError(f"student temperature must be > 0, got {temperature}")
+    z = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    log_q_topk, log_q_rest, lse = _TopkRestLSE.apply(z, topk_ids, rest)
+    if not (rest and topk_ids.shape[-1] < z.shape[-1]):
+        log_q_rest = None
+    return log_q_topk, log_q_rest, z, lse
+
+
+def _student_log_probs_masked(
+    logits: Tensor, topk_ids: Tensor, *, temperature: float = 1.0, rest: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The previous `student_log_probs`: autograd through logsumexp of a masked [N, V] copy.
+
+    Kept as the reference the fused form is tested against and for bench/rest_bin.py.
     """
     if temperature <= 0:
         raise ValueError(f"student temperature must be > 0, got {temperature}")

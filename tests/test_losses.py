@@ -738,3 +738,116 @@ def test_infonce_is_computed_in_float32_under_autocast():
         got = losses.acd_infonce_loss(s, e, mask, negative_indices=neg)
     assert ref > 1.0 and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- fused rest bin
+
+
+def dense_student_reference(logits64, ids, temperature):
+    """float64, the obvious way: log-softmax, gather, and the rest as a masked logsumexp."""
+    z = logits64 / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    in_top = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)
+    lse_rest = torch.logsumexp(z.masked_fill(in_top, float("-inf")), dim=-1)
+    return z.gather(-1, ids) - lse.unsqueeze(-1), lse_rest - lse, lse
+
+
+def student_rows(N=12, V=50, k=5, seed=0, T=1.0):
+    """Random rows, plus peaked rows: top-k mass > 1 - 1e-7 (where log1p(-sum) cancels) and
+    beyond float32 range (rest < 1e-40 of the max: the rows the fused pass redoes exactly),
+    and a row of tied logits."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, V, generator=g, dtype=DT) * 2.0 * T  # z / T: the same rows at any T
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    for row, boost in ((1, 28.0), (2, 22.0), (3, 120.0)):  # rest ~ 1e-10, 1e-8, 1e-51 at T
+        z[row].scatter_add_(-1, ids[row], torch.full((k,), boost * T, dtype=DT))
+    z[4] = torch.randint(0, 3, (V,), generator=g).to(DT)  # ties, across the top-k boundary
+    return z, ids
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+@pytest.mark.parametrize("T", [1.0, 0.5, 3.0])
+@pytest.mark.parametrize("rest", [True, False])
+def test_fused_rest_bin_values_and_gradients_match_float64_dense(k, T, rest):
+    z64, ids = student_rows(k=k, T=T)
+    logits = z64.float().requires_grad_(True)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    lq, lq_rest, z, lse = losses.student_log_probs(logits, ids, temperature=T, rest=rest)
+    r_lq, r_rest, r_lse = dense_student_reference(ref_logits, ids, T)
+    assert lq.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(lq.double(), r_lq, **TOL)
+    torch.testing.assert_close(lse.double(), r_lse, **TOL)
+    if not rest or k == 50:
+        assert lq_rest is None
+    else:
+        assert lq_rest.dtype == torch.float32
+        # the cancellation case is really there: top-k mass above 1 - 1e-7 in rows 1-3
+        assert (r_rest[1:4] < math.log(1e-7)).all() and r_rest[3] < -100.0
+        torch.testing.assert_close(lq_rest.double(), r_rest, rtol=1e-6, atol=1e-5)
+    # gradients of a random combination of every output (z too: callers use it)
+    g = torch.Generator().manual_seed(1)
+    w_top, w_rest, w_lse = (torch.randn(s, generator=g, dtype=DT) for s in (lq.shape, (12,), (12,)))
+    w_z = torch.randn(z.shape, generator=g, dtype=DT)
+
+    def combo(lq, lq_rest, z, lse):
+        out = (w_top * lq).sum() + (w_lse * lse).sum() + (w_z * z).sum() * 1e-2
+        return out if lq_rest is None else out + (w_rest * lq_rest).sum()
+
+    (grad,) = torch.autograd.grad(combo(lq.double(), None if lq_rest is None else lq_rest.double(),
+                                        z.double(), lse.double()), logits)  # fmt: skip
+    (ref,) = torch.autograd.grad(
+        combo(r_lq, None if lq_rest is None else r_rest, ref_logits / T, r_lse), ref_logits
+    )
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), ref, **TOL)
+
+
+def test_fused_rest_bin_bfloat16_logits_compute_in_float32():
+    z64, ids = student_rows(T=2.0)
+    logits = z64.bfloat16().requires_grad_(True)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    lq, lq_rest, z, lse = losses.student_log_probs(logits, ids, temperature=2.0)
+    assert lq.dtype == lq_rest.dtype == lse.dtype == z.dtype == torch.float32
+    r_lq, r_rest, r_lse = dense_student_reference(ref_logits, ids, 2.0)
+    torch.testing.assert_close(lq.double(), r_lq, **TOL)
+    torch.testing.assert_close(lq_rest.double(), r_rest, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse.double(), r_lse, **TOL)
+    (grad,) = torch.autograd.grad(lq_rest.sum() - lq.sum(), logits)
+    (ref,) = torch.autograd.grad(r_rest.sum() - r_lq.sum(), ref_logits)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_rest_bin_gradcheck_float64_including_a_row_beyond_float64_range():
+    z, ids = student_rows(N=5, V=9, k=3, seed=3)
+    # float64 redoes a row exactly once its rest is below ~1e-290 of the max
+    z[0].scatter_add_(-1, ids[0], torch.full((3,), 800.0, dtype=DT))
+    for T in (1.0, 1.7):
+        assert torch.autograd.gradcheck(
+            lambda x, T=T: losses.student_log_probs(x, ids, temperature=T)[:2]
+            + losses.student_log_probs(x, ids, temperature=T)[3:],
+            (z.clone().requires_grad_(True),),
+        )
+
+
+def test_fused_rest_bin_repeated_ids_and_empty_rest():
+    z, ids = student_rows(N=5, V=9, k=3, seed=4)
+    ids[:, 2] = ids[:, 0]  # a repeated id counts once, as in the masked form
+    logits = z.clone().requires_grad_(True)
+    ref_logits = z.clone().requires_grad_(True)
+    got = losses.student_log_probs(logits, ids, temperature=1.3)
+    ref = losses._student_log_probs_masked(ref_logits, ids, temperature=1.3)
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:], strict=True):
+        torch.testing.assert_close(a, b)
+    (ga,) = torch.autograd.grad(got[0].sum() + got[1].sum() + got[3].sum(), logits)
+    (gb,) = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[3].sum(), ref_logits)
+    torch.testing.assert_close(ga, gb)
+    # every non-top-k logit at -inf: rest -inf, and finite gradients for the other outputs
+    z2 = torch.full((2, 6), float("-inf"), dtype=DT)
+    z2[:, :2] = torch.tensor([[1.0, 2.0], [0.0, -3.0]], dtype=DT)
+    x = z2.clone().requires_grad_(True)
+    lq, lq_rest, _, lse = losses.student_log_probs(x, torch.tensor([[0, 1], [1, 0]]))
+    assert torch.isneginf(lq_rest).all()
+    (g,) = torch.autograd.grad(lq.sum() + lse.sum() + 0.0 * lq_rest.clamp(min=-1e30).sum(), x)
+    ref = torch.softmax(z2, -1) * -1.0 + torch.tensor([[1.0, 1.0, 0, 0, 0, 0]] * 2, dtype=DT)
+    torch.testing.assert_close(g, ref)

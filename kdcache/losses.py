@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -243,26 +243,37 @@ def _first_occurrence(ids: Tensor) -> Tensor:
     return torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
 
 
-class _TopkRestLSE(torch.autograd.Function):
-    """(log q[top-k], log q[rest], logsumexp) of logits z [N, V] in one softmax-shaped pass.
+class _SoftmaxStats(torch.autograd.Function):
+    """Everything the sparse losses read from the student's logits z [N, V], in one pass:
 
-    Forward: e = exp(z - max) once (what logsumexp does anyway), read the top k from it, zero
-    them in place, and sum: that sum is the rest mass itself, added up term by term, so there is
-    no cancellation (the total is rest + top, two positive sums). Rows whose rest underflows
-    relative to the row max (rest < tiny * V / eps, i.e. float32 exp lost digits there) are
-    redone exactly with a masked logsumexp on those rows only. e (top k zeroed) is kept for
-    backward instead of z, so no [N, V] exp is recomputed there.
+        log_q_topk [N, k]  z[top-k] - lse
+        log_q_rest [N]     log of the softmax mass outside the top k (-inf when k == V / off)
+        lse        [N]     logsumexp(z)
+        z_y        [N]     z at the hard label (an empty tensor when there is none)
+        z_mean     [N]     mean of z over V, for label smoothing (empty when not asked)
+
+    Forward: e = exp(z - max) once (what a logsumexp does anyway), read the top k from it, zero
+    them in place, and sum: that sum is the rest mass itself, added term by term, so there is no
+    cancellation however peaked the row (the total is rest + top k, two positive sums). Rows
+    whose rest underflows relative to the row max (rest < tiny * V / eps: float32 exp has lost
+    digits there) are redone exactly with a masked logsumexp, on those rows only. e (top k
+    zeroed) is kept for backward instead of z, so backward recomputes no exp.
 
     Backward, with A = g_lse - sum_i g_top_i - g_rest and q = softmax(z):
-        j not in top-k:  A q_j + g_rest exp(z_j - lse_rest)   = e_j * coef[row]
-        j in top-k:      A q_j + g_top_j                     (O(k) per row, scattered)
-    one [N, V] multiply plus an O(N k) scatter.
+        j not in top-k:  A q_j + g_rest exp(z_j - lse_rest) + g_mean / V   = e_j c_row + g_mean / V
+        j in top-k:      A q_j + g_top_j + g_mean / V                      (O(k), scattered)
+        plus g_y at the label (O(1), scattered)
+    one [N, V] multiply-add for the whole CE_ls + soft-label gradient, where autograd through
+    logsumexp, gather and mean would materialise and add one [N, V] gradient for each.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, ids: Tensor, rest: bool):  # type: ignore[override]
+    def forward(ctx, z: Tensor, ids: Tensor, rest: bool, targets: Tensor | None, mean: bool):  # type: ignore[override]
         vocab = z.shape[-1]
         has_rest = rest and ids.shape[-1] < vocab
+        empty = z.new_empty(0)
+        z_y = empty if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        z_mean = z.mean(dim=-1) if mean else empty
         m = z.amax(dim=-1, keepdim=True)
         # torch.logsumexp's convention: an all -inf (or inf) row is shifted by 0, not by inf
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -294,15 +305,15 @@ class _TopkRestLSE(torch.autograd.Function):
         else:
             lse_rest = torch.full_like(lse, _NEG_INF)
             log_q_rest = lse_rest
-        ctx.has_rest = has_rest
+        ctx.has_rest, ctx.mean, ctx.vocab = has_rest, mean, vocab
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(e, log_q_topk, lse, lse_rest, shift, ids, first)
-        return log_q_topk, log_q_rest, lse
+            ctx.save_for_backward(e, log_q_topk, lse, lse_rest, shift, ids, first, targets)
+        return log_q_topk, log_q_rest, lse, z_y, z_mean
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_top: Tensor, g_rest: Tensor, g_lse: Tensor):  # type: ignore[override]
-        e, log_q_topk, lse, lse_rest, shift, ids, first = ctx.saved_tensors
+    def backward(ctx, g_top, g_rest, g_lse, g_y, g_mean):  # type: ignore[override]
+        e, log_q_topk, lse, lse_rest, shift, ids, first, targets = ctx.saved_tensors
         if not ctx.has_rest:
             g_rest = torch.zeros_like(g_lse)
         a = g_lse - g_top.sum(dim=-1) - g_rest
@@ -312,12 +323,63 @@ class _TopkRestLSE(torch.autograd.Function):
             coef = coef + torch.where(
                 finite, g_rest * (shift - lse_rest).exp(), torch.zeros_like(coef)
             )
-        grad = e * coef.unsqueeze(-1)
-        top = torch.where(
-            first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk)
-        )
+        if ctx.mean:
+            grad = torch.addcmul((g_mean / ctx.vocab).unsqueeze(-1), e, coef.unsqueeze(-1))
+        else:
+            grad = e * coef.unsqueeze(-1)
+        # the top k: e is zero there, so the scatter adds A q_j + g_top_j (a repeated id once)
+        top = torch.where(first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk))
         grad.scatter_add_(-1, ids, g_top + top)
-        return grad, None, None
+        if targets is not None:
+            grad.scatter_add_(-1, targets.unsqueeze(-1), g_y.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+class _Student(NamedTuple):
+    """The student side of a sparse loss, over the valid rows (see `_student`)."""
+
+    log_q: Tensor  # [N, k] log q at the teacher's ids
+    log_q_rest: Tensor | None  # [N] log q of the rest bin; None if not asked or k == V
+    lse: Tensor  # [N] logsumexp of the (tempered) logits
+    z_y: Tensor | None  # [N] (tempered) logit at the hard label, when targets are given
+    z_mean: Tensor | None  # [N] mean (tempered) logit, when mean=True (label smoothing)
+    z: Tensor  # [N, V] the tempered logits in the compute dtype
+
+
+# The previous, unfused student side (autograd through a masked logsumexp, gather and mean);
+# tests and bench/train_overhead.py set this to compare against it. Not an option for users.
+_MASKED_REFERENCE = False
+
+
+def _student(
+    logits: Tensor,
+    ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    rest: bool = True,
+    targets: Tensor | None = None,
+    mean: bool = False,
+) -> _Student:
+    if temperature <= 0:
+        raise ValueError(f"student temperature must be > 0, got {temperature}")
+    if _MASKED_REFERENCE:
+        log_q, log_q_rest, z, lse = _student_log_probs_masked(
+            logits, ids, temperature=temperature, rest=rest
+        )
+        z_y = None if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return _Student(log_q, log_q_rest, lse, z_y, z.mean(dim=-1) if mean else None, z)
+    z = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    log_q, log_q_rest, lse, z_y, z_mean = _SoftmaxStats.apply(z, ids, rest, targets, mean)
+    return _Student(
+        log_q,
+        log_q_rest if rest and ids.shape[-1] < z.shape[-1] else None,
+        lse,
+        None if targets is None else z_y,
+        z_mean if mean else None,
+        z,
+    )
 
 
 def student_log_probs(
@@ -347,25 +409,20 @@ def student_log_probs(
     x = 1). Nor log(sum_all - sum_topk), which cancels the same way. The rest mass is instead
     summed term by term over the non-top-k entries, which has no cancellation at any peak.
 
-    How it is computed (`_TopkRestLSE`): inside the one exp(z - max) pass that the logsumexp
-    needs anyway, the top-k entries are read and zeroed in place, so one sum gives the rest and
-    the total is rest + top k. No masked [N, V] copy of the logits and no second O(V)
-    logsumexp; only rows whose rest underflows float32 (rest < ~1e-26 of the row max at
-    V = 50k) are redone with the exact masked logsumexp, on those rows alone. The backward is
-    analytic and one [N, V] multiply: d lse / dz = q, d log_q_topk / dz_j = [j = t_i] - q_j,
-    d log_q_rest / dz_j = [j not in top-k] exp(z_j - lse_rest) - q_j. The previous form,
+    How (`_SoftmaxStats`): inside the one exp(z - max) pass that the logsumexp needs anyway,
+    the top-k entries are read and zeroed in place, so one sum gives the rest and the total is
+    rest + top k. No masked [N, V] copy of the logits and no second O(V) logsumexp; only rows
+    whose rest underflows float32 (rest < ~1e-26 of the row max at V = 50k) are redone with
+    the exact masked logsumexp, on those rows alone. The backward is analytic, one [N, V]
+    multiply: d lse / dz = q, d log_q_topk_i / dz_j = [j = t_i] - q_j,
+    d log_q_rest / dz_j = [j not in top-k] exp(z_j - lse_rest) - q_j. The losses of this module
+    go through the same pass with the hard label and the label-smoothing mean folded in, so
+    CE_ls + soft labels backpropagate as one multiply-add. The previous form,
     logsumexp(z.scatter(top-k, -inf)) with autograd through it, gave the same values and cost
-    1.73x plain CE_ls at V = 5000 (docs/performance/training.md has the numbers and the bench).
+    1.7x plain CE_ls (docs/performance/training.md: the numbers and the command).
     """
-    if temperature <= 0:
-        raise ValueError(f"student temperature must be > 0, got {temperature}")
-    z = logits.to(_compute_dtype(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    log_q_topk, log_q_rest, lse = _TopkRestLSE.apply(z, topk_ids, rest)
-    if not (rest and topk_ids.shape[-1] < z.shape[-1]):
-        log_q_rest = None
-    return log_q_topk, log_q_rest, z, lse
+    st = _student(logits, topk_ids, temperature=temperature, rest=rest)
+    return st.log_q, st.log_q_rest, st.z, st.lse
 
 
 def _student_log_probs_masked(
@@ -373,7 +430,7 @@ def _student_log_probs_masked(
 ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """The previous `student_log_probs`: autograd through logsumexp of a masked [N, V] copy.
 
-    Kept as the reference the fused form is tested against and for bench/rest_bin.py.
+    Kept as the reference the fused form is tested and benchmarked against.
     """
     if temperature <= 0:
         raise ValueError(f"student temperature must be > 0, got {temperature}")
@@ -441,12 +498,16 @@ def _sparse_rows(
     teacher_temperature: float | None,
     build_temperature: float | None,
     soft_mask: Tensor | None = None,
-):
+    targets: Tensor | None = None,
+    mean: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, _Student]:
     """Shared front half: select the rows of `mask`, form teacher and student log-probs.
 
     Rows of `mask` outside `soft_mask` (positions with no teacher target) get a harmless
     placeholder teacher (ids 0..k-1, uniform), so their garbage never reaches the arithmetic;
-    callers discard their soft terms via the returned `is_soft` [N].
+    callers discard their soft terms via the returned `is_soft` [N]. `targets` [B, L] (hard
+    labels, checked at the valid positions) and `mean` (label smoothing) go through the same
+    student pass (`_SoftmaxStats`). Returns (idx, is_soft, log_p, log_p_rest, student).
     """
     _check_common(student_logits, topk_ids, topk_logprobs, tail_logmass, mask)
     _check_tail(tail)
@@ -468,10 +529,17 @@ def _sparse_rows(
     )
     if k is not None:
         ids = ids[:, :k]
-    log_q, log_q_rest, z, lse = student_log_probs(
-        _rows(student_logits, idx), ids, temperature=student_temperature, rest=tail == "rest_bin"
+    if targets is not None:
+        targets = _check_targets(targets, mask, student_logits.shape[-1], idx)
+    st = _student(
+        _rows(student_logits, idx),
+        ids,
+        temperature=student_temperature,
+        rest=tail == "rest_bin",
+        targets=targets,
+        mean=mean,
     )
-    return idx, is_soft, log_p, log_p_rest, log_q, log_q_rest, z, lse
+    return idx, is_soft, log_p, log_p_rest, st
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +585,7 @@ def sparse_kd_ce(
     Returns:
         Scalar loss, or [B, L] per-position losses (zeros at padding) for reduction="none".
     """
-    idx, _, log_p, log_p_rest, log_q, log_q_rest, _, _ = _sparse_rows(
+    idx, _, log_p, log_p_rest, st = _sparse_rows(
         student_logits,
         topk_ids,
         topk_logprobs,
@@ -530,7 +598,7 @@ def sparse_kd_ce(
         build_temperature=build_temperature,
     )
     return _reduce(
-        _scatter_rows(_soft_ce_rows(log_p, log_p_rest, log_q, log_q_rest), idx, mask),
+        _scatter_rows(_soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
         mask,
         reduction,
     )
@@ -561,7 +629,7 @@ def sparse_kd_kl(
 
     Args and Returns: as `sparse_kd_ce`.
     """
-    idx, _, log_p, log_p_rest, log_q, log_q_rest, _, _ = _sparse_rows(
+    idx, _, log_p, log_p_rest, st = _sparse_rows(
         student_logits,
         topk_ids,
         topk_logprobs,
@@ -574,17 +642,19 @@ def sparse_kd_kl(
         build_temperature=build_temperature,
     )
     return _reduce(
-        _scatter_rows(_kl_rows(log_p, log_p_rest, log_q, log_q_rest), idx, mask), mask, reduction
+        _scatter_rows(_kl_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
+        mask,
+        reduction,
     )
 
 
-def _hard_ce_rows(z: Tensor, lse: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
-    """(1 - eps) * -log q(y) + eps * -mean_v log q(v) per row (torch's label smoothing)."""
-    nll = lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def _hard_ce_rows(st: _Student, label_smoothing: float) -> Tensor:
+    """(1 - eps) * -log q(y) + eps * -mean_v log q(v) per row (torch's label smoothing), from a
+    student pass given the targets (and mean=True when eps > 0)."""
+    nll = st.lse - st.z_y
     if label_smoothing == 0.0:
         return nll
-    smooth = lse - z.mean(dim=-1)
-    return (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    return (1.0 - label_smoothing) * nll + label_smoothing * (st.lse - st.z_mean)
 
 
 def _check_targets(targets: Tensor, mask: Tensor, vocab: int, idx: Tensor) -> Tensor:
@@ -626,11 +696,11 @@ def hard_ce(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     idx = _valid_index(mask)
     t = _check_targets(targets, mask, logits.shape[-1], idx)
-    z = _rows(logits, idx).to(_compute_dtype(logits))
-    lse = torch.logsumexp(z, dim=-1)
-    return _reduce(
-        _scatter_rows(_hard_ce_rows(z, lse, t, label_smoothing), idx, mask), mask, reduction
+    # the label doubles as the (k = 1) gathered id: one softmax pass, one [N, V] backward
+    st = _student(
+        _rows(logits, idx), t.unsqueeze(-1), rest=False, targets=t, mean=label_smoothing > 0.0
     )
+    return _reduce(_scatter_rows(_hard_ce_rows(st, label_smoothing), idx, mask), mask, reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +758,7 @@ def lst_loss(
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    idx, is_soft, log_p, log_p_rest, log_q, log_q_rest, z, lse = _sparse_rows(
+    idx, is_soft, log_p, log_p_rest, st = _sparse_rows(
         logits,
         topk_ids,
         topk_logprobs,
@@ -700,11 +770,11 @@ def lst_loss(
         teacher_temperature=None if build_temperature is None else temperature,
         build_temperature=build_temperature,
         soft_mask=_soft_mask(mask, teacher_mask),
+        targets=targets,
+        mean=label_smoothing > 0.0,
     )
-    hard = _hard_ce_rows(
-        z, lse, _check_targets(targets, mask, logits.shape[-1], idx), label_smoothing
-    )
-    soft = _soft_ce_rows(log_p, log_p_rest, log_q, log_q_rest)
+    hard = _hard_ce_rows(st, label_smoothing)
+    soft = _soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest)
     rows = torch.where(is_soft, (1.0 - weight) * hard + weight * soft, hard)
     return _reduce(_scatter_rows(rows, idx, mask), mask, reduction)
 
@@ -847,7 +917,7 @@ def essence_kd_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    idx, is_soft, log_p, _, log_q, _, z, lse = _sparse_rows(
+    idx, is_soft, log_p, _, st = _sparse_rows(
         logits,
         topk_ids,
         topk_logprobs,
@@ -859,9 +929,10 @@ def essence_kd_loss(
         teacher_temperature=temperature,
         build_temperature=build_temperature,
         soft_mask=_soft_mask(mask, teacher_mask),
+        targets=targets,
     )
-    hard = _hard_ce_rows(z, lse, _check_targets(targets, mask, logits.shape[-1], idx), 0.0)
-    soft = torch.where(is_soft, _soft_ce_rows(log_p, None, log_q, None), torch.zeros_like(hard))
+    hard = _hard_ce_rows(st, 0.0)
+    soft = torch.where(is_soft, _soft_ce_rows(log_p, None, st.log_q, None), torch.zeros_like(hard))
     return _reduce(_scatter_rows(alpha * hard + (1.0 - alpha) * soft, idx, mask), mask, reduction)
 
 
@@ -922,7 +993,7 @@ def interaed_kd_loss(
     soft_mask = _soft_mask(mask, teacher_mask)
     total = None
     for logits in aux_logits:
-        idx, is_soft, log_p, _, log_q, _, z, lse = _sparse_rows(
+        idx, is_soft, log_p, _, st = _sparse_rows(
             logits,
             topk_ids,
             topk_logprobs,
@@ -934,10 +1005,12 @@ def interaed_kd_loss(
             teacher_temperature=None if build_temperature is None else temperature,
             build_temperature=build_temperature,
             soft_mask=soft_mask,
+            targets=targets,
+            mean=mix_with == "uniform",
         )
-        hard = _hard_ce_rows(z, lse, _check_targets(targets, mask, logits.shape[-1], idx), 0.0)
-        other = hard if mix_with == "label" else lse - z.mean(dim=-1)
-        soft = _soft_ce_rows(log_p, None, log_q, None)
+        hard = _hard_ce_rows(st, 0.0)
+        other = hard if mix_with == "label" else st.lse - st.z_mean
+        soft = _soft_ce_rows(log_p, None, st.log_q, None)
         rows = torch.where(is_soft, mix * soft + (1.0 - mix) * other, hard)
         per_pos = _scatter_rows(rows, idx, mask)
         total = per_pos if total is None else total + per_pos

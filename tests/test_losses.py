@@ -851,3 +851,77 @@ def test_fused_rest_bin_repeated_ids_and_empty_rest():
     (g,) = torch.autograd.grad(lq.sum() + lse.sum() + 0.0 * lq_rest.clamp(min=-1e30).sum(), x)
     ref = torch.softmax(z2, -1) * -1.0 + torch.tensor([[1.0, 1.0, 0, 0, 0, 0]] * 2, dtype=DT)
     torch.testing.assert_close(g, ref)
+
+
+def _every_caller(s, aux, y, ids, vals, tail, m, tmask):
+    """Each loss of the module that reads student logits, at settings that exercise the rest
+    bin, temperatures != 1, label smoothing, teacher masks and the uniform mix."""
+    common = (ids, vals, tail, m)
+    out = {}
+    for eps in (0.0, 0.1):
+        out[f"hard_ce eps={eps}"] = losses.hard_ce(s, y, m, label_smoothing=eps)
+        out[f"lst eps={eps}"] = losses.lst_loss(
+            s, y, *common, label_smoothing=eps, build_temperature=1.0, teacher_mask=tmask
+        )
+    for tail_mode in ("rest_bin", "renormalize"):
+        for fn in (losses.sparse_kd_ce, losses.sparse_kd_kl):
+            out[f"{fn.__name__} {tail_mode}"] = fn(
+                s, *common, tail=tail_mode, k=3, student_temperature=2.0,
+                teacher_temperature=2.0, build_temperature=1.0,
+            )  # fmt: skip
+    out["multitask"] = losses.multitask_kd_loss(
+        s, aux, y, *common, lam=0.3, temperature=2.0, build_temperature=1.0, teacher_mask=tmask
+    )
+    out["essence"] = losses.essence_kd_loss(s, y, *common, alpha=0.4, k=3, teacher_mask=tmask)
+    for mix_with in ("label", "uniform"):
+        out[f"interaed {mix_with}"] = losses.interaed_kd_loss(
+            [s, aux], y, *common, k=3, build_temperature=1.0, mix_with=mix_with,
+            teacher_mask=tmask,
+        )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_caller_gives_the_masked_forms_values_and_gradients(dtype, monkeypatch):
+    c = case(B=3, L=6, V=40, k=6, lengths=[6, 4, 2])
+    s = c["student"].clone()
+    s[0, 0].scatter_add_(-1, c["ids"][0, 0], torch.full((6,), 30.0, dtype=DT))  # rest ~ 1e-12
+    s[0, 1].scatter_add_(-1, c["ids"][0, 1], torch.full((6,), 150.0, dtype=DT))  # underflows
+    aux = s.flip(-1)
+    tmask = c["mask"].clone()
+    tmask[1, 3] = False
+    got, ref = {}, {}
+    for masked, out in ((False, got), (True, ref)):
+        monkeypatch.setattr(losses, "_MASKED_REFERENCE", masked)
+        x, xa = (t.to(dtype).requires_grad_(True) for t in (s, aux))
+        for name, loss in _every_caller(
+            x, xa, c["targets"], c["ids"], c["vals"], c["tail"], c["mask"], tmask
+        ).items():
+            out[name] = (loss, *torch.autograd.grad(loss, (x, xa), allow_unused=True))
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for name, (loss, g, ga) in got.items():
+        r_loss, r_g, r_ga = ref[name]
+        assert loss.dtype == r_loss.dtype and g.dtype == dtype, name
+        torch.testing.assert_close(loss, r_loss, **TOL, msg=name)
+        torch.testing.assert_close(g, r_g, **tol, msg=name)
+        if r_ga is None:
+            assert ga is None, name
+        else:
+            torch.testing.assert_close(ga, r_ga, **tol, msg=name)
+
+
+def test_gradcheck_losses_with_hard_labels_and_label_smoothing():
+    c = case(B=2, L=3, V=7, k=3, lengths=[3, 2])
+    y, ids, vals, tail, m = c["targets"], c["ids"], c["vals"], c["tail"], c["mask"]
+    tmask = m.clone()
+    tmask[0, 1] = False
+    fns = [
+        lambda s: losses.hard_ce(s, y, m, label_smoothing=0.3),
+        lambda s: losses.lst_loss(s, y, ids, vals, tail, m, weight=0.4, label_smoothing=0.2,
+                                  build_temperature=1.0, teacher_mask=tmask),  # fmt: skip
+        lambda s: losses.essence_kd_loss(s, y, ids, vals, tail, m, alpha=0.3, k=2),
+        lambda s: losses.interaed_kd_loss([s, s * 0.5], y, ids, vals, tail, m, k=2,
+                                          build_temperature=1.0, mix_with="uniform"),  # fmt: skip
+    ]
+    for fn in fns:
+        assert torch.autograd.gradcheck(fn, (c["student"].clone().requires_grad_(True),))

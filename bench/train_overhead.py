@@ -80,6 +80,12 @@ def main() -> None:
         default=2560,
         help="--loss-vocab: decoder positions per batch (utterances of 40 tokens)",
     )
+    ap.add_argument(
+        "--loss-padding",
+        type=float,
+        default=0.2,
+        help="--loss-vocab: share of the positions that are padding (0 to 0.5)",
+    )
     args = ap.parse_args()
     known = ("none", "cached_lst", "online_lstm", "online_bert", "online_bertmasked")
     bad = [m for m in args.modes.split(",") if m not in known]
@@ -224,14 +230,16 @@ def bench_loss(args) -> None:
 
     Forms, all on the same [N, V] logits (N = --loss-positions in utterances of 40 tokens):
       ce_ls       kdcache.losses.hard_ce(label_smoothing=0.1) as shipped: the first baseline
-      torch_ce    torch.nn.functional.cross_entropy(label_smoothing=0.1): torch's own fused CE,
-                  the second baseline (no row selection: it ignores the mask)
+      torch_ce    torch.nn.functional.cross_entropy(label_smoothing=0.1, ignore_index=-100)
+                  on all [B * 40] rows, padding labelled -100: torch's own fused CE, the
+                  second baseline
       lst         lst_loss (w = 0.1, T = 5, rest bin) as shipped: one fused softmax pass
                   (losses._SoftmaxStats) for CE_ls and the soft labels
       ce_ls_old, lst_old  the same two losses the previous way (losses._MASKED_REFERENCE):
                   autograd through logsumexp, gather, mean, and for the rest bin a second
                   logsumexp over a masked [N, V] copy of the logits
-    Vocabularies and forms are interleaved inside every round; each ratio is taken within a
+    Utterance lengths fall evenly from 40 to 40 * (1 - 2 * --loss-padding), so that share of
+    the positions is padding. Vocabularies and forms are interleaved inside every round; each ratio is taken within a
     round and the median over rounds is printed, so load drifting between rounds cancels.
     """
     import torch
@@ -258,7 +266,9 @@ def bench_loss(args) -> None:
         g = torch.Generator().manual_seed(0)
         logits = torch.randn(b, length, v, generator=g, requires_grad=True)
         y = torch.randint(0, v, (b, length), generator=g)
-        mask = torch.ones(b, length, dtype=torch.bool)
+        lengths = torch.linspace(length, length * (1 - 2 * args.loss_padding), b).round()
+        mask = torch.arange(length) < lengths.unsqueeze(1)
+        y_ignore = y.masked_fill(~mask, -100).reshape(-1)
         top_lp, top_ids = torch.randn(b, length, v, generator=g).log_softmax(-1).topk(k, -1)
         tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
 
@@ -266,21 +276,23 @@ def bench_loss(args) -> None:
             return losses.hard_ce(logits, y, mask, label_smoothing=0.1)
 
         def torch_ce():
-            return F.cross_entropy(logits.reshape(-1, v), y.reshape(-1), label_smoothing=0.1)
+            return F.cross_entropy(logits.reshape(-1, v), y_ignore, label_smoothing=0.1)
 
         def lst():
             return losses.lst_loss(logits, y, top_ids, top_lp, tail, mask, label_smoothing=0.1,
                                    build_temperature=5.0)  # fmt: skip
 
-        return logits, {"ce_ls": ce_ls, "torch_ce": torch_ce, "lst": lst,
-                        "ce_ls_old": old(ce_ls), "lst_old": old(lst)}  # fmt: skip
+        fns = {"ce_ls": ce_ls, "torch_ce": torch_ce, "lst": lst,
+               "ce_ls_old": old(ce_ls), "lst_old": old(lst)}  # fmt: skip
+        return logits, fns, mask
 
     setups = {v: setup(v) for v in vocabs}
+    n_valid = int(setups[vocabs[0]][2].sum())
     forms = list(setups[vocabs[0]][1])
     res = {(v, f): [] for v in vocabs for f in forms}
     for r in range(args.rounds + 1):  # round 0 warms up and is not counted
         for v in vocabs:
-            logits, fns = setups[v]
+            logits, fns, _ = setups[v]
             for f in forms:
                 t = time.perf_counter()
                 for _ in range(args.steps):
@@ -292,7 +304,8 @@ def bench_loss(args) -> None:
             print(f"round {r}/{args.rounds} (ms): " + "; ".join(
                 f"V={v} " + " ".join(f"{f} {res[v, f][-1] * 1000:.0f}" for f in forms)
                 for v in vocabs))  # fmt: skip
-    print(f"\ndecoder loss fwd+bwd on [{b}, {length}, V] logits ({b * length} positions), k={k}, "
+    print(f"\ndecoder loss fwd+bwd on [{b}, {length}, V] logits ({b * length} positions, "
+          f"{n_valid} not padding), k={k}, "
           f"threads={args.threads}, {args.rounds} rounds x {args.steps} steps; "
           "ratios = median over rounds of (form / baseline) within a round")  # fmt: skip
     print(f"{'V':>7} {'':<14}" + "".join(f"{f:>11}" for f in forms))

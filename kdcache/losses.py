@@ -244,7 +244,12 @@ def _first_occurrence(ids: Tensor) -> Tensor:
 
 
 class _SoftmaxStats(torch.autograd.Function):
-    """Everything the sparse losses read from the student's logits z [N, V], in one pass:
+    """Everything the sparse losses read from the student's logits, in one pass.
+
+    Inputs: logits [R, V] (any float dtype; computed in `_compute_dtype`), idx [N] the sorted
+    valid rows (None: all R), ids [N, k] teacher ids, targets [N] hard labels or None, mean
+    (label smoothing wants the mean logit), temperature T (the logits are divided by it).
+    Outputs, over the N valid rows, of z = logits / T:
 
         log_q_topk [N, k]  z[top-k] - lse
         log_q_rest [N]     log of the softmax mass outside the top k (-inf when k == V / off)
@@ -259,80 +264,138 @@ class _SoftmaxStats(torch.autograd.Function):
     digits there) are redone exactly with a masked logsumexp, on those rows only. e (top k
     zeroed) is kept for backward instead of z, so backward recomputes no exp.
 
+    Rows: when at least half of the R rows are valid, e covers all R (the padding rows' exp is
+    computed and zeroed, their ids replaced by a placeholder, their gradient exactly 0), so no
+    [N, V] copy of the valid rows is made and the gradient needs no scatter back into [R, V];
+    otherwise the valid rows are copied out once and that copy becomes e in place.
+
     Backward, with A = g_lse - sum_i g_top_i - g_rest and q = softmax(z):
         j not in top-k:  A q_j + g_rest exp(z_j - lse_rest) + g_mean / V   = e_j c_row + g_mean / V
         j in top-k:      A q_j + g_top_j + g_mean / V                      (O(k), scattered)
-        plus g_y at the label (O(1), scattered)
-    one [N, V] multiply-add for the whole CE_ls + soft-label gradient, where autograd through
-    logsumexp, gather and mean would materialise and add one [N, V] gradient for each.
+        plus g_y at the label (O(1), scattered), all divided by T for d/dlogits
+    one [R, V] multiply-add for the whole CE_ls + soft-label gradient, where autograd through
+    row selection, logsumexp, gather and mean would materialise and add an [N, V] gradient each.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, ids: Tensor, rest: bool, targets: Tensor | None, mean: bool):  # type: ignore[override]
-        vocab = z.shape[-1]
+    def forward(ctx, logits, idx, ids, rest, targets, mean, temperature):  # type: ignore[override]
+        n_all, vocab = logits.shape
+        dtype = _compute_dtype(logits)
+        if idx is not None and idx.numel() == n_all:
+            idx = None  # sorted and unique: every row
+        sel = None  # the valid rows of the working buffer, when it also holds padding rows
+        if idx is None:
+            z, own = logits, False
+        elif 2 * idx.numel() >= n_all:
+            z, own, sel = logits, False, idx
+        else:
+            z, own = logits.index_select(0, idx), True
+        if z.dtype != dtype:
+            z, own = z.to(dtype), True
+        if temperature != 1.0:
+            z, own = (z.div_(temperature) if own else z / temperature), True
+        ids_w, tgt_w = ids, targets
+        if sel is not None:  # padding rows get placeholder id 0 (theirs may be out of range)
+            ids_w = ids.new_zeros(n_all, ids.shape[-1]).index_copy_(0, sel, ids)
+            if targets is not None:
+                tgt_w = targets.new_zeros(n_all).index_copy_(0, sel, targets)
+
+        def pick(x: Tensor) -> Tensor:  # rows of the working buffer -> the N valid rows
+            return x if sel is None else x.index_select(0, sel)
+
         has_rest = rest and ids.shape[-1] < vocab
-        empty = z.new_empty(0)
-        z_y = empty if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        z_mean = z.mean(dim=-1) if mean else empty
-        m = z.amax(dim=-1, keepdim=True)
+        empty = logits.new_empty(0, dtype=dtype)
+        z_top = pick(z.gather(-1, ids_w))
+        z_y = empty if targets is None else pick(z.gather(-1, tgt_w.unsqueeze(-1)).squeeze(-1))
+        z_mean = pick(z.mean(dim=-1)) if mean else empty
+        m_w = z.amax(dim=-1, keepdim=True)
         # torch.logsumexp's convention: an all -inf (or inf) row is shifted by 0, not by inf
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.sub(z, m).exp_()
+        m_w = torch.where(torch.isfinite(m_w), m_w, torch.zeros_like(m_w))
+        e = (z.sub_(m_w) if own else torch.sub(z, m_w)).exp_()
+        if sel is not None:
+            pad = torch.ones(n_all, dtype=torch.bool, device=e.device).index_fill_(0, sel, False)
+            e.index_fill_(0, pad.nonzero().squeeze(-1), 0.0)
+        e_top = pick(e.gather(-1, ids_w))
+        e.scatter_(-1, ids_w, 0.0)
+        rest_sum = pick(e.sum(dim=-1))
+        m = pick(m_w.squeeze(-1))
         first = _first_occurrence(ids)
-        z_top = z.gather(-1, ids)
-        e_top = e.gather(-1, ids)
-        e.scatter_(-1, ids, 0.0)
-        rest_sum = e.sum(dim=-1)
         total = rest_sum + torch.where(first, e_top, torch.zeros_like(e_top)).sum(dim=-1)
-        m = m.squeeze(-1)
         lse = m + total.log()
         log_q_topk = z_top - lse.unsqueeze(-1)
         shift = m
         if has_rest:
             lse_rest = m + rest_sum.log()
-            info = torch.finfo(z.dtype)
+            info = torch.finfo(dtype)
             # terms below `tiny` lose digits in exp; their total is at most V * tiny, so a rest
             # sum above V * tiny / eps is exact to rounding. Below it, redo those rows exactly.
             rows = (rest_sum < info.tiny * vocab / info.eps).nonzero().squeeze(-1)
             if rows.numel():
-                zr = z.index_select(0, rows).scatter_(-1, ids.index_select(0, rows), _NEG_INF)
+                src = rows if idx is None else idx.index_select(0, rows)
+                zr = logits.index_select(0, src).to(dtype)
+                if temperature != 1.0:
+                    zr = zr / temperature
+                zr.scatter_(-1, ids.index_select(0, rows), _NEG_INF)
                 lr = torch.logsumexp(zr, dim=-1)
                 sr = torch.where(torch.isfinite(lr), lr, m.index_select(0, rows))
                 lse_rest = lse_rest.index_copy(0, rows, lr)
                 shift = shift.index_copy(0, rows, sr)
-                e.index_copy_(0, rows, zr.sub_(sr.unsqueeze(-1)).exp_())
+                e_rows = rows if sel is None else sel.index_select(0, rows)
+                e.index_copy_(0, e_rows, zr.sub_(sr.unsqueeze(-1)).exp_())
             log_q_rest = lse_rest - lse
         else:
             lse_rest = torch.full_like(lse, _NEG_INF)
             log_q_rest = lse_rest
-        ctx.has_rest, ctx.mean, ctx.vocab = has_rest, mean, vocab
+        ctx.meta = (has_rest, mean, vocab, temperature, logits.dtype, n_all)
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(e, log_q_topk, lse, lse_rest, shift, ids, first, targets)
+            ctx.save_for_backward(
+                e, log_q_topk, lse, lse_rest, shift, ids_w, first, tgt_w, idx, sel
+            )
         return log_q_topk, log_q_rest, lse, z_y, z_mean
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_top, g_rest, g_lse, g_y, g_mean):  # type: ignore[override]
-        e, log_q_topk, lse, lse_rest, shift, ids, first, targets = ctx.saved_tensors
-        if not ctx.has_rest:
+        e, log_q_topk, lse, lse_rest, shift, ids_w, first, tgt_w, idx, sel = ctx.saved_tensors
+        has_rest, mean, vocab, temperature, out_dtype, n_all = ctx.meta
+        if not has_rest:
             g_rest = torch.zeros_like(g_lse)
         a = g_lse - g_top.sum(dim=-1) - g_rest
         coef = a * (shift - lse).exp()
-        if ctx.has_rest:
+        if has_rest:
             finite = torch.isfinite(lse_rest)
             coef = coef + torch.where(
                 finite, g_rest * (shift - lse_rest).exp(), torch.zeros_like(coef)
             )
-        if ctx.mean:
-            grad = torch.addcmul((g_mean / ctx.vocab).unsqueeze(-1), e, coef.unsqueeze(-1))
-        else:
-            grad = e * coef.unsqueeze(-1)
         # the top k: e is zero there, so the scatter adds A q_j + g_top_j (a repeated id once)
-        top = torch.where(first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk))
-        grad.scatter_add_(-1, ids, g_top + top)
-        if targets is not None:
-            grad.scatter_add_(-1, targets.unsqueeze(-1), g_y.unsqueeze(-1))
-        return grad, None, None, None, None
+        top = g_top + torch.where(
+            first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk)
+        )
+        if temperature != 1.0:  # d z / d logits = 1 / T
+            coef, top = coef / temperature, top / temperature
+            if g_y.numel():
+                g_y = g_y / temperature
+            if mean:
+                g_mean = g_mean / temperature
+
+        def spread(x: Tensor) -> Tensor:  # the N valid rows -> rows of e, zeros at padding
+            if sel is None:
+                return x
+            return x.new_zeros((e.shape[0],) + tuple(x.shape[1:])).index_copy_(0, sel, x)
+
+        if mean:
+            grad = torch.addcmul(
+                spread(g_mean / vocab).unsqueeze(-1), e, spread(coef).unsqueeze(-1)
+            )
+        else:
+            grad = e * spread(coef).unsqueeze(-1)
+        grad.scatter_add_(-1, ids_w, spread(top))
+        if tgt_w is not None:
+            grad.scatter_add_(-1, tgt_w.unsqueeze(-1), spread(g_y).unsqueeze(-1))
+        grad = grad.to(out_dtype)
+        if idx is not None and sel is None:  # the valid rows were copied out: put them back
+            grad = grad.new_zeros(n_all, vocab).index_copy_(0, idx, grad)
+        return grad, None, None, None, None, None, None
 
 
 class _Student(NamedTuple):
@@ -343,16 +406,16 @@ class _Student(NamedTuple):
     lse: Tensor  # [N] logsumexp of the (tempered) logits
     z_y: Tensor | None  # [N] (tempered) logit at the hard label, when targets are given
     z_mean: Tensor | None  # [N] mean (tempered) logit, when mean=True (label smoothing)
-    z: Tensor  # [N, V] the tempered logits in the compute dtype
 
 
-# The previous, unfused student side (autograd through a masked logsumexp, gather and mean);
-# tests and bench/train_overhead.py set this to compare against it. Not an option for users.
+# The previous, unfused student side (autograd through row selection, a masked logsumexp,
+# gather and mean); tests and bench/train_overhead.py set this to compare against it.
 _MASKED_REFERENCE = False
 
 
 def _student(
     logits: Tensor,
+    idx: Tensor | None,
     ids: Tensor,
     *,
     temperature: float = 1.0,
@@ -360,25 +423,25 @@ def _student(
     targets: Tensor | None = None,
     mean: bool = False,
 ) -> _Student:
+    """The student side over rows `idx` of logits [R, V] (None: all rows); ids [N, k]."""
     if temperature <= 0:
         raise ValueError(f"student temperature must be > 0, got {temperature}")
     if _MASKED_REFERENCE:
+        rows = logits if idx is None else logits.index_select(0, idx)
         log_q, log_q_rest, z, lse = _student_log_probs_masked(
-            logits, ids, temperature=temperature, rest=rest
+            rows, ids, temperature=temperature, rest=rest
         )
         z_y = None if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return _Student(log_q, log_q_rest, lse, z_y, z.mean(dim=-1) if mean else None, z)
-    z = logits.to(_compute_dtype(logits))
-    if temperature != 1.0:
-        z = z / temperature
-    log_q, log_q_rest, lse, z_y, z_mean = _SoftmaxStats.apply(z, ids, rest, targets, mean)
+        return _Student(log_q, log_q_rest, lse, z_y, z.mean(dim=-1) if mean else None)
+    log_q, log_q_rest, lse, z_y, z_mean = _SoftmaxStats.apply(
+        logits, idx, ids, rest, targets, mean, temperature
+    )
     return _Student(
         log_q,
-        log_q_rest if rest and ids.shape[-1] < z.shape[-1] else None,
+        log_q_rest if rest and ids.shape[-1] < logits.shape[-1] else None,
         lse,
         None if targets is None else z_y,
         z_mean if mean else None,
-        z,
     )
 
 
@@ -423,8 +486,13 @@ def student_log_probs(
     V = 5k-50k, with this pass 1.0x (`bench/train_overhead.py --loss-vocab 5000,50000`;
     numbers in docs/performance/training.md). On a GPU the underflow check is one host sync.
     """
-    st = _student(logits, topk_ids, temperature=temperature, rest=rest)
-    return st.log_q, st.log_q_rest, st.z, st.lse
+    if temperature <= 0:
+        raise ValueError(f"student temperature must be > 0, got {temperature}")
+    z = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    st = _student(z, None, topk_ids, rest=rest)
+    return st.log_q, st.log_q_rest, z, st.lse
 
 
 def _student_log_probs_masked(
@@ -534,7 +602,8 @@ def _sparse_rows(
     if targets is not None:
         targets = _check_targets(targets, mask, student_logits.shape[-1], idx)
     st = _student(
-        _rows(student_logits, idx),
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        idx,
         ids,
         temperature=student_temperature,
         rest=tail == "rest_bin",
@@ -700,7 +769,12 @@ def hard_ce(
     t = _check_targets(targets, mask, logits.shape[-1], idx)
     # the label doubles as the (k = 1) gathered id: one softmax pass, one [N, V] backward
     st = _student(
-        _rows(logits, idx), t.unsqueeze(-1), rest=False, targets=t, mean=label_smoothing > 0.0
+        logits.reshape(-1, logits.shape[-1]),
+        idx,
+        t.unsqueeze(-1),
+        rest=False,
+        targets=t,
+        mean=label_smoothing > 0.0,
     )
     return _reduce(_scatter_rows(_hard_ce_rows(st, label_smoothing), idx, mask), mask, reduction)
 

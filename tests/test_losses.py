@@ -165,26 +165,35 @@ def test_gradcheck_sparse_ce_and_kl(tail, k):
         )
 
 
-def test_padding_content_changes_neither_loss_nor_gradients():
+@pytest.mark.parametrize("garbage", [1e30, float("nan"), float("inf"), float("-inf")])
+def test_padding_content_changes_neither_loss_nor_gradients(garbage):
     c = case(k=4)
     mask = c["mask"]
+    y = c["targets"]
 
-    def run(student, ids, vals, tail):
+    def run(student, ids, vals, tail, targets):
         s = student.clone().requires_grad_(True)
-        loss = losses.sparse_kd_ce(s, ids, vals, tail, mask)
-        (g,) = torch.autograd.grad(loss, s)
-        return loss, g
+        out = []
+        for loss in (
+            losses.sparse_kd_ce(s, ids, vals, tail, mask),
+            losses.lst_loss(s, targets, ids, vals, tail, mask, label_smoothing=0.1),
+            losses.hard_ce(s, targets, mask, label_smoothing=0.1),
+        ):
+            out.append((loss, *torch.autograd.grad(loss, s)))
+        return out
 
-    base_loss, base_g = run(c["student"], c["ids"], c["vals"], c["tail"])
+    base = run(c["student"], c["ids"], c["vals"], c["tail"], y)
     pad = ~mask
-    student2 = c["student"].masked_fill(pad.unsqueeze(-1), 1e30)
+    student2 = c["student"].masked_fill(pad.unsqueeze(-1), garbage)
     ids2 = c["ids"].masked_fill(pad.unsqueeze(-1), 10**6)
     vals2 = c["vals"].masked_fill(pad.unsqueeze(-1), float("inf"))
     tail2 = c["tail"].masked_fill(pad, 3.0)
-    loss2, g2 = run(student2, ids2, vals2, tail2)
-    torch.testing.assert_close(loss2, base_loss, rtol=0, atol=0)
-    torch.testing.assert_close(g2, base_g, rtol=0, atol=0)
-    assert (g2[pad] == 0).all()
+    for (loss2, g2), (base_loss, base_g) in zip(
+        run(student2, ids2, vals2, tail2, y.masked_fill(pad, 10**6)), base, strict=True
+    ):
+        torch.testing.assert_close(loss2, base_loss, rtol=0, atol=0)
+        torch.testing.assert_close(g2, base_g, rtol=0, atol=0)
+        assert (g2[pad] == 0).all()
 
 
 def test_float16_cache_inputs_and_student_half_precision_upcast():
@@ -885,8 +894,11 @@ def _every_caller(s, aux, y, ids, vals, tail, m, tmask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_caller_gives_the_masked_forms_values_and_gradients(dtype, monkeypatch):
-    c = case(B=3, L=6, V=40, k=6, lengths=[6, 4, 2])
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [6, 4, 2], [6, 1, 1]])
+def test_every_caller_gives_the_masked_forms_values_and_gradients(dtype, lengths, monkeypatch):
+    # lengths: no padding, some (the fused pass works on every row and zeroes the padding),
+    # mostly padding (it copies the valid rows out)
+    c = case(B=3, L=6, V=40, k=6, lengths=lengths)
     s = c["student"].clone()
     s[0, 0].scatter_add_(-1, c["ids"][0, 0], torch.full((6,), 30.0, dtype=DT))  # rest ~ 1e-12
     s[0, 1].scatter_add_(-1, c["ids"][0, 1], torch.full((6,), 150.0, dtype=DT))  # underflows

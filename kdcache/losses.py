@@ -479,12 +479,13 @@ def student_log_probs(
     the exact masked logsumexp, on those rows alone. The backward is analytic, one [N, V]
     multiply: d lse / dz = q, d log_q_topk_i / dz_j = [j = t_i] - q_j,
     d log_q_rest / dz_j = [j not in top-k] exp(z_j - lse_rest) - q_j. The losses of this module
-    go through the same pass with the hard label and the label-smoothing mean folded in, so
-    CE_ls + soft labels backpropagate as one multiply-add. The previous form,
-    logsumexp(z.scatter(top-k, -inf)) with autograd through it (`_student_log_probs_masked`,
-    kept as the tests' reference), gives the same values; LST with it cost 1.7-2.1x CE_ls at
-    V = 5k-50k, with this pass 1.0x (`bench/train_overhead.py --loss-vocab 5000,50000`;
-    numbers in docs/performance/training.md). On a GPU the underflow check is one host sync.
+    go through the same pass with the hard label, the label-smoothing mean and the selection of
+    the valid rows folded in, so CE_ls + soft labels backpropagate as one multiply-add straight
+    into the logits' gradient. The previous form, logsumexp(z.scatter(top-k, -inf)) with
+    autograd through it (`_student_log_probs_masked`, kept as the tests' reference), gives the
+    same values; LST with it cost 1.8-1.9x CE_ls at V = 5k-50k, with this pass 1.0x
+    (`bench/train_overhead.py --loss-vocab 5000,50000 --loss-positions 2560`; numbers in
+    docs/performance/training.md). On a GPU the underflow check is one host sync.
     """
     if temperature <= 0:
         raise ValueError(f"student temperature must be > 0, got {temperature}")

@@ -69,10 +69,22 @@ def main() -> None:
     )
     ap.add_argument(
         "--loss-vocab",
+        default="",
+        metavar="V[,V...]",
+        help="instead: time the decoder loss alone (CE_ls vs LST with k=16, old and new rest "
+        "bin) at each vocabulary V, e.g. 5000,50000",
+    )
+    ap.add_argument(
+        "--loss-positions",
         type=int,
-        default=0,
-        metavar="V",
-        help="instead: time the decoder loss alone (CE_ls vs LST with k=16) at vocabulary V",
+        default=2560,
+        help="--loss-vocab: decoder positions per batch (utterances of 40 tokens)",
+    )
+    ap.add_argument(
+        "--loss-padding",
+        type=float,
+        default=0.2,
+        help="--loss-vocab: share of the positions that are padding (0 to 0.5)",
     )
     args = ap.parse_args()
     known = ("none", "cached_lst", "online_lstm", "online_bert", "online_bertmasked")
@@ -214,41 +226,99 @@ def main() -> None:
 
 
 def bench_loss(args) -> None:
-    """Forward+backward of the decoder loss on [64, 40, V] logits: hard CE_ls vs LST (k=16)."""
+    """Forward+backward of the decoder loss alone, per vocabulary: plain CE_ls against LST (k=16).
+
+    Forms, all on the same [N, V] logits (N = --loss-positions in utterances of 40 tokens):
+      ce_ls       kdcache.losses.hard_ce(label_smoothing=0.1) as shipped: the first baseline
+      torch_ce    torch.nn.functional.cross_entropy(label_smoothing=0.1, ignore_index=-100)
+                  on all [B * 40] rows, padding labelled -100: torch's own fused CE, the
+                  second baseline
+      lst         lst_loss (w = 0.1, T = 5, rest bin) as shipped: one fused softmax pass
+                  (losses._SoftmaxStats) for CE_ls and the soft labels
+      ce_ls_old, lst_old  the same two losses the previous way (losses._MASKED_REFERENCE):
+                  autograd through logsumexp, gather, mean, and for the rest bin a second
+                  logsumexp over a masked [N, V] copy of the logits
+    Utterance lengths fall evenly from 40 to 40 * (1 - 2 * --loss-padding), so that share of
+    the positions is padding. Vocabularies and forms are interleaved inside every round; each ratio is taken within a
+    round and the median over rounds is printed, so load drifting between rounds cancels.
+    """
     import torch
+    import torch.nn.functional as F
 
     from kdcache import losses
 
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    b, length, v, k = 64, 40, args.loss_vocab, 16
-    logits = torch.randn(b, length, v, generator=g, requires_grad=True)
-    y = torch.randint(0, v, (b, length), generator=g)
-    mask = torch.ones(b, length, dtype=torch.bool)
-    lp = torch.randn(b, length, v, generator=g).log_softmax(-1)
-    top_lp, top_ids = lp.topk(k, -1)
-    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+    length, k = 40, 16
+    b = max(1, args.loss_positions // length)
+    vocabs = [int(v) for v in str(args.loss_vocab).split(",")]
 
-    def hard():
-        return losses.hard_ce(logits, y, mask, label_smoothing=0.1)
+    def old(fn):
+        def run():
+            losses._MASKED_REFERENCE = True
+            try:
+                return fn()
+            finally:
+                losses._MASKED_REFERENCE = False
 
-    def lst():
-        return losses.lst_loss(logits, y, top_ids, top_lp, tail, mask, label_smoothing=0.1,
-                               build_temperature=5.0)  # fmt: skip
+        return run
 
-    res: dict[str, list[float]] = {"ce_ls": [], "lst": []}
-    for _ in range(args.rounds):
-        for name, fn in (("ce_ls", hard), ("lst", lst)):
-            t = time.perf_counter()
-            for _ in range(args.steps):
-                logits.grad = None
-                fn().backward()
-            res[name].append((time.perf_counter() - t) / args.steps)
-    ce, kd = statistics.median(res["ce_ls"]), statistics.median(res["lst"])
-    print(
-        f"decoder loss fwd+bwd on [{b}, {length}, {v}] logits, k={k}, threads={args.threads}: "
-        f"CE_ls {ce * 1000:.1f} ms, LST {kd * 1000:.1f} ms, ratio {kd / ce:.2f}x"
-    )
+    def setup(v):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(b, length, v, generator=g, requires_grad=True)
+        y = torch.randint(0, v, (b, length), generator=g)
+        lengths = torch.linspace(length, length * (1 - 2 * args.loss_padding), b).round()
+        mask = torch.arange(length) < lengths.unsqueeze(1)
+        y_ignore = y.masked_fill(~mask, -100).reshape(-1)
+        top_lp, top_ids = torch.randn(b, length, v, generator=g).log_softmax(-1).topk(k, -1)
+        tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-6))
+
+        def ce_ls():
+            return losses.hard_ce(logits, y, mask, label_smoothing=0.1)
+
+        def torch_ce():
+            return F.cross_entropy(logits.reshape(-1, v), y_ignore, label_smoothing=0.1)
+
+        def lst():
+            return losses.lst_loss(logits, y, top_ids, top_lp, tail, mask, label_smoothing=0.1,
+                                   build_temperature=5.0)  # fmt: skip
+
+        fns = {"ce_ls": ce_ls, "torch_ce": torch_ce, "lst": lst,
+               "ce_ls_old": old(ce_ls), "lst_old": old(lst)}  # fmt: skip
+        return logits, fns, mask
+
+    setups = {v: setup(v) for v in vocabs}
+    n_valid = int(setups[vocabs[0]][2].sum())
+    forms = list(setups[vocabs[0]][1])
+    res = {(v, f): [] for v in vocabs for f in forms}
+    for r in range(args.rounds + 1):  # round 0 warms up and is not counted
+        for v in vocabs:
+            logits, fns, _ = setups[v]
+            for f in forms:
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    logits.grad = None
+                    fns[f]().backward()
+                if r:
+                    res[v, f].append((time.perf_counter() - t) / args.steps)
+        if r:
+            print(f"round {r}/{args.rounds} (ms): " + "; ".join(
+                f"V={v} " + " ".join(f"{f} {res[v, f][-1] * 1000:.0f}" for f in forms)
+                for v in vocabs))  # fmt: skip
+    print(f"\ndecoder loss fwd+bwd on [{b}, {length}, V] logits ({b * length} positions, "
+          f"{n_valid} not padding), k={k}, "
+          f"threads={args.threads}, {args.rounds} rounds x {args.steps} steps; "
+          "ratios = median over rounds of (form / baseline) within a round")  # fmt: skip
+    print(f"{'V':>7} {'':<14}" + "".join(f"{f:>11}" for f in forms))
+    for v in vocabs:
+        print(f"{v:>7} {'ms':<14}"
+              + "".join(f"{statistics.median(res[v, f]) * 1000:>11.1f}" for f in forms))  # fmt: skip
+        for base in ("ce_ls", "torch_ce"):
+            print(f"{'':>7} {'x ' + base:<14}" + "".join(
+                f"{statistics.median(x / y for x, y in zip(res[v, f], res[v, base], strict=True)):>10.2f}x"
+                for f in forms))  # fmt: skip
+        print(f"{'':>7} {'x ce_ls_old':<14}{'':>33}"
+              + f"{statistics.median(x / y for x, y in zip(res[v, 'lst_old'], res[v, 'ce_ls_old'], strict=True)):>21.2f}x"
+              + "  (lst_old / ce_ls_old: the previous code's own ratio)")  # fmt: skip
 
 
 def bench_readers(args) -> None:

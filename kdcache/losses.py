@@ -9,8 +9,8 @@ Every soft-label loss reads the cache's sparse targets as they are stored (docs/
 
 and the student's unnormalised `logits [B, L, V]`. No dense teacher distribution over V is
 ever built: the student's log-probabilities are gathered at the k ids (O(k) per position after
-one logsumexp over V), and the "rest" bin's student log-probability is a logsumexp over the
-student's logits with the top-k entries set to -inf (see `student_log_probs` for why). Padded
+one logsumexp over V), and the "rest" bin's student log-probability is the non-top-k mass summed
+term by term inside that same pass (see `student_log_probs` for why and how). Padded
 positions are dropped before any arithmetic, so their content (ids out of range, NaN log-probs)
 can change neither the loss nor the gradients.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,222 @@ def teacher_log_probs(
     return lp - norm, None
 
 
+def _first_occurrence(ids: Tensor) -> Tensor:
+    """[N, k] bool: True at the first occurrence of each id in its row (all True when unique).
+
+    O(N k log k); lets the fused rest-bin pass count a repeated id once in the normaliser, as the
+    masked form (a set of ids) did.
+    """
+    if ids.shape[-1] <= 1:
+        return torch.ones_like(ids, dtype=torch.bool)
+    srt, order = ids.sort(dim=-1)
+    first_sorted = torch.ones_like(srt, dtype=torch.bool)
+    first_sorted[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    return torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+
+
+class _SoftmaxStats(torch.autograd.Function):
+    """Everything the sparse losses read from the student's logits, in one pass.
+
+    Inputs: logits [R, V] (any float dtype; computed in `_compute_dtype`), idx [N] the sorted
+    valid rows (None: all R), ids [N, k] teacher ids, targets [N] hard labels or None, mean
+    (label smoothing wants the mean logit), temperature T (the logits are divided by it).
+    Outputs, over the N valid rows, of z = logits / T:
+
+        log_q_topk [N, k]  z[top-k] - lse
+        log_q_rest [N]     log of the softmax mass outside the top k (-inf when k == V / off)
+        lse        [N]     logsumexp(z)
+        z_y        [N]     z at the hard label (an empty tensor when there is none)
+        z_mean     [N]     mean of z over V, for label smoothing (empty when not asked)
+
+    Forward: e = exp(z - max) once (what a logsumexp does anyway), read the top k from it, zero
+    them in place, and sum: that sum is the rest mass itself, added term by term, so there is no
+    cancellation however peaked the row (the total is rest + top k, two positive sums). Rows
+    whose rest underflows relative to the row max (rest < tiny * V / eps: float32 exp has lost
+    digits there) are redone exactly with a masked logsumexp, on those rows only. e (top k
+    zeroed) is kept for backward instead of z, so backward recomputes no exp.
+
+    Rows: when at least half of the R rows are valid, e covers all R (the padding rows' exp is
+    computed and zeroed, their ids replaced by a placeholder, their gradient exactly 0), so no
+    [N, V] copy of the valid rows is made and the gradient needs no scatter back into [R, V];
+    otherwise the valid rows are copied out once and that copy becomes e in place.
+
+    Backward, with A = g_lse - sum_i g_top_i - g_rest and q = softmax(z):
+        j not in top-k:  A q_j + g_rest exp(z_j - lse_rest) + g_mean / V   = e_j c_row + g_mean / V
+        j in top-k:      A q_j + g_top_j + g_mean / V                      (O(k), scattered)
+        plus g_y at the label (O(1), scattered), all divided by T for d/dlogits
+    one [R, V] multiply-add for the whole CE_ls + soft-label gradient, where autograd through
+    row selection, logsumexp, gather and mean would materialise and add an [N, V] gradient each.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, idx, ids, rest, targets, mean, temperature):  # type: ignore[override]
+        n_all, vocab = logits.shape
+        dtype = _compute_dtype(logits)
+        if idx is not None and idx.numel() == n_all:
+            idx = None  # sorted and unique: every row
+        sel = None  # the valid rows of the working buffer, when it also holds padding rows
+        if idx is None:
+            z, own = logits, False
+        elif 2 * idx.numel() >= n_all:
+            z, own, sel = logits, False, idx
+        else:
+            z, own = logits.index_select(0, idx), True
+        if z.dtype != dtype:
+            z, own = z.to(dtype), True
+        if temperature != 1.0:
+            z, own = (z.div_(temperature) if own else z / temperature), True
+        ids_w, tgt_w = ids, targets
+        if sel is not None:  # padding rows get placeholder id 0 (theirs may be out of range)
+            ids_w = ids.new_zeros(n_all, ids.shape[-1]).index_copy_(0, sel, ids)
+            if targets is not None:
+                tgt_w = targets.new_zeros(n_all).index_copy_(0, sel, targets)
+
+        def pick(x: Tensor) -> Tensor:  # rows of the working buffer -> the N valid rows
+            return x if sel is None else x.index_select(0, sel)
+
+        has_rest = rest and ids.shape[-1] < vocab
+        empty = logits.new_empty(0, dtype=dtype)
+        z_top = pick(z.gather(-1, ids_w))
+        z_y = empty if targets is None else pick(z.gather(-1, tgt_w.unsqueeze(-1)).squeeze(-1))
+        z_mean = pick(z.mean(dim=-1)) if mean else empty
+        m_w = z.amax(dim=-1, keepdim=True)
+        # torch.logsumexp's convention: an all -inf (or inf) row is shifted by 0, not by inf
+        m_w = torch.where(torch.isfinite(m_w), m_w, torch.zeros_like(m_w))
+        e = (z.sub_(m_w) if own else torch.sub(z, m_w)).exp_()
+        if sel is not None:
+            pad = torch.ones(n_all, dtype=torch.bool, device=e.device).index_fill_(0, sel, False)
+            e.index_fill_(0, pad.nonzero().squeeze(-1), 0.0)
+        e_top = pick(e.gather(-1, ids_w))
+        e.scatter_(-1, ids_w, 0.0)
+        rest_sum = pick(e.sum(dim=-1))
+        m = pick(m_w.squeeze(-1))
+        first = _first_occurrence(ids)
+        total = rest_sum + torch.where(first, e_top, torch.zeros_like(e_top)).sum(dim=-1)
+        lse = m + total.log()
+        log_q_topk = z_top - lse.unsqueeze(-1)
+        shift = m
+        if has_rest:
+            lse_rest = m + rest_sum.log()
+            info = torch.finfo(dtype)
+            # terms below `tiny` lose digits in exp; their total is at most V * tiny, so a rest
+            # sum above V * tiny / eps is exact to rounding. Below it, redo those rows exactly.
+            rows = (rest_sum < info.tiny * vocab / info.eps).nonzero().squeeze(-1)
+            if rows.numel():
+                src = rows if idx is None else idx.index_select(0, rows)
+                zr = logits.index_select(0, src).to(dtype)
+                if temperature != 1.0:
+                    zr = zr / temperature
+                zr.scatter_(-1, ids.index_select(0, rows), _NEG_INF)
+                lr = torch.logsumexp(zr, dim=-1)
+                sr = torch.where(torch.isfinite(lr), lr, m.index_select(0, rows))
+                lse_rest = lse_rest.index_copy(0, rows, lr)
+                shift = shift.index_copy(0, rows, sr)
+                e_rows = rows if sel is None else sel.index_select(0, rows)
+                e.index_copy_(0, e_rows, zr.sub_(sr.unsqueeze(-1)).exp_())
+            log_q_rest = lse_rest - lse
+        else:
+            lse_rest = torch.full_like(lse, _NEG_INF)
+            log_q_rest = lse_rest
+        ctx.meta = (has_rest, mean, vocab, temperature, logits.dtype, n_all)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(
+                e, log_q_topk, lse, lse_rest, shift, ids_w, first, tgt_w, idx, sel
+            )
+        return log_q_topk, log_q_rest, lse, z_y, z_mean
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_top, g_rest, g_lse, g_y, g_mean):  # type: ignore[override]
+        e, log_q_topk, lse, lse_rest, shift, ids_w, first, tgt_w, idx, sel = ctx.saved_tensors
+        has_rest, mean, vocab, temperature, out_dtype, n_all = ctx.meta
+        if not has_rest:
+            g_rest = torch.zeros_like(g_lse)
+        a = g_lse - g_top.sum(dim=-1) - g_rest
+        coef = a * (shift - lse).exp()
+        if has_rest:
+            finite = torch.isfinite(lse_rest)
+            coef = coef + torch.where(
+                finite, g_rest * (shift - lse_rest).exp(), torch.zeros_like(coef)
+            )
+        # the top k: e is zero there, so the scatter adds A q_j + g_top_j (a repeated id once)
+        top = g_top + torch.where(
+            first, log_q_topk.exp() * a.unsqueeze(-1), torch.zeros_like(log_q_topk)
+        )
+        if temperature != 1.0:  # d z / d logits = 1 / T
+            coef, top = coef / temperature, top / temperature
+            if g_y.numel():
+                g_y = g_y / temperature
+            if mean:
+                g_mean = g_mean / temperature
+
+        def spread(x: Tensor) -> Tensor:  # the N valid rows -> rows of e, zeros at padding
+            if sel is None:
+                return x
+            return x.new_zeros((e.shape[0],) + tuple(x.shape[1:])).index_copy_(0, sel, x)
+
+        if mean:
+            grad = torch.addcmul(
+                spread(g_mean / vocab).unsqueeze(-1), e, spread(coef).unsqueeze(-1)
+            )
+        else:
+            grad = e * spread(coef).unsqueeze(-1)
+        grad.scatter_add_(-1, ids_w, spread(top))
+        if tgt_w is not None:
+            grad.scatter_add_(-1, tgt_w.unsqueeze(-1), spread(g_y).unsqueeze(-1))
+        grad = grad.to(out_dtype)
+        if idx is not None and sel is None:  # the valid rows were copied out: put them back
+            grad = grad.new_zeros(n_all, vocab).index_copy_(0, idx, grad)
+        return grad, None, None, None, None, None, None
+
+
+class _Student(NamedTuple):
+    """The student side of a sparse loss, over the valid rows (see `_student`)."""
+
+    log_q: Tensor  # [N, k] log q at the teacher's ids
+    log_q_rest: Tensor | None  # [N] log q of the rest bin; None if not asked or k == V
+    lse: Tensor  # [N] logsumexp of the (tempered) logits
+    z_y: Tensor | None  # [N] (tempered) logit at the hard label, when targets are given
+    z_mean: Tensor | None  # [N] mean (tempered) logit, when mean=True (label smoothing)
+
+
+# The previous, unfused student side (autograd through row selection, a masked logsumexp,
+# gather and mean); tests and bench/train_overhead.py set this to compare against it.
+_MASKED_REFERENCE = False
+
+
+def _student(
+    logits: Tensor,
+    idx: Tensor | None,
+    ids: Tensor,
+    *,
+    temperature: float = 1.0,
+    rest: bool = True,
+    targets: Tensor | None = None,
+    mean: bool = False,
+) -> _Student:
+    """The student side over rows `idx` of logits [R, V] (None: all rows); ids [N, k]."""
+    if temperature <= 0:
+        raise ValueError(f"student temperature must be > 0, got {temperature}")
+    if _MASKED_REFERENCE:
+        rows = logits if idx is None else logits.index_select(0, idx)
+        log_q, log_q_rest, z, lse = _student_log_probs_masked(
+            rows, ids, temperature=temperature, rest=rest
+        )
+        z_y = None if targets is None else z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return _Student(log_q, log_q_rest, lse, z_y, z.mean(dim=-1) if mean else None)
+    log_q, log_q_rest, lse, z_y, z_mean = _SoftmaxStats.apply(
+        logits, idx, ids, rest, targets, mean, temperature
+    )
+    return _Student(
+        log_q,
+        log_q_rest if rest and ids.shape[-1] < logits.shape[-1] else None,
+        lse,
+        None if targets is None else z_y,
+        z_mean if mean else None,
+    )
+
+
 def student_log_probs(
     logits: Tensor,
     topk_ids: Tensor,
@@ -240,20 +456,52 @@ def student_log_probs(
 
     Args:
         logits: [N, V] student logits (valid positions only).
-        topk_ids: [N, k] teacher ids (unique within a row).
+        topk_ids: [N, k] teacher ids (unique within a row; a repeated id counts once in the
+            normaliser and in the rest bin).
         temperature: student softmax temperature (logits / T).
         rest: compute the rest-bin log-prob.
 
     Returns:
         (log_q_topk [N, k], log_q_rest [N] or None, scaled logits [N, V], lse [N]) where
         log_q_rest = log sum_{j not in top-k} q(j); None when rest=False or k == V (empty rest).
+        Computed in float32 for half-precision logits.
 
-    Why the rest bin is a masked logsumexp and not log1p(-sum(exp(log_q_topk))): the student is
-    trained to put its mass on the teacher's top k, so sum_topk q -> 1 and the subtraction
-    cancels catastrophically (float32 loses the rest entirely below ~1e-7, and the gradient of
-    log1p(-x) blows up near x = 1). logsumexp over the logits with the top-k entries set to
-    -inf has no cancellation. It costs one more O(V) pass and one [N, V] copy, the same order
-    as the logsumexp the student side needs anyway; nothing dense is built for the teacher.
+    Why the rest bin is not log1p(-sum(exp(log_q_topk))): the student is trained to put its mass
+    on the teacher's top k, so sum_topk q -> 1 and the subtraction cancels catastrophically
+    (float32 loses the rest entirely below ~1e-7, and the gradient of log1p(-x) blows up near
+    x = 1). Nor log(sum_all - sum_topk), which cancels the same way. The rest mass is instead
+    summed term by term over the non-top-k entries, which has no cancellation at any peak.
+
+    How (`_SoftmaxStats`): inside the one exp(z - max) pass that the logsumexp needs anyway,
+    the top-k entries are read and zeroed in place, so one sum gives the rest and the total is
+    rest + top k. No masked [N, V] copy of the logits and no second O(V) logsumexp; only rows
+    whose rest underflows float32 (rest < ~5e-27 of the row max at V = 50k) are redone with
+    the exact masked logsumexp, on those rows alone. The backward is analytic, one [N, V]
+    multiply: d lse / dz = q, d log_q_topk_i / dz_j = [j = t_i] - q_j,
+    d log_q_rest / dz_j = [j not in top-k] exp(z_j - lse_rest) - q_j. The losses of this module
+    go through the same pass with the hard label, the label-smoothing mean and the selection of
+    the valid rows folded in, so CE_ls + soft labels backpropagate as one multiply-add straight
+    into the logits' gradient. The previous form, logsumexp(z.scatter(top-k, -inf)) with
+    autograd through it (`_student_log_probs_masked`, kept as the tests' reference), gives the
+    same values; LST with it cost 1.8-1.9x CE_ls at V = 5k-50k, with this pass 1.0x
+    (`bench/train_overhead.py --loss-vocab 5000,50000 --loss-positions 2560`; numbers in
+    docs/performance/training.md). On a GPU the underflow check is one host sync.
+    """
+    if temperature <= 0:
+        raise ValueError(f"student temperature must be > 0, got {temperature}")
+    z = logits.to(_compute_dtype(logits))
+    if temperature != 1.0:
+        z = z / temperature
+    st = _student(z, None, topk_ids, rest=rest)
+    return st.log_q, st.log_q_rest, z, st.lse
+
+
+def _student_log_probs_masked(
+    logits: Tensor, topk_ids: Tensor, *, temperature: float = 1.0, rest: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """The previous `student_log_probs`: autograd through logsumexp of a masked [N, V] copy.
+
+    Kept as the reference the fused form is tested and benchmarked against.
     """
     if temperature <= 0:
         raise ValueError(f"student temperature must be > 0, got {temperature}")
@@ -321,12 +569,16 @@ def _sparse_rows(
     teacher_temperature: float | None,
     build_temperature: float | None,
     soft_mask: Tensor | None = None,
-):
+    targets: Tensor | None = None,
+    mean: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, _Student]:
     """Shared front half: select the rows of `mask`, form teacher and student log-probs.
 
     Rows of `mask` outside `soft_mask` (positions with no teacher target) get a harmless
     placeholder teacher (ids 0..k-1, uniform), so their garbage never reaches the arithmetic;
-    callers discard their soft terms via the returned `is_soft` [N].
+    callers discard their soft terms via the returned `is_soft` [N]. `targets` [B, L] (hard
+    labels, checked at the valid positions) and `mean` (label smoothing) go through the same
+    student pass (`_SoftmaxStats`). Returns (idx, is_soft, log_p, log_p_rest, student).
     """
     _check_common(student_logits, topk_ids, topk_logprobs, tail_logmass, mask)
     _check_tail(tail)
@@ -348,10 +600,18 @@ def _sparse_rows(
     )
     if k is not None:
         ids = ids[:, :k]
-    log_q, log_q_rest, z, lse = student_log_probs(
-        _rows(student_logits, idx), ids, temperature=student_temperature, rest=tail == "rest_bin"
+    if targets is not None:
+        targets = _check_targets(targets, mask, student_logits.shape[-1], idx)
+    st = _student(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        idx,
+        ids,
+        temperature=student_temperature,
+        rest=tail == "rest_bin",
+        targets=targets,
+        mean=mean,
     )
-    return idx, is_soft, log_p, log_p_rest, log_q, log_q_rest, z, lse
+    return idx, is_soft, log_p, log_p_rest, st
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +657,7 @@ def sparse_kd_ce(
     Returns:
         Scalar loss, or [B, L] per-position losses (zeros at padding) for reduction="none".
     """
-    idx, _, log_p, log_p_rest, log_q, log_q_rest, _, _ = _sparse_rows(
+    idx, _, log_p, log_p_rest, st = _sparse_rows(
         student_logits,
         topk_ids,
         topk_logprobs,
@@ -410,7 +670,7 @@ def sparse_kd_ce(
         build_temperature=build_temperature,
     )
     return _reduce(
-        _scatter_rows(_soft_ce_rows(log_p, log_p_rest, log_q, log_q_rest), idx, mask),
+        _scatter_rows(_soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
         mask,
         reduction,
     )
@@ -441,7 +701,7 @@ def sparse_kd_kl(
 
     Args and Returns: as `sparse_kd_ce`.
     """
-    idx, _, log_p, log_p_rest, log_q, log_q_rest, _, _ = _sparse_rows(
+    idx, _, log_p, log_p_rest, st = _sparse_rows(
         student_logits,
         topk_ids,
         topk_logprobs,
@@ -454,17 +714,19 @@ def sparse_kd_kl(
         build_temperature=build_temperature,
     )
     return _reduce(
-        _scatter_rows(_kl_rows(log_p, log_p_rest, log_q, log_q_rest), idx, mask), mask, reduction
+        _scatter_rows(_kl_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
+        mask,
+        reduction,
     )
 
 
-def _hard_ce_rows(z: Tensor, lse: Tensor, targets: Tensor, label_smoothing: float) -> Tensor:
-    """(1 - eps) * -log q(y) + eps * -mean_v log q(v) per row (torch's label smoothing)."""
-    nll = lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+def _hard_ce_rows(st: _Student, label_smoothing: float) -> Tensor:
+    """(1 - eps) * -log q(y) + eps * -mean_v log q(v) per row (torch's label smoothing), from a
+    student pass given the targets (and mean=True when eps > 0)."""
+    nll = st.lse - st.z_y
     if label_smoothing == 0.0:
         return nll
-    smooth = lse - z.mean(dim=-1)
-    return (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    return (1.0 - label_smoothing) * nll + label_smoothing * (st.lse - st.z_mean)
 
 
 def _check_targets(targets: Tensor, mask: Tensor, vocab: int, idx: Tensor) -> Tensor:
@@ -506,11 +768,16 @@ def hard_ce(
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     idx = _valid_index(mask)
     t = _check_targets(targets, mask, logits.shape[-1], idx)
-    z = _rows(logits, idx).to(_compute_dtype(logits))
-    lse = torch.logsumexp(z, dim=-1)
-    return _reduce(
-        _scatter_rows(_hard_ce_rows(z, lse, t, label_smoothing), idx, mask), mask, reduction
+    # the label doubles as the (k = 1) gathered id: one softmax pass, one [N, V] backward
+    st = _student(
+        logits.reshape(-1, logits.shape[-1]),
+        idx,
+        t.unsqueeze(-1),
+        rest=False,
+        targets=t,
+        mean=label_smoothing > 0.0,
     )
+    return _reduce(_scatter_rows(_hard_ce_rows(st, label_smoothing), idx, mask), mask, reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +835,7 @@ def lst_loss(
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    idx, is_soft, log_p, log_p_rest, log_q, log_q_rest, z, lse = _sparse_rows(
+    idx, is_soft, log_p, log_p_rest, st = _sparse_rows(
         logits,
         topk_ids,
         topk_logprobs,
@@ -580,11 +847,11 @@ def lst_loss(
         teacher_temperature=None if build_temperature is None else temperature,
         build_temperature=build_temperature,
         soft_mask=_soft_mask(mask, teacher_mask),
+        targets=targets,
+        mean=label_smoothing > 0.0,
     )
-    hard = _hard_ce_rows(
-        z, lse, _check_targets(targets, mask, logits.shape[-1], idx), label_smoothing
-    )
-    soft = _soft_ce_rows(log_p, log_p_rest, log_q, log_q_rest)
+    hard = _hard_ce_rows(st, label_smoothing)
+    soft = _soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest)
     rows = torch.where(is_soft, (1.0 - weight) * hard + weight * soft, hard)
     return _reduce(_scatter_rows(rows, idx, mask), mask, reduction)
 
@@ -727,7 +994,7 @@ def essence_kd_loss(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    idx, is_soft, log_p, _, log_q, _, z, lse = _sparse_rows(
+    idx, is_soft, log_p, _, st = _sparse_rows(
         logits,
         topk_ids,
         topk_logprobs,
@@ -739,9 +1006,10 @@ def essence_kd_loss(
         teacher_temperature=temperature,
         build_temperature=build_temperature,
         soft_mask=_soft_mask(mask, teacher_mask),
+        targets=targets,
     )
-    hard = _hard_ce_rows(z, lse, _check_targets(targets, mask, logits.shape[-1], idx), 0.0)
-    soft = torch.where(is_soft, _soft_ce_rows(log_p, None, log_q, None), torch.zeros_like(hard))
+    hard = _hard_ce_rows(st, 0.0)
+    soft = torch.where(is_soft, _soft_ce_rows(log_p, None, st.log_q, None), torch.zeros_like(hard))
     return _reduce(_scatter_rows(alpha * hard + (1.0 - alpha) * soft, idx, mask), mask, reduction)
 
 
@@ -802,7 +1070,7 @@ def interaed_kd_loss(
     soft_mask = _soft_mask(mask, teacher_mask)
     total = None
     for logits in aux_logits:
-        idx, is_soft, log_p, _, log_q, _, z, lse = _sparse_rows(
+        idx, is_soft, log_p, _, st = _sparse_rows(
             logits,
             topk_ids,
             topk_logprobs,
@@ -814,10 +1082,12 @@ def interaed_kd_loss(
             teacher_temperature=None if build_temperature is None else temperature,
             build_temperature=build_temperature,
             soft_mask=soft_mask,
+            targets=targets,
+            mean=mix_with == "uniform",
         )
-        hard = _hard_ce_rows(z, lse, _check_targets(targets, mask, logits.shape[-1], idx), 0.0)
-        other = hard if mix_with == "label" else lse - z.mean(dim=-1)
-        soft = _soft_ce_rows(log_p, None, log_q, None)
+        hard = _hard_ce_rows(st, 0.0)
+        other = hard if mix_with == "label" else st.lse - st.z_mean
+        soft = _soft_ce_rows(log_p, None, st.log_q, None)
         rows = torch.where(is_soft, mix * soft + (1.0 - mix) * other, hard)
         per_pos = _scatter_rows(rows, idx, mask)
         total = per_pos if total is None else total + per_pos

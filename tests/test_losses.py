@@ -165,26 +165,35 @@ def test_gradcheck_sparse_ce_and_kl(tail, k):
         )
 
 
-def test_padding_content_changes_neither_loss_nor_gradients():
+@pytest.mark.parametrize("garbage", [1e30, float("nan"), float("inf"), float("-inf")])
+def test_padding_content_changes_neither_loss_nor_gradients(garbage):
     c = case(k=4)
     mask = c["mask"]
+    y = c["targets"]
 
-    def run(student, ids, vals, tail):
+    def run(student, ids, vals, tail, targets):
         s = student.clone().requires_grad_(True)
-        loss = losses.sparse_kd_ce(s, ids, vals, tail, mask)
-        (g,) = torch.autograd.grad(loss, s)
-        return loss, g
+        out = []
+        for loss in (
+            losses.sparse_kd_ce(s, ids, vals, tail, mask),
+            losses.lst_loss(s, targets, ids, vals, tail, mask, label_smoothing=0.1),
+            losses.hard_ce(s, targets, mask, label_smoothing=0.1),
+        ):
+            out.append((loss, *torch.autograd.grad(loss, s)))
+        return out
 
-    base_loss, base_g = run(c["student"], c["ids"], c["vals"], c["tail"])
+    base = run(c["student"], c["ids"], c["vals"], c["tail"], y)
     pad = ~mask
-    student2 = c["student"].masked_fill(pad.unsqueeze(-1), 1e30)
+    student2 = c["student"].masked_fill(pad.unsqueeze(-1), garbage)
     ids2 = c["ids"].masked_fill(pad.unsqueeze(-1), 10**6)
     vals2 = c["vals"].masked_fill(pad.unsqueeze(-1), float("inf"))
     tail2 = c["tail"].masked_fill(pad, 3.0)
-    loss2, g2 = run(student2, ids2, vals2, tail2)
-    torch.testing.assert_close(loss2, base_loss, rtol=0, atol=0)
-    torch.testing.assert_close(g2, base_g, rtol=0, atol=0)
-    assert (g2[pad] == 0).all()
+    for (loss2, g2), (base_loss, base_g) in zip(
+        run(student2, ids2, vals2, tail2, y.masked_fill(pad, 10**6)), base, strict=True
+    ):
+        torch.testing.assert_close(loss2, base_loss, rtol=0, atol=0)
+        torch.testing.assert_close(g2, base_g, rtol=0, atol=0)
+        assert (g2[pad] == 0).all()
 
 
 def test_float16_cache_inputs_and_student_half_precision_upcast():
@@ -738,3 +747,207 @@ def test_infonce_is_computed_in_float32_under_autocast():
         got = losses.acd_infonce_loss(s, e, mask, negative_indices=neg)
     assert ref > 1.0 and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- fused rest bin
+
+
+def dense_student_reference(logits64, ids, temperature):
+    """float64, the obvious way: log-softmax, gather, and the rest as a masked logsumexp."""
+    z = logits64 / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    in_top = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)
+    lse_rest = torch.logsumexp(z.masked_fill(in_top, float("-inf")), dim=-1)
+    return z.gather(-1, ids) - lse.unsqueeze(-1), lse_rest - lse, lse
+
+
+def student_rows(N=12, V=50, k=5, seed=0, T=1.0):
+    """Random rows, plus peaked rows: top-k mass > 1 - 1e-7 (where log1p(-sum) cancels) and
+    beyond float32 range (rest < 1e-40 of the max: the rows the fused pass redoes exactly),
+    and a row of tied logits."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(N, V, generator=g, dtype=DT) * 2.0 * T  # z / T: the same rows at any T
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(N)])
+    for row, boost in ((1, 28.0), (2, 22.0), (3, 120.0)):  # rest ~ 1e-10, 1e-8, 1e-51 at T
+        z[row].scatter_add_(-1, ids[row], torch.full((k,), boost * T, dtype=DT))
+    z[4] = torch.randint(0, 3, (V,), generator=g).to(DT)  # ties, across the top-k boundary
+    return z, ids
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+@pytest.mark.parametrize("T", [1.0, 0.5, 3.0])
+@pytest.mark.parametrize("rest", [True, False])
+def test_fused_rest_bin_values_and_gradients_match_float64_dense(k, T, rest):
+    z64, ids = student_rows(k=k, T=T)
+    logits = z64.float().requires_grad_(True)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    lq, lq_rest, z, lse = losses.student_log_probs(logits, ids, temperature=T, rest=rest)
+    r_lq, r_rest, r_lse = dense_student_reference(ref_logits, ids, T)
+    assert lq.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(lq.double(), r_lq, **TOL)
+    torch.testing.assert_close(lse.double(), r_lse, **TOL)
+    if not rest or k == 50:
+        assert lq_rest is None
+    else:
+        assert lq_rest.dtype == torch.float32
+        # the cancellation case is really there: top-k mass above 1 - 1e-7 in rows 1-3
+        assert (r_rest[1:4] < math.log(1e-7)).all() and r_rest[3] < -100.0
+        torch.testing.assert_close(lq_rest.double(), r_rest, rtol=1e-6, atol=1e-5)
+    # gradients of a random combination of every output (z too: callers use it)
+    g = torch.Generator().manual_seed(1)
+    w_top, w_rest, w_lse = (torch.randn(s, generator=g, dtype=DT) for s in (lq.shape, (12,), (12,)))
+    w_z = torch.randn(z.shape, generator=g, dtype=DT)
+
+    def combo(lq, lq_rest, z, lse):
+        out = (w_top * lq).sum() + (w_lse * lse).sum() + (w_z * z).sum() * 1e-2
+        return out if lq_rest is None else out + (w_rest * lq_rest).sum()
+
+    (grad,) = torch.autograd.grad(combo(lq.double(), None if lq_rest is None else lq_rest.double(),
+                                        z.double(), lse.double()), logits)  # fmt: skip
+    (ref,) = torch.autograd.grad(
+        combo(r_lq, None if lq_rest is None else r_rest, ref_logits / T, r_lse), ref_logits
+    )
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad.double(), ref, **TOL)
+
+
+def test_fused_rest_bin_bfloat16_logits_compute_in_float32():
+    z64, ids = student_rows(T=2.0)
+    logits = z64.bfloat16().requires_grad_(True)
+    ref_logits = logits.detach().double().requires_grad_(True)
+    lq, lq_rest, z, lse = losses.student_log_probs(logits, ids, temperature=2.0)
+    assert lq.dtype == lq_rest.dtype == lse.dtype == z.dtype == torch.float32
+    r_lq, r_rest, r_lse = dense_student_reference(ref_logits, ids, 2.0)
+    torch.testing.assert_close(lq.double(), r_lq, **TOL)
+    torch.testing.assert_close(lq_rest.double(), r_rest, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lse.double(), r_lse, **TOL)
+    (grad,) = torch.autograd.grad(lq_rest.sum() - lq.sum(), logits)
+    (ref,) = torch.autograd.grad(r_rest.sum() - r_lq.sum(), ref_logits)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_fused_rest_bin_gradcheck_float64_including_a_row_beyond_float64_range():
+    z, ids = student_rows(N=5, V=9, k=3, seed=3)
+    # float64 redoes a row exactly once its rest is below ~1e-290 of the max
+    z[0].scatter_add_(-1, ids[0], torch.full((3,), 800.0, dtype=DT))
+
+    def outputs(x, T):
+        lq, lq_rest, _, lse = losses.student_log_probs(x, ids, temperature=T)
+        return lq, lq_rest, lse
+
+    for T in (1.0, 1.7):
+        assert torch.autograd.gradcheck(
+            lambda x, T=T: outputs(x, T), (z.clone().requires_grad_(True),)
+        )
+
+
+def test_fused_rest_bin_repeated_ids_and_empty_rest():
+    z, ids = student_rows(N=5, V=9, k=3, seed=4)
+    ids[:, 2] = ids[:, 0]  # a repeated id counts once, as in the masked form
+    logits = z.clone().requires_grad_(True)
+    ref_logits = z.clone().requires_grad_(True)
+    got = losses.student_log_probs(logits, ids, temperature=1.3)
+    ref = losses._student_log_probs_masked(ref_logits, ids, temperature=1.3)
+    for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:], strict=True):
+        torch.testing.assert_close(a, b)
+    (ga,) = torch.autograd.grad(got[0].sum() + got[1].sum() + got[3].sum(), logits)
+    (gb,) = torch.autograd.grad(ref[0].sum() + ref[1].sum() + ref[3].sum(), ref_logits)
+    torch.testing.assert_close(ga, gb)
+    # every non-top-k logit at -inf: rest -inf, and finite gradients for the other outputs
+    z2 = torch.full((2, 6), float("-inf"), dtype=DT)
+    z2[:, :2] = torch.tensor([[1.0, 2.0], [0.0, -3.0]], dtype=DT)
+    x = z2.clone().requires_grad_(True)
+    lq, lq_rest, _, lse = losses.student_log_probs(x, torch.tensor([[0, 1], [1, 0]]))
+    assert torch.isneginf(lq_rest).all()
+    (g,) = torch.autograd.grad(lq.sum() + lse.sum() + 0.0 * lq_rest.clamp(min=-1e30).sum(), x)
+    ref = torch.softmax(z2, -1) * -1.0 + torch.tensor([[1.0, 1.0, 0, 0, 0, 0]] * 2, dtype=DT)
+    torch.testing.assert_close(g, ref)
+
+
+def _every_caller(s, aux, y, ids, vals, tail, m, tmask):
+    """Each loss of the module that reads student logits, at settings that exercise the rest
+    bin, temperatures != 1, label smoothing, teacher masks and the uniform mix."""
+    common = (ids, vals, tail, m)
+    out = {}
+    for eps in (0.0, 0.1):
+        out[f"hard_ce eps={eps}"] = losses.hard_ce(s, y, m, label_smoothing=eps)
+        out[f"lst eps={eps}"] = losses.lst_loss(
+            s, y, *common, label_smoothing=eps, build_temperature=1.0, teacher_mask=tmask
+        )
+    for tail_mode in ("rest_bin", "renormalize"):
+        for fn in (losses.sparse_kd_ce, losses.sparse_kd_kl):
+            out[f"{fn.__name__} {tail_mode}"] = fn(
+                s, *common, tail=tail_mode, k=3, student_temperature=2.0,
+                teacher_temperature=2.0, build_temperature=1.0,
+            )  # fmt: skip
+    out["multitask"] = losses.multitask_kd_loss(
+        s, aux, y, *common, lam=0.3, temperature=2.0, build_temperature=1.0, teacher_mask=tmask
+    )
+    out["essence"] = losses.essence_kd_loss(s, y, *common, alpha=0.4, k=3, teacher_mask=tmask)
+    for mix_with in ("label", "uniform"):
+        out[f"interaed {mix_with}"] = losses.interaed_kd_loss(
+            [s, aux], y, *common, k=3, build_temperature=1.0, mix_with=mix_with,
+            teacher_mask=tmask,
+        )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths", [[6, 6, 6], [6, 4, 2], [6, 1, 1]])
+def test_every_caller_gives_the_masked_forms_values_and_gradients(dtype, lengths, monkeypatch):
+    # lengths: no padding, some (the fused pass works on every row and zeroes the padding),
+    # mostly padding (it copies the valid rows out)
+    c = case(B=3, L=6, V=40, k=6, lengths=lengths)
+    s = c["student"].clone()
+    s[0, 0].scatter_add_(-1, c["ids"][0, 0], torch.full((6,), 30.0, dtype=DT))  # rest ~ 1e-12
+    s[0, 1].scatter_add_(-1, c["ids"][0, 1], torch.full((6,), 150.0, dtype=DT))  # underflows
+    aux = s.flip(-1)
+    tmask = c["mask"].clone()
+    tmask[1, 3] = False
+    got, ref = {}, {}
+    for masked, out in ((False, got), (True, ref)):
+        monkeypatch.setattr(losses, "_MASKED_REFERENCE", masked)
+        x, xa = (t.to(dtype).requires_grad_(True) for t in (s, aux))
+        for name, loss in _every_caller(
+            x, xa, c["targets"], c["ids"], c["vals"], c["tail"], c["mask"], tmask
+        ).items():
+            out[name] = (loss, *torch.autograd.grad(loss, (x, xa), allow_unused=True))
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    for name, (loss, g, ga) in got.items():
+        r_loss, r_g, r_ga = ref[name]
+        assert loss.dtype == r_loss.dtype and g.dtype == dtype, name
+        torch.testing.assert_close(loss, r_loss, **TOL, msg=name)
+        torch.testing.assert_close(g, r_g, **tol, msg=name)
+        if r_ga is None:
+            assert ga is None, name
+        else:
+            torch.testing.assert_close(ga, r_ga, **tol, msg=name)
+
+
+def test_gradcheck_losses_with_hard_labels_and_label_smoothing():
+    c = case(B=2, L=3, V=7, k=3, lengths=[3, 2])
+    y, ids, vals, tail, m = c["targets"], c["ids"], c["vals"], c["tail"], c["mask"]
+    tmask = m.clone()
+    tmask[0, 1] = False
+    fns = [
+        lambda s: losses.hard_ce(s, y, m, label_smoothing=0.3),
+        lambda s: losses.lst_loss(
+            s,
+            y,
+            ids,
+            vals,
+            tail,
+            m,
+            weight=0.4,
+            label_smoothing=0.2,
+            build_temperature=1.0,
+            teacher_mask=tmask,
+        ),
+        lambda s: losses.essence_kd_loss(s, y, ids, vals, tail, m, alpha=0.3, k=2),
+        lambda s: losses.interaed_kd_loss(
+            [s, s * 0.5], y, ids, vals, tail, m, k=2, build_temperature=1.0, mix_with="uniform"
+        ),
+    ]
+    for fn in fns:
+        assert torch.autograd.gradcheck(fn, (c["student"].clone().requires_grad_(True),))

@@ -35,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "Tail",
+    "TargetKind",
     "Reduction",
     "LST_WEIGHT",
     "LST_TEMPERATURE",
@@ -65,6 +66,9 @@ __all__ = [
 ]
 
 Tail = Literal["rest_bin", "renormalize"]
+# What the cached top-k streams hold (TeacherRecord.targets): the k most likely ids + tail bin,
+# or the distinct ids of N draws from the teacher with log(count / N) and tail -inf.
+TargetKind = Literal["topk", "sampled"]
 Reduction = Literal["mean", "utterance_mean", "sum", "none"]
 
 # Paper defaults (docs/losses.md gives the section each comes from). The config dataclasses
@@ -82,6 +86,13 @@ HKD_MSE_SCALE = 0.01  # 004 sec. 3.2, alpha_mse
 HKD_COS_SCALE = 10.0  # 004 sec. 3.2, alpha_cos
 
 _NEG_INF = float("-inf")
+
+# Essence KD is defined by the teacher's top k: what it distils is the renormalised "essence".
+ESSENCE_SAMPLED_REFUSAL = (
+    "Essence KD (paper 003) distils the teacher's top-k 'essence' by construction; sampled "
+    "targets (count / N of draws) are another estimator, not its top k: build a "
+    "--targets topk cache for this recipe"
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +172,13 @@ def _check_tail(tail: str) -> None:
         raise ValueError(f"unknown tail {tail!r}; use 'rest_bin' or 'renormalize'")
 
 
+def _check_target_kind(target_kind: str) -> bool:
+    """True for sampled targets."""
+    if target_kind not in ("topk", "sampled"):
+        raise ValueError(f"unknown target_kind {target_kind!r}; use 'topk' or 'sampled'")
+    return target_kind == "sampled"
+
+
 # --------------------------------------------------------------------------------------------
 # the two sides of every soft-label loss
 
@@ -173,6 +191,7 @@ def teacher_log_probs(
     k: int | None = None,
     temperature: float | None = None,
     build_temperature: float | None = None,
+    target_kind: TargetKind = "topk",
 ) -> tuple[Tensor, Tensor | None]:
     """The teacher's target distribution over the top-k buckets (and the rest bin).
 
@@ -187,6 +206,11 @@ def teacher_log_probs(
         temperature: the teacher temperature T the loss wants. None: as stored (T = T_b).
         build_temperature: T_b the cache was built at (TeacherRecord.temperature); required
             when `temperature` differs from it.
+        target_kind: "topk" (default) or "sampled" (TeacherRecord.targets). Sampled targets
+            are the empirical distribution of N draws, count / N: returned as stored (no rest
+            bucket, whatever `tail` says; the stored entries already sum to 1), an unbiased
+            estimate of the full teacher. Refused: `k` below the stored width (dropping draws
+            biases it) and re-tempering (draws at T_b cannot be turned into draws at T).
 
     Returns:
         (log_p_topk [..., k], log_p_rest [...] or None for "renormalize"), normalised so the
@@ -202,6 +226,9 @@ def teacher_log_probs(
     lp = topk_logprobs.to(dtype)
     rest = tail_logmass.to(dtype)
     full_k = lp.shape[-1]
+    if _check_target_kind(target_kind):
+        _check_sampled(k, full_k, temperature, build_temperature)
+        return lp - torch.logsumexp(lp, dim=-1, keepdim=True), None
     if k is not None:
         if not 1 <= k <= full_k:
             raise ValueError(f"k = {k} must be in [1, {full_k}] (the cache stores k = {full_k})")
@@ -227,6 +254,30 @@ def teacher_log_probs(
         return lp - norm.unsqueeze(-1), rest - norm
     norm = torch.logsumexp(lp, dim=-1, keepdim=True)
     return lp - norm, None
+
+
+def _check_sampled(
+    k: int | None, full_k: int, temperature: float | None, build_temperature: float | None
+) -> None:
+    """What sampled targets cannot do, refused with the reason (docs/losses.md)."""
+    if k is not None and k < full_k:
+        raise ValueError(
+            f"sampled targets: k = {k} would keep {k} of the {full_k} stored entries; dropping "
+            "drawn ids biases the count / N estimate (use all of them: k=None)"
+        )
+    if temperature is not None:
+        if build_temperature is None:
+            raise ValueError(
+                "re-tempering needs build_temperature (the TeacherRecord's temperature); "
+                "pass temperature=None to use the stored one"
+            )
+        if temperature != build_temperature:
+            raise ValueError(
+                f"sampled targets were drawn at T={build_temperature:g} and cannot be "
+                f"re-tempered to T={temperature:g} (the draws are not log-probs; the stored "
+                f"counts carry no teacher probabilities to reweight): build the cache with "
+                f"--temperature {temperature:g}"
+            )
 
 
 def _first_occurrence(ids: Tensor) -> Tensor:
@@ -571,6 +622,7 @@ def _sparse_rows(
     soft_mask: Tensor | None = None,
     targets: Tensor | None = None,
     mean: bool = False,
+    target_kind: TargetKind = "topk",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, _Student]:
     """Shared front half: select the rows of `mask`, form teacher and student log-probs.
 
@@ -596,7 +648,13 @@ def _sparse_rows(
         lp = torch.where(keep, lp, torch.full_like(lp, -math.log(kk)))
         tl = torch.where(is_soft, tl, torch.full_like(tl, _NEG_INF))
     log_p, log_p_rest = teacher_log_probs(
-        lp, tl, tail=tail, k=k, temperature=teacher_temperature, build_temperature=build_temperature
+        lp,
+        tl,
+        tail=tail,
+        k=k,
+        temperature=teacher_temperature,
+        build_temperature=build_temperature,
+        target_kind=target_kind,
     )
     if k is not None:
         ids = ids[:, :k]
@@ -607,7 +665,7 @@ def _sparse_rows(
         idx,
         ids,
         temperature=student_temperature,
-        rest=tail == "rest_bin",
+        rest=tail == "rest_bin" and log_p_rest is not None,
         targets=targets,
         mean=mean,
     )
@@ -631,6 +689,7 @@ def sparse_kd_ce(
     teacher_temperature: float | None = None,
     build_temperature: float | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """Soft-target cross entropy H(p_T, q) from sparse cached targets.
 
@@ -653,6 +712,9 @@ def sparse_kd_ce(
             `teacher_log_probs` for when this is exact and the bias when it is not.
         build_temperature: T_b of the cache, needed when teacher_temperature is given.
         reduction: "mean" | "utterance_mean" | "sum" | "none".
+        target_kind: "topk" or "sampled" (TeacherRecord.targets). Sampled: the CE against
+            count / N, no rest bin (`tail` does not apply); its expectation over the draws is
+            the dense H(p_T, q) and its gradient softmax(z) - count / N is unbiased too.
 
     Returns:
         Scalar loss, or [B, L] per-position losses (zeros at padding) for reduction="none".
@@ -668,6 +730,7 @@ def sparse_kd_ce(
         student_temperature=student_temperature,
         teacher_temperature=teacher_temperature,
         build_temperature=build_temperature,
+        target_kind=target_kind,
     )
     return _reduce(
         _scatter_rows(_soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
@@ -689,6 +752,7 @@ def sparse_kd_kl(
     teacher_temperature: float | None = None,
     build_temperature: float | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """KL(p_T || q) on the same support as `sparse_kd_ce`: the CE minus the teacher entropy.
 
@@ -698,6 +762,11 @@ def sparse_kd_kl(
     Computed term by term (not CE - H) so it stays >= 0 up to rounding. Both forms are >= 0:
     the rest-bin form is a KL between two distributions on K + 1 buckets, and for the
     renormalised form sum_topk q <= 1. Same gradients w.r.t. the student as `sparse_kd_ce`.
+
+    Sampled targets (target_kind="sampled"): KL(count / N || q) = CE - H(count / N). The
+    subtracted entropy is the sample's, not the teacher's, so the expectation is not
+    KL(p || q) (it is H(p, q) - E[H(count / N)]); it differs from it by a constant that does
+    not depend on the student, and the gradient is the CE's, unbiased.
 
     Args and Returns: as `sparse_kd_ce`.
     """
@@ -712,6 +781,7 @@ def sparse_kd_kl(
         student_temperature=student_temperature,
         teacher_temperature=teacher_temperature,
         build_temperature=build_temperature,
+        target_kind=target_kind,
     )
     return _reduce(
         _scatter_rows(_kl_rows(log_p, log_p_rest, st.log_q, st.log_q_rest), idx, mask),
@@ -799,6 +869,7 @@ def lst_loss(
     tail: Tail = "rest_bin",
     teacher_mask: Tensor | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """Learn Spelling from Teachers (paper 001; eq. (2) of paper 000).
 
@@ -827,6 +898,8 @@ def lst_loss(
         tail: "rest_bin" | "renormalize".
         teacher_mask: [B, L] bool positions with a teacher target (None: all of `mask`).
         reduction: "mean" | "utterance_mean" | "sum" | "none", over `mask`.
+        target_kind: "topk" or "sampled" (see `sparse_kd_ce`); sampled targets must be at
+            T = `temperature` already (no re-tempering).
 
     Returns:
         Scalar, or [B, L] for reduction="none".
@@ -849,6 +922,7 @@ def lst_loss(
         soft_mask=_soft_mask(mask, teacher_mask),
         targets=targets,
         mean=label_smoothing > 0.0,
+        target_kind=target_kind,
     )
     hard = _hard_ce_rows(st, label_smoothing)
     soft = _soft_ce_rows(log_p, log_p_rest, st.log_q, st.log_q_rest)
@@ -872,6 +946,7 @@ def multitask_kd_loss(
     tail: Tail = "rest_bin",
     teacher_mask: Tensor | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """Multi-task KD with a separate KD head (paper 000, sec. 3.1, eq. (4)).
 
@@ -896,6 +971,8 @@ def multitask_kd_loss(
         tail: "rest_bin" | "renormalize".
         teacher_mask: [B, L] bool positions with a teacher target (None: all of `mask`).
         reduction: "mean" | "utterance_mean" | "sum" | "none", over `mask`.
+        target_kind: "topk" or "sampled" (see `sparse_kd_kl`: with sampled targets the KD
+            term is off by a student-independent constant, its gradient unbiased).
 
     Returns:
         Scalar, or [B, L] for reduction="none".
@@ -917,6 +994,7 @@ def multitask_kd_loss(
         teacher_temperature=None if build_temperature is None else temperature,
         build_temperature=build_temperature,
         reduction="none",
+        target_kind=target_kind,
     )
     if t2_scaling:
         kd = kd * (temperature * temperature)
@@ -964,6 +1042,7 @@ def essence_kd_loss(
     build_temperature: float | None = None,
     teacher_mask: Tensor | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """Essence KD (paper 003): hard labels plus only the teacher's top-k "essence".
 
@@ -988,10 +1067,14 @@ def essence_kd_loss(
         build_temperature: T_b, needed when `temperature` is given.
         teacher_mask: [B, L] bool positions with a teacher target (None: all of `mask`).
         reduction: "mean" | "utterance_mean" | "sum" | "none", over `mask`.
+        target_kind: must be "topk": the method is defined by the top k; sampled targets are
+            refused (ESSENCE_SAMPLED_REFUSAL).
 
     Returns:
         Scalar, or [B, L] for reduction="none".
     """
+    if _check_target_kind(target_kind):
+        raise ValueError(ESSENCE_SAMPLED_REFUSAL)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     idx, is_soft, log_p, _, st = _sparse_rows(
@@ -1021,7 +1104,7 @@ def interaed_kd_loss(
     tail_logmass: Tensor,
     mask: Tensor,
     *,
-    k: int = INTERAED_K,
+    k: int | None = INTERAED_K,
     temperature: float = INTERAED_TEMPERATURE,
     build_temperature: float | None = None,
     mix: float = INTERAED_MIX,
@@ -1029,6 +1112,7 @@ def interaed_kd_loss(
     beta: float = 1.0,
     teacher_mask: Tensor | None = None,
     reduction: Reduction = "mean",
+    target_kind: TargetKind = "topk",
 ) -> Tensor:
     """interAED-KD (paper 002): soft-target CE on auxiliary attention decoders.
 
@@ -1049,7 +1133,8 @@ def interaed_kd_loss(
         topk_ids, topk_logprobs, tail_logmass: cached masked-LM targets, padded to [B, L]; the
             cache must store at least k entries.
         mask: [B, L] bool positions with a reference label.
-        k: top entries kept (8).
+        k: top entries kept (8); None: all stored. Sampled targets need None (or the stored
+            width): their soft part is count / N, an unbiased estimate of the untruncated p_T.
         temperature: teacher temperature T (3.0).
         build_temperature: T_b of the cache; None means the cache is at `temperature`.
         mix: weight of the LM soft label (0.9).
@@ -1057,6 +1142,7 @@ def interaed_kd_loss(
         beta: weight of the summed KD terms (1.0; tuned per setup, not from the paper).
         teacher_mask: [B, L] bool positions with a teacher target (None: all of `mask`).
         reduction: "mean" | "utterance_mean" | "sum" | "none", over `mask`.
+        target_kind: "topk" or "sampled" (see `k`; no re-tempering of sampled targets).
 
     Returns:
         Scalar, or [B, L] for reduction="none".
@@ -1084,6 +1170,7 @@ def interaed_kd_loss(
             soft_mask=soft_mask,
             targets=targets,
             mean=mix_with == "uniform",
+            target_kind=target_kind,
         )
         hard = _hard_ce_rows(st, 0.0)
         other = hard if mix_with == "label" else st.lse - st.z_mean

@@ -157,7 +157,10 @@ def test_schema_json_in_step_with_spec(two_teacher_cache):
     here = os.path.dirname(os.path.abspath(__file__))
     schema = json.load(open(os.path.join(here, "..", "docs", "format.schema.json")))["$defs"]
     fields = [f.name for f in dataclasses.fields(spec.TeacherRecord)]
-    assert set(schema["teacher"]["required"]) == set(fields) == set(schema["teacher"]["properties"])
+    assert set(fields) == set(schema["teacher"]["properties"])
+    # the sampled-target fields are written only for sampled caches (absent = top-k)
+    assert set(schema["teacher"]["required"]) == set(fields) - set(spec.SAMPLED_RECORD_FIELDS)
+    assert schema["teacher"]["properties"]["targets"]["enum"] == list(spec.TARGET_MODES)
     assert schema["teacher"]["properties"]["kind"]["enum"] == list(spec.TEACHER_KINDS)
     assert set(schema["commit"]["required"]) == set(spec.COMMIT_KEYS)
     assert [c["name"] for c in schema["index_columns"]["const"]] == list(spec.INDEX_COLUMNS)

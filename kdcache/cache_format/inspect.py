@@ -39,6 +39,9 @@ def summarize(cache: KDCache) -> dict[str, Any]:
                 "tokenizer_id": rec.tokenizer_id,
                 "vocab_size": rec.vocab_size,
                 "k": rec.k,
+                "targets": rec.targets,
+                "samples": rec.samples,
+                "sample_seed": rec.sample_seed,
                 "temperature": rec.temperature,
                 "units": rec.units,
                 "hidden_layers": list(rec.hidden_layers),
@@ -126,6 +129,7 @@ def format_summary(s: dict[str, Any]) -> str:
         "model",
         "vocab",
         "k",
+        "targets",
         "T",
         "hidden",
         "utts",
@@ -149,6 +153,9 @@ def format_summary(s: dict[str, Any]) -> str:
                 t["model_id"],
                 str(t["vocab_size"]),
                 str(t["k"]),
+                "top-k + tail"
+                if t["targets"] == "topk"
+                else f"sampled N={t['samples']} seed={t['sample_seed']}",
                 f"{t['temperature']:g}",
                 hid,
                 str(t["utterances"]),

@@ -187,6 +187,8 @@ class _TeacherData:
                 raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
             if name == spec.TOPK_IDS:
                 v = raw.astype(np.int64)
+            elif name == spec.TOPK_LOGPROBS and self.record.targets == "sampled":
+                v = spec.sampled_logprobs(raw, self.record.samples)  # exact log(count / N)
             elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
                 v = raw.astype(np.float32)
             else:

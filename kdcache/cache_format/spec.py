@@ -71,6 +71,14 @@ DEFAULT_CHUNK_POSITIONS = 16384
 DEFAULT_SHARD_POSITIONS = 1 << 20
 
 TEACHER_KINDS = ("masked_lm", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")
+# What the top-k streams hold (TeacherRecord.targets): "topk", the k most likely ids with their
+# log-probs and the tail bin; "sampled", the distinct ids of `samples` draws from the teacher with
+# log(count / samples) in the log-prob slots and tail -inf (docs/format.md, docs/losses.md).
+TARGET_MODES = ("topk", "sampled")
+# Record fields written only for sampled targets: a top-k record keeps exactly the keys it had
+# before they existed, so older readers (which refuse unknown keys) still read top-k caches, and
+# a record without them reads as top-k.
+SAMPLED_RECORD_FIELDS = ("targets", "samples", "sample_seed")
 UNITS = ("tokens", "frames")
 HIDDEN_CODECS = ("float16", "int8")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
@@ -203,6 +211,14 @@ class TeacherRecord:
             DEFAULT_LOGPROB_KEEPBITS).
         chunk_positions: Chunk length along the flat position axis.
         options: Teacher-specific build options (e.g. masked-LM mode); JSON-serialisable.
+        targets: "topk" (default) or "sampled" (TARGET_MODES). Sampled: each position's
+            ``samples`` draws from the teacher at ``temperature``, stored as the distinct ids
+            (most frequent first, then by id) with ``log(count / samples)``, ``-inf`` filler
+            entries and tail ``-inf``; ``k = min(samples, vocab_size)``.
+        samples: Draws per position (sampled only; 0 for top-k).
+        sample_seed: Seed of the draws (sampled only): position p of utterance u uses the
+            uniforms of :func:`sample_uniforms` (seed, u's id), so any rank or resumed build
+            draws the same tokens from the same logits.
     """
 
     name: str
@@ -222,9 +238,31 @@ class TeacherRecord:
     logprob_keepbits: int = DEFAULT_LOGPROB_KEEPBITS
     chunk_positions: int = DEFAULT_CHUNK_POSITIONS
     options: dict[str, Any] = field(default_factory=dict)
+    targets: str = "topk"
+    samples: int = 0
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.name, "teacher")
+        if self.targets not in TARGET_MODES:
+            raise ValueError(
+                f"teacher {self.name!r}: targets {self.targets!r} not in {TARGET_MODES}"
+            )
+        if self.targets == "topk" and (self.samples or self.sample_seed):
+            raise ValueError(f"teacher {self.name!r}: samples/sample_seed need targets 'sampled'")
+        if self.targets == "sampled":
+            if self.samples < 1:
+                raise ValueError(f"teacher {self.name!r}: sampled targets need samples >= 1")
+            if self.k != min(self.samples, self.vocab_size):
+                raise ValueError(
+                    f"teacher {self.name!r}: sampled targets store k = min(samples, vocab_size) "
+                    f"= {min(self.samples, self.vocab_size)} entries, the record says k={self.k}"
+                )
+            if not 0 <= self.sample_seed < 1 << 63:
+                raise ValueError(f"teacher {self.name!r}: sample_seed must be in 0..2^63-1")
+            bad = sampled_count_problem(self.samples, self.logprob_keepbits)
+            if bad:
+                raise ValueError(f"teacher {self.name!r}: {bad}")
         if self.kind not in TEACHER_KINDS:
             raise ValueError(f"teacher {self.name!r}: kind {self.kind!r} not in {TEACHER_KINDS}")
         if self.units not in UNITS:
@@ -265,7 +303,14 @@ class TeacherRecord:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["hidden_layers"] = list(self.hidden_layers)
+        if self.targets == "topk":  # the keys of a top-k record as before sampled targets
+            for key in SAMPLED_RECORD_FIELDS:
+                del d[key]
         return d
+
+    @property
+    def sampled(self) -> bool:
+        return self.targets == "sampled"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherRecord:
@@ -310,6 +355,57 @@ def round_mantissa(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.
 def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
     """round_mantissa for float32 (used for tail_logmass with TAIL_KEEPBITS)."""
     return round_mantissa(x, keepbits, np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampled targets (TeacherRecord.targets == "sampled")
+
+
+def sampled_counts(logprobs: np.ndarray, samples: int) -> np.ndarray:
+    """Counts ``round(samples * exp(l))`` of stored sampled log-probs (int64; 0 for -inf
+    fillers). Exact whenever sampled_count_problem(samples, keepbits) is None."""
+    with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+        c = np.rint(samples * np.exp(np.asarray(logprobs, dtype=np.float64)))
+    return np.where(np.isfinite(c), c, 0).astype(np.int64)
+
+
+def sampled_logprobs(logprobs: np.ndarray, samples: int) -> np.ndarray:
+    """Stored (rounded float16) sampled log-probs -> the exact ``log(count / samples)`` in
+    float32 (what the reader returns: the stored rounding would bias the estimator slightly)."""
+    c = sampled_counts(logprobs, samples)
+    with np.errstate(divide="ignore"):
+        return np.log(c / samples).astype(np.float32)
+
+
+def sampled_count_problem(samples: int, keepbits: int) -> str | None:
+    """Why ``log(c / samples)`` stored as float16 with ``keepbits`` mantissa bits would not give
+    back every count c in 1..samples (None when it does). Round-to-nearest moves log(c/N) by up
+    to |log(c/N)| 2^-(keepbits+1), i.e. the count by about c log(N/c) 2^-(keepbits+1) <= N/e
+    2^-(keepbits+1), which must stay below 1/2: N <= ~348 at 7 bits, ~2780 at 10."""
+    if samples < 1:
+        return f"samples {samples} must be >= 1"
+    c = np.arange(1, samples + 1)
+    with np.errstate(divide="ignore"):
+        stored = round_mantissa(np.log(c / samples).astype(np.float16), keepbits)
+    back = sampled_counts(stored, samples)
+    bad = np.nonzero(back != c)[0]
+    if len(bad):
+        return (
+            f"samples={samples} counts do not survive float16 log-probs at logprob_keepbits="
+            f"{keepbits} (count {int(c[bad[0]])} reads back as {int(back[bad[0]])}): use "
+            f"fewer samples or more keepbits (10 holds up to ~2780 samples)"
+        )
+    return None
+
+
+def sample_uniforms(seed: int, utt_id: str, positions: int, samples: int) -> np.ndarray:
+    """The ``[positions, samples]`` uniforms in [0, 1) of one utterance's sampled targets:
+    Philox keyed by sha256(seed, utt_id), row p for position p. Depends on nothing else (not the
+    rank, batch or order), so every build of the same utterance draws alike."""
+    h = hashlib.sha256(f"{int(seed)}\0{utt_id}".encode()).digest()
+    key = [int.from_bytes(h[i : i + 8], "little") for i in (0, 8)]
+    rng = np.random.Generator(np.random.Philox(key=key))
+    return rng.random((positions, samples))
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +517,7 @@ HARMLESS_RECORD_FIELDS = ("model_id", "tokenizer_id")
 
 def record_differences(stored: TeacherRecord, new: TeacherRecord) -> list[str]:
     """Names of fields (other than HARMLESS_RECORD_FIELDS) whose values differ."""
-    a, b = stored.to_dict(), new.to_dict()
+    a, b = dataclasses.asdict(stored), dataclasses.asdict(new)
     return [k for k in a if k not in HARMLESS_RECORD_FIELDS and a[k] != b[k]]
 
 

@@ -456,12 +456,45 @@ def mass_slack(stored: np.ndarray, keepbits: int) -> np.ndarray:
     return term.sum(axis=1) + 1e-7 * lp.shape[1]
 
 
+def sampled_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
+    """Sampled targets (rec.targets == "sampled") over one chunk: the tail is -inf, every finite
+    stored log-prob is exactly the stored form of log(c / samples) for a count c >= 1, and the
+    counts of a position add up to ``samples`` (no mass tolerance: counts are integers)."""
+    n = rec.samples
+    probs = []
+    bad_tail = np.nonzero(~np.isneginf(tail))[0]
+    if len(bad_tail):
+        probs.append(
+            f"tail_logmass {float(tail[bad_tail[0]])!r} at position {int(bad_tail[0])} of the "
+            f"chunk; sampled targets have tail -inf ({len(bad_tail)} position(s))"
+        )
+    c = spec.sampled_counts(lp, n)
+    with np.errstate(divide="ignore"):
+        canon = spec.round_mantissa(
+            np.log(np.maximum(c, 1) / n).astype(np.float16), rec.logprob_keepbits
+        )
+    finite = np.isfinite(lp)
+    off = finite & ((c < 1) | (lp.astype(np.float16) != canon))
+    totals = c.sum(axis=1)
+    bad = np.nonzero(off.any(axis=1) | (totals != n))[0]
+    if len(bad):
+        i = int(bad[0])
+        probs.append(
+            f"sampled counts at position {i} of the chunk add up to {int(totals[i])}, or are "
+            f"not of the form log(count / {n}); samples={n} ({len(bad)} position(s))"
+        )
+    return probs
+
+
 def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
-    """The stored mass rule over one chunk of top-k log-probs [P, k] and tail log-masses [P]."""
+    """The stored mass rule over one chunk of top-k log-probs [P, k] and tail log-masses [P]
+    (for sampled targets, sampled_problems instead)."""
     if len(lp) != len(tail):
         return [f"topk_logprobs has {len(lp)} positions, tail_logmass {len(tail)}"]
     if not len(lp):
         return []
+    if rec.targets == "sampled":
+        return sampled_problems(rec, lp, tail)
     lp64 = lp.astype(np.float64)
     t64 = tail.astype(np.float64)
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):

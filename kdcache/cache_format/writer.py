@@ -363,6 +363,8 @@ class CacheWriter:
                             f"probability mass at position {worst} is {mass:.4f}, not 1: topk_logprobs "
                             "must be log-softmax outputs and tail_logmass = log(1 - sum(exp(topk_logprobs)))"
                         )
+                if rec.targets == "sampled":
+                    self._check_sampled(bad, lp, tail)
             out["ids"], out["lp"], out["tail"] = ids, lp, tail
 
         hidden = u.hidden or {}
@@ -539,6 +541,24 @@ class CacheWriter:
         # self._arrays holds zarr AsyncArrays.
         self._arrays = dict(zip(self._names, sync(create_all()), strict=True))
         self._shard = shard
+
+    def _check_sampled(self, bad, lp: np.ndarray, tail: np.ndarray) -> None:
+        """Sampled targets: tail -inf, log-probs log(count / samples) with counts adding up to
+        samples at every position (what the record promises the losses)."""
+        n = self.record.samples
+        if not np.isneginf(tail).all():
+            row = int(np.nonzero(~np.isneginf(tail))[0][0])
+            raise bad(f"sampled targets need tail_logmass -inf, got {float(tail[row])} at {row}")
+        with np.errstate(under="ignore", over="ignore", invalid="ignore"):
+            x = n * np.exp(lp.astype(np.float64))
+        c = np.rint(x)
+        off = np.abs(x - c) > 1e-3 * np.maximum(c, 1)
+        if off.any() or not (c.sum(axis=1) == n).all():
+            row = int(np.nonzero(off.any(axis=1) | (c.sum(axis=1) != n))[0][0])
+            raise bad(
+                f"sampled targets at position {row} are not log(count / {n}) with counts adding "
+                f"up to samples={n}"
+            )
 
     def _encode_chunk(self, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Per-chunk part of the encoding (element-wise, so equal to encoding per utterance)."""

@@ -20,6 +20,7 @@ TEACHERS = ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")
 COMBINE = ("mean", "product")
 HIDDEN_CODECS = ("float16", "int8")
 MLM_MODES = ("masked", "unmasked")
+TARGETS = ("topk", "sampled")
 
 
 def _layers(spec: str) -> tuple[int, ...]:
@@ -88,6 +89,24 @@ def build(
         "--logprob-keepbits",
         metavar="BITS",
         help="Mantissa bits kept in the stored log-probs, 1..10 (10 = plain float16; default: 7).",
+    ),
+    targets: str = typer.Option(
+        "topk",
+        "--targets",
+        help="topk: the --top-k most likely ids + a tail bin; sampled: --samples draws per "
+        "position from the teacher, stored as distinct ids with log(count / N) (an unbiased "
+        "estimate of the full distribution; --top-k does not apply, the width is "
+        "min(N, vocab)). Token teachers only (bert, causal_lm, lstm_lm).",
+        **one_of(TARGETS),
+    ),
+    samples: int = typer.Option(
+        32, "--samples", metavar="N", help="--targets sampled: draws per position."
+    ),
+    sample_seed: int = typer.Option(
+        0,
+        "--sample-seed",
+        metavar="S",
+        help="--targets sampled: seed; with each utterance id it fixes the draws (any rank, resume).",
     ),
     mlm_mode: str = typer.Option(
         "masked",
@@ -171,6 +190,8 @@ def build(
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     # ValueError: bad option values, bad manifest lines, the writer's checks.
+    if targets != "topk" and teacher in ("ensemble", "aligned_lm"):
+        fail(f"--targets {targets} is for --teacher bert, causal_lm or lstm_lm, not {teacher}")
     if teacher == "ensemble":
         summary = _build_ensemble(
             model, data, out, name, top_k, temperature, hidden_layers, hidden_codec,
@@ -207,6 +228,9 @@ def build(
                 hidden_layers=_layers(hidden_layers),
                 hidden_codec=hidden_codec,
                 logprob_keepbits=logprob_keepbits,
+                targets=targets,
+                samples=samples,
+                sample_seed=sample_seed,
                 mlm_mode=mlm_mode,
                 mask_stride=mask_stride,
                 batch_tokens=batch_tokens,

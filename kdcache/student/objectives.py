@@ -144,6 +144,11 @@ def _to_encoder_frames(
     return _pad_positions(t, out.ctc_logits.shape[1])
 
 
+def _kind(ctx: Context, name: str) -> str:
+    """The teacher's target kind ("topk" or "sampled"; records without the field are top-k)."""
+    return getattr(ctx.records.get(name), "targets", "topk")
+
+
 def _token_mask(batch: Batch) -> torch.Tensor:
     import torch
 
@@ -196,6 +201,7 @@ def lst(
         out.dec_logits, _decoder_targets(batch, mcfg), ids, lp, tail, out.dec_mask,
         weight=cfg.lst.kd_weight, label_smoothing=cfg.label_smoothing,
         temperature=cfg.lst.temperature, build_temperature=t.temperature, teacher_mask=tmask,
+        target_kind=_kind(ctx, ctx.teachers[0]),
     )  # fmt: skip
     return _joint(cfg, terms, att)
 
@@ -214,7 +220,7 @@ def multitask(
     att = losses.multitask_kd_loss(
         out.dec_logits, out.aux_kd_logits[name], _decoder_targets(batch, mcfg), ids, lp, tail,
         out.dec_mask, lam=m.lam, temperature=m.temperature, build_temperature=t.temperature,
-        teacher_mask=tmask,
+        teacher_mask=tmask, target_kind=_kind(ctx, name),
     )  # fmt: skip
     return _joint(ctx.cfg, terms, att)
 
@@ -274,12 +280,16 @@ def interaed(
     cfg, i = ctx.cfg, ctx.cfg.interaed
     terms = {"ctc": _ctc_loss(out, batch, mcfg.blank_id)}
     t = batch.targets[ctx.teachers[0]]
+    kind = _kind(ctx, ctx.teachers[0])
+    # sampled targets: all N draws (count / N estimates the untruncated teacher; a top-k cut of
+    # draws would be biased), docs/losses.md
+    k = None if kind == "sampled" else min(i.k, t.topk_ids.shape[-1])
     L = batch.tokens.shape[1]
     aux = [out.interaed_logits[layer][:, :L] for layer in sorted(out.interaed_logits)]
     terms["interaed"] = losses.interaed_kd_loss(
         aux, batch.tokens, t.topk_ids, t.topk_logprobs, t.tail_logmass, _token_mask(batch),
-        k=min(i.k, t.topk_ids.shape[-1]), temperature=i.temperature,
-        build_temperature=t.temperature, mix=i.mix,
+        k=k, temperature=i.temperature, build_temperature=t.temperature, mix=i.mix,
+        target_kind=kind,
     )  # fmt: skip
     loss = terms["ctc"] + i.kd_weight * terms["interaed"]
     if out.dec_logits is not None:
@@ -352,7 +362,7 @@ def hierarchical(
             a_loss = losses.multitask_kd_loss(
                 a_logits, a_logits, a_dt, a_ids, a_lp, a_tail, a_mask, lam=h.lam,
                 temperature=h.temperature, build_temperature=t.temperature,
-                teacher_mask=a_tmask,
+                teacher_mask=a_tmask, target_kind=_kind(ctx, name),
             )  # fmt: skip
             terms[f"aux_{name}"] = a_loss.detach()
             own_terms.append((w, a_loss))
@@ -361,7 +371,7 @@ def hierarchical(
         kd = losses.sparse_kd_kl(
             out.aux_kd_logits[name], ids, lp, tail, tmask, student_temperature=h.temperature,
             teacher_temperature=h.temperature, build_temperature=t.temperature,
-            reduction="none",
+            reduction="none", target_kind=_kind(ctx, name),
         )  # fmt: skip
         terms[f"kd_{name}"] = (kd.sum() / tmask.sum().clamp(min=1)).detach()
         per = per + (1.0 - h.lam) * w * kd
@@ -447,8 +457,38 @@ def _check_frame_teacher(cfg: RunConfig, records: dict[str, Any]) -> None:
             )
 
 
+def _recipe_temperature(cfg: RunConfig) -> float | None:
+    """The teacher temperature the recipe's loss asks for (None: it takes the cache's)."""
+    section = getattr(cfg, cfg.recipe, None)
+    return getattr(section, "temperature", None)
+
+
+def check_sampled_targets(cfg: RunConfig, records: dict[str, Any], where: dict[str, str]) -> None:
+    """Before training: refuse what a recipe cannot do with sampled targets, naming the cache
+    and teacher. Essence KD is defined by the top k; no recipe can re-temper draws made at the
+    cache's temperature (docs/losses.md). ``where``: teacher -> cache path."""
+    from kdcache.losses import ESSENCE_SAMPLED_REFUSAL
+    from kdcache.student.config import ConfigError
+
+    for name, rec in records.items():
+        if getattr(rec, "targets", "topk") != "sampled":
+            continue
+        at = f"cache {where.get(name, '?')}, teacher {name!r} (sampled targets, N={rec.samples})"
+        if cfg.recipe == "essence":
+            raise ConfigError(f"recipe essence: {at}: {ESSENCE_SAMPLED_REFUSAL}")
+        want = _recipe_temperature(cfg)
+        if want is not None and want != rec.temperature:
+            raise ConfigError(
+                f"recipe {cfg.recipe}: {at} were drawn at T={rec.temperature:g}; the recipe wants "
+                f"T={want:g} and sampled targets cannot be re-tempered: rebuild with "
+                f"--temperature {want:g} or set {cfg.recipe}.temperature={rec.temperature:g}"
+            )
+
+
 def _check_lst_temperature(cfg: RunConfig, records: dict[str, Any]) -> None:
     (rec,) = records.values()
+    if getattr(rec, "targets", "topk") == "sampled":
+        return  # check_sampled_targets: equal temperatures or refused
     if rec.temperature != cfg.lst.temperature:
         log.warning(
             "lst: the cache was built at T=%g, the recipe wants T=%g; re-tempering the rest bin "

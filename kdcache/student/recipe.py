@@ -152,6 +152,12 @@ def _resolved_cache_path(p: str) -> str:
     return p if is_url(p) else str(Path(p).resolve())
 
 
+def _cache_path_of(cache, teacher: str) -> str:
+    """The path of the cache that holds ``teacher`` (one of several --cache)."""
+    pick = getattr(cache, "_cache", None)
+    return str((pick(teacher) if pick else cache).path)
+
+
 def _teacher_names(cfg: RunConfig, cache) -> list[str]:
     if OBJECTIVES[cfg.recipe].several_teachers:
         names = list(cfg.hierarchical.teachers) or sorted(cache.teachers)
@@ -369,6 +375,10 @@ def train(inputs: RunInputs) -> TrainResult:
     elif inputs.cache is not None:
         log.info("recipe %s: --cache %s is not read", cfg.recipe, inputs.cache)
     hidden_layer = cif_hidden_layer(cfg, records[teachers[0]]) if objective.needs_hidden else None
+    if records:
+        from kdcache.student.objectives import check_sampled_targets
+
+        check_sampled_targets(cfg, records, {n: _cache_path_of(cache, n) for n in records})
     if objective.check_records is not None:
         objective.check_records(cfg, records)
 

@@ -10,7 +10,7 @@ utterance as soon as all its positions are filled.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -180,10 +180,25 @@ def pad_batch(batch: list[Row], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+@dataclass
+class Sampler:
+    """Sampled targets instead of top-k (:func:`kdcache.teachers.topk.sampled_targets`).
+
+    Attributes:
+        samples: Draws per position (N).
+        uniforms: ``utt index -> [T, N]`` uniforms of that utterance (``spec.sample_uniforms``
+            keyed by its id, so the draws do not depend on batching, rank or resume).
+    """
+
+    samples: int
+    uniforms: Callable[[int, int], np.ndarray]  # (utt index, T) -> [T, N] float64
+
+
 class _Buffer:
     """Targets of one utterance being filled; knows how many positions are still missing."""
 
     def __init__(self, n: int, k: int, hidden_dims: dict[int, int]):
+        self.uniforms: np.ndarray | None = None  # [n, N] when sampling
         self.ids = np.zeros((n, k), dtype=np.int64)
         self.lp = np.zeros((n, k), dtype=np.float32)
         self.tail = np.zeros(n, dtype=np.float32)
@@ -221,6 +236,7 @@ def run_rows(
     *,
     bare: bool = False,
     topk_chunk: int = 1024,
+    sampler: Sampler | None = None,
 ) -> Iterator[tuple[int, Targets]]:
     """Run a teacher over utterances and yield ``(utt, Targets)`` as each one completes.
 
@@ -230,7 +246,9 @@ def run_rows(
         budget: Token budget of one padded batch.
         bare: Only run the model forward (benchmark baseline): nothing is computed after it and
             nothing is yielded.
-        topk_chunk: Positions per log-softmax/top-k call (bounds the ``[P, V]`` float32 buffer).
+        topk_chunk: Positions per log-softmax/top-k call (bounds the ``[P, V]`` float32 buffer;
+            a quarter of it when sampling, whose buffers are float64/int64).
+        sampler: Store sampled targets (the adapter's ``k`` is then the width, min(N, V)).
 
     Zero-length utterances are yielded at once with empty arrays.
     """
@@ -243,6 +261,8 @@ def run_rows(
     def gen_rows() -> Iterator[Row]:
         for utt, ids in utts:
             buf = _Buffer(len(ids), k, hidden_dims)
+            if sampler is not None and k:
+                buf.uniforms = sampler.uniforms(utt, len(ids))
             buffers[utt] = buf
             rows = adapter.rows(utt, ids) if ids else []
             for r in rows:
@@ -257,7 +277,7 @@ def run_rows(
         for u in done:
             yield u, buffers.pop(u).targets()
 
-    from kdcache.teachers.topk import topk_targets
+    from kdcache.teachers.topk import sampled_targets, topk_targets
 
     for batch in batch_rows(gen_rows(), budget):
         if not bare:
@@ -291,11 +311,24 @@ def run_rows(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             continue
-        if k and tb:
+        if k and tb and sampler is not None:
+            uni = torch.from_numpy(
+                np.stack([buffers[u].uniforms[d] for u, d in zip(tu, td, strict=True)])
+            )
+            step = max(1, topk_chunk // 4)
+            parts = [
+                sampled_targets(
+                    logits[i : i + step], k, uni[i : i + step].to(logits.device),
+                    adapter.temperature,
+                )
+                for i in range(0, logits.shape[0], step)
+            ]  # fmt: skip
+        elif k and tb:
             parts = [
                 topk_targets(logits[i : i + topk_chunk], k, adapter.temperature)
                 for i in range(0, logits.shape[0], topk_chunk)
             ]
+        if k and tb:
             ids_t = torch.cat([p[0] for p in parts]).cpu().numpy()
             lp_t = torch.cat([p[1] for p in parts]).cpu().numpy()
             tail_t = torch.cat([p[2] for p in parts]).cpu().numpy()

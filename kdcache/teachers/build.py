@@ -196,13 +196,18 @@ def teacher_record(
     hidden_codec: str = "float16",
     chunk_positions: int | None = None,
     logprob_keepbits: int | None = None,
+    samples: int = 0,
+    sample_seed: int = 0,
 ):
-    """The TeacherRecord of a loaded teacher (format defaults where an argument is None)."""
+    """The TeacherRecord of a loaded teacher (format defaults where an argument is None);
+    ``samples > 0``: sampled targets (t.k is then the width, min(samples, vocab_size))."""
     from kdcache.cache_format import spec
 
     kw = {"chunk_positions": chunk_positions} if chunk_positions else {}
     if logprob_keepbits is not None:
         kw["logprob_keepbits"] = logprob_keepbits
+    if samples:
+        kw.update(targets="sampled", samples=samples, sample_seed=sample_seed)
     return spec.TeacherRecord(
         name=name,
         kind=t.kind,
@@ -278,6 +283,9 @@ def build_cache(
     hidden_layers: tuple[int, ...] = (),
     hidden_codec: str = "float16",
     logprob_keepbits: int | None = None,
+    targets: str = "topk",
+    samples: int = 32,
+    sample_seed: int = 0,
     mlm_mode: str = "masked",
     mask_stride: int = 0,
     batch_tokens: int = 0,
@@ -303,6 +311,12 @@ def build_cache(
         k: Top entries per position (0: hidden states only).
         logprob_keepbits: Mantissa bits kept in the stored float16 log-probs (10: all; default:
             the format's, spec.DEFAULT_LOGPROB_KEEPBITS).
+        targets: ``topk`` (the k most likely ids + tail bin) or ``sampled`` (``samples`` draws
+            per position from the teacher, stored as distinct ids with log(count / samples) in
+            arrays of width min(samples, vocab_size); ``k`` is then unused unless 0, which
+            is refused). docs/losses.md has the estimator.
+        samples: Draws per position (sampled targets).
+        sample_seed: Seed of the draws; with the utterance id it fixes every position's draws.
         batch_tokens: Padded tokens per batch (0: 4096 on CPU, 65536 on GPU).
         rank, world_size: This worker's slice (torchrun sets RANK/WORLD_SIZE).
         skip_bad: Leave out utterances without a transcript instead of failing.
@@ -322,6 +336,13 @@ def build_cache(
     from kdcache.data.manifest import load_manifest
 
     t0, c0 = time.monotonic(), time.process_time()
+    sampled = _check_targets_options(targets, samples, sample_seed, k, teacher)
+    if sampled:
+        from kdcache.cache_format.spec import DEFAULT_LOGPROB_KEEPBITS, sampled_count_problem
+
+        why = sampled_count_problem(samples, logprob_keepbits or DEFAULT_LOGPROB_KEEPBITS)
+        if why:
+            raise BuildError(f"--samples {samples}: {why.split(': ', 1)[-1]} (--logprob-keepbits)")
     if hidden_codec not in spec.HIDDEN_CODECS:
         raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
     name = spec.check_name(name or teacher, "teacher")
@@ -334,7 +355,7 @@ def build_cache(
     t = loaded or load_teacher(
         teacher,
         model,
-        k=k,
+        k=1 if sampled else k,  # the width is min(samples, V), known once it is loaded
         temperature=temperature,
         hidden_layers=tuple(hidden_layers),
         mlm_mode=mlm_mode,
@@ -342,6 +363,8 @@ def build_cache(
         max_len=max_len,
         mask_stride=mask_stride,
     )
+    if sampled:
+        t.k = min(samples, t.vocab_size)
     load_seconds = time.monotonic() - t0
     budget = batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]
     prepared, bad = prepare(utts, t.encode, skip_bad=skip_bad)
@@ -352,7 +375,14 @@ def build_cache(
         raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
     unk = getattr(t, "unk_id", None)
     _check_unknown_tokens(prepared, unk, model)
-    record = teacher_record(t, name, hidden_codec, logprob_keepbits=logprob_keepbits)
+    record = teacher_record(
+        t,
+        name,
+        hidden_codec,
+        logprob_keepbits=logprob_keepbits,
+        samples=samples if sampled else 0,
+        sample_seed=sample_seed,
+    )
     wkw = {"shard_positions": shard_positions} if shard_positions else {}
     done = positions = empty = unk_count = 0
     with CacheWriter(out, record, rank=rank, **wkw) as writer:
@@ -398,7 +428,15 @@ def build_cache(
         try:
             from kdcache.cache_format.spec import UttTargets
 
-            for i, tg in _run(t, todo, budget):
+            sampler = None
+            if sampled:
+                from kdcache.teachers.base import Sampler
+
+                sampler = Sampler(
+                    samples,
+                    lambda i, n: spec.sample_uniforms(sample_seed, todo[i].id, n, samples),
+                )
+            for i, tg in _run(t, todo, budget, sampler):
                 p = todo[i]
                 n = len(p.token_ids)
                 ids = np.asarray(p.token_ids, dtype=np.int64)
@@ -506,7 +544,30 @@ def _check_not_stale(out: str, teacher: str, done: list[PreparedUtt]) -> None:
         )
 
 
-def _run(t, todo: list[PreparedUtt], budget: int):
+def _run(t, todo: list[PreparedUtt], budget: int, sampler=None):
     from kdcache.teachers.base import run_rows
 
-    return run_rows(t, ((i, p.token_ids) for i, p in enumerate(todo)), budget)
+    return run_rows(t, ((i, p.token_ids) for i, p in enumerate(todo)), budget, sampler=sampler)
+
+
+def _check_targets_options(
+    targets: str, samples: int, sample_seed: int, k: int, teacher: str
+) -> bool:
+    """``--targets``/``--samples``/``--sample-seed`` checked before anything loads; True for
+    sampled targets."""
+    if targets not in ("topk", "sampled"):
+        raise BuildError(f"--targets {targets!r} must be topk or sampled")
+    if targets == "topk":
+        return False
+    if teacher not in TOKEN_TEACHERS:
+        raise BuildError(
+            f"--targets sampled is implemented for --teacher {', '.join(TOKEN_TEACHERS)}, "
+            f"not {teacher}"
+        )
+    if samples < 1:
+        raise BuildError(f"--samples {samples} must be >= 1")
+    if k == 0:
+        raise BuildError("--targets sampled with --top-k 0: sampled targets need a width")
+    if not 0 <= sample_seed < 1 << 63:
+        raise BuildError(f"--sample-seed {sample_seed} must be in 0..2^63-1")
+    return True

@@ -79,3 +79,46 @@ def dense_reference(
     tail_mass = (p * mask).sum(-1)
     tail = torch.where(tail_mass > 0, tail_mass.log(), torch.full_like(tail_mass, float("-inf")))
     return ids[..., :k], lp[..., :k], tail
+
+
+def sampled_targets(
+    logits: torch.Tensor, width: int, uniforms: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled sparse targets: ``N`` i.i.d. draws per row from ``softmax(logits / temperature)``,
+    stored as the distinct ids with ``log(count / N)`` (Random Sampling KD, arXiv 2503.16870).
+
+    Draws are by inverse CDF (float64 cumulative sum, so a token's chance is its probability to
+    ~1e-16) against the given uniforms: the same uniforms and logits give the same draws on any
+    batch, rank or run. Entries are ordered by count (descending), then id (ascending); the
+    ``width - distinct`` unused slots hold the smallest ids not drawn, with log-prob ``-inf``
+    (the writer wants distinct ids). The tail is ``-inf``: the counts hold all the mass.
+
+    Args:
+        logits: ``[P, V]`` raw logits.
+        width: Entries per row, ``min(N, V)`` (room for every distinct draw).
+        uniforms: ``[P, N]`` float64 in [0, 1) (``spec.sample_uniforms`` rows).
+        temperature: Softmax temperature (> 0).
+
+    Returns:
+        ``ids [P, width]`` int64, ``logprobs [P, width]`` float32, ``tail [P]`` float32 (-inf).
+    """
+    P, V = logits.shape
+    n = uniforms.shape[-1]
+    if not 1 <= width <= V or width < min(n, V):
+        raise ValueError(f"width={width} must be in min(N={n}, V={V})..{V}")
+    z = logits.double()
+    if temperature != 1.0:
+        z = z / temperature
+    cdf = torch.softmax(z, dim=-1).cumsum_(dim=-1)
+    u = uniforms.to(device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    draws = torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)
+    del cdf, z
+    # key = count * V - id: top `width` keys = counts descending, then ids ascending; ids never
+    # drawn (count 0) follow, smallest first.
+    key = torch.zeros(P, V, dtype=torch.int64, device=logits.device)
+    key.scatter_add_(1, draws, torch.ones_like(draws))
+    key.mul_(V).sub_(torch.arange(V, device=logits.device))
+    top, ids = torch.topk(key, width, dim=-1, sorted=True)
+    counts = (top + ids) // V
+    lp = torch.log(counts.double() / n).float()
+    return ids, lp, torch.full((P,), float("-inf"), device=logits.device)

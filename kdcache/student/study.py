@@ -230,9 +230,7 @@ def arm_decode(plan: Plan, arm: Arm | None) -> dict[str, Any]:
     return {**plan.decode, **(arm.decode if arm else {})}
 
 
-def eval_command(
-    plan: Plan, rd: Path, split: str, root: Path, arm: Arm | None = None
-) -> list[str]:
+def eval_command(plan: Plan, rd: Path, split: str, root: Path, arm: Arm | None = None) -> list[str]:
     """The `kdtrain eval` of one finished run on ``split`` (dev or test) with the arm's decoding."""
     dec = arm_decode(plan, arm)
     ev = [

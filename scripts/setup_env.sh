@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${KDCACHE_VENV:-.venv}
-EXTRAS=${KDCACHE_EXTRAS:-test,plot,gguf,lhotse,s3}
+EXTRAS=${KDCACHE_EXTRAS:-test,plot,gguf,lhotse,s3,pq}
 
 apt_pkgs=()
 command -v espeak-ng >/dev/null 2>&1 || apt_pkgs+=(espeak-ng)

@@ -110,6 +110,43 @@ class _TeacherData:
         self._names: dict[bool, list[str]] = {}
         self.lock = threading.Lock()
         self.markers: dict[str, CommitMarker] = {}  # shard -> its validated commit marker
+        self.codebooks: dict[tuple[str, str], np.ndarray] = {}  # (shard, layer) -> pq codebooks
+
+    def codebook(self, shard: str, layer: str) -> np.ndarray:
+        """float32 [M, 256, D / M] PQ codebooks of one layer of one shard (checked, cached)."""
+        key = (shard, layer)
+        cb = self.codebooks.get(key)
+        if cb is not None:
+            return cb
+        import zarr
+
+        path = f"{spec.shard_path(self.record.name, shard)}/{spec.PQ_CODEBOOK_DIR}/{layer}"
+        where = self.cache._storage.full(path)
+        try:
+            a = zarr.open_array(self.cache._zstore, path=path, mode="r")
+        except Exception as e:
+            raise CacheError(
+                f"{where}: cannot open array ({type(e).__name__}: {one_line(e)})"
+            ) from None
+        probs = validate.codebook_problems(self.record, layer, a)
+        if probs:
+            raise CacheError(f"{where}: {probs[0]}")
+        try:
+            if not self.cache._storage.exists(f"{path}/c/0/0/0"):
+                raise CacheError(f"{where}: chunk 0 is missing (the cache is damaged)")
+            cb = np.ascontiguousarray(a[...], dtype=np.float32)
+        except CacheError:
+            raise
+        except Exception as e:
+            raise CacheError(
+                f"{where}: chunk 0 is damaged or unreadable ({type(e).__name__}: {one_line(e)})"
+            ) from None
+        probs = validate.codebook_value_problems(cb)
+        if probs:
+            raise CacheError(f"{where}: {probs[0]} (the cache is damaged)")
+        with self.lock:
+            self.codebooks[key] = cb
+        return cb
 
     def array(self, shard: str, name: str):
         key = (shard, name)
@@ -134,7 +171,7 @@ class _TeacherData:
 
     def chunk(self, shard: str, name: str, c: int) -> np.ndarray:
         """Decoded chunk c of one array: ids int64, top-k log-probs and tails float32, hidden as
-        stored (float16, or int8 + float32 scales)."""
+        stored (float16, or int8 + float32 scales), or float32 decoded from PQ codes."""
         return self.chunks(shard, [name], c)[name]
 
     def chunks(self, shard: str, names: Sequence[str], c: int) -> dict[str, np.ndarray]:
@@ -191,6 +228,10 @@ class _TeacherData:
                 v = spec.sampled_logprobs(raw, self.record.samples)  # exact log(count / N)
             elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
                 v = raw.astype(np.float32)
+            elif self.record.hidden_codec == "pq" and name.startswith(spec.HIDDEN_DIR + "/"):
+                from kdcache.cache_format.pq import decode
+
+                v = decode(raw, self.codebook(shard, name.split("/", 1)[1]))  # float32 [n, D]
             else:
                 v = raw  # hidden float16 stays float16: half the memory, no conversion pass
             self.lru.put((shard, name, c), v)
@@ -237,6 +278,8 @@ class _TeacherData:
             dt = np.dtype(np.int64)
         elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
             dt = np.dtype(np.float32)
+        elif self.record.hidden_codec == "pq" and name.startswith(spec.HIDDEN_DIR + "/"):
+            row, dt = (self.record.hidden_dims[name.split("/", 1)[1]],), np.dtype(np.float32)
         return np.zeros((0, *row), dtype=dt)
 
     def utt(self, si: ShardIndex, row: int, hidden: bool, view: dict | None = None) -> UttTargets:

@@ -13,8 +13,9 @@ Layout of a cache directory ``NAME.kdc/``::
         topk_logprobs     [N, k]  float16, sorted descending along k, mantissa rounded to
                                   record.logprob_keepbits bits (round_mantissa)
         tail_logmass      [N]     float32, log P(outside the top k), rounded to TAIL_KEEPBITS
-        hidden/<layer>    [N, D]  float16 | int8
+        hidden/<layer>    [N, D]  float16 | int8, or [N, M] uint8 PQ codes (pq codec)
         hidden_scale/<layer> [N]  float32 (int8 codec only: value = int8 * scale)
+        pq_codebooks/<layer> [M, 256, D/M] float32 (pq codec only; pq.decode)
     index/<teacher>/<shard>.parquet         one row per utterance in that shard (INDEX_SCHEMA)
     commits/<teacher>/<shard>.json          commit marker (COMMIT_KEYS); a shard exists for
                                             readers only once this file exists
@@ -61,6 +62,7 @@ TOPK_LOGPROBS = "topk_logprobs"
 TAIL_LOGMASS = "tail_logmass"
 HIDDEN_DIR = "hidden"
 HIDDEN_SCALE_DIR = "hidden_scale"
+PQ_CODEBOOK_DIR = "pq_codebooks"
 TOPK_STREAMS = (TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS)
 
 # Chunking: positions per chunk along the flat axis. ~16k positions keeps a top-16 chunk near
@@ -79,8 +81,10 @@ TARGET_MODES = ("topk", "sampled")
 # before they existed, so older readers (which refuse unknown keys) still read top-k caches, and
 # a record without them reads as top-k.
 SAMPLED_RECORD_FIELDS = ("targets", "samples", "sample_seed")
+# Likewise written only for hidden_codec "pq".
+PQ_RECORD_FIELDS = ("pq_subspaces",)
 UNITS = ("tokens", "frames")
-HIDDEN_CODECS = ("float16", "int8")
+HIDDEN_CODECS = ("float16", "int8", "pq")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
 TAIL_LOGMASS_DTYPE = np.dtype("float32")
 HIDDEN_SCALE_DTYPE = np.dtype("float32")
@@ -206,7 +210,8 @@ class TeacherRecord:
         frame_shift_ms: Frame shift when units == "frames", else None.
         hidden_layers: Layer indices whose hidden states are stored (may be empty).
         hidden_dims: Feature size per stored layer, keyed by str(layer).
-        hidden_codec: "float16" or "int8" (int8 with a per-row float32 scale).
+        hidden_codec: "float16", "int8" (int8 with a per-row float32 scale) or "pq" (uint8
+            codes of ``pq_subspaces`` sub-vectors, decoded with the shard's pq_codebooks).
         logprob_keepbits: Mantissa bits kept in topk_logprobs (10 = plain float16; default
             DEFAULT_LOGPROB_KEEPBITS).
         chunk_positions: Chunk length along the flat position axis.
@@ -219,6 +224,8 @@ class TeacherRecord:
         sample_seed: Seed of the draws (sampled only): position p of utterance u uses the
             uniforms of :func:`sample_uniforms` (seed, u's id), so any rank or resumed build
             draws the same tokens from the same logits.
+        pq_subspaces: Sub-vectors M per hidden vector (pq codec only; written only then). Every
+            stored layer's D must be divisible by M.
     """
 
     name: str
@@ -241,6 +248,7 @@ class TeacherRecord:
     targets: str = "topk"
     samples: int = 0
     sample_seed: int = 0
+    pq_subspaces: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.name, "teacher")
@@ -271,6 +279,13 @@ class TeacherRecord:
             raise ValueError(
                 f"teacher {self.name!r}: hidden_codec {self.hidden_codec!r} not in {HIDDEN_CODECS}"
             )
+        if self.hidden_codec == "pq":
+            for layer, dim in self.hidden_dims.items():
+                why = _pq_problem(int(dim), self.pq_subspaces)
+                if why:
+                    raise ValueError(f"teacher {self.name!r}: layer {layer}: {why}")
+        elif self.pq_subspaces:
+            raise ValueError(f"teacher {self.name!r}: pq_subspaces needs hidden_codec 'pq'")
         if self.vocab_size < 1:
             raise ValueError(f"teacher {self.name!r}: vocab_size must be >= 1")
         if not 0 <= self.k <= self.vocab_size:
@@ -306,6 +321,8 @@ class TeacherRecord:
         if self.targets == "topk":  # the keys of a top-k record as before sampled targets
             for key in SAMPLED_RECORD_FIELDS:
                 del d[key]
+        if self.hidden_codec != "pq":  # likewise: pq_subspaces only in pq records
+            del d["pq_subspaces"]
         return d
 
     @property
@@ -319,6 +336,12 @@ class TeacherRecord:
         if unknown:
             raise ValueError(f"teacher record has unknown keys {sorted(unknown)}")
         return cls(**d)
+
+
+def _pq_problem(dim: int, m: int) -> str | None:
+    from kdcache.cache_format.pq import check_subspaces
+
+    return check_subspaces(dim, m)
 
 
 # Mantissa bits and the unsigned integer types (same width, and twice as wide for the carry) of
@@ -470,8 +493,12 @@ def array_dtype(record: TeacherRecord, name: str) -> np.dtype:
     if name.startswith(HIDDEN_SCALE_DIR + "/"):
         return HIDDEN_SCALE_DTYPE
     if name.startswith(HIDDEN_DIR + "/"):
-        return np.dtype("float16") if record.hidden_codec == "float16" else np.dtype("int8")
+        return np.dtype(HIDDEN_STORED_DTYPES[record.hidden_codec])
     raise KeyError(name)
+
+
+HIDDEN_STORED_DTYPES = {"float16": "float16", "int8": "int8", "pq": "uint8"}
+PQ_CODEBOOK_DTYPE = np.dtype("float32")
 
 
 def array_row_shape(record: TeacherRecord, name: str) -> tuple[int, ...]:
@@ -479,8 +506,24 @@ def array_row_shape(record: TeacherRecord, name: str) -> tuple[int, ...]:
     if name in (TOPK_IDS, TOPK_LOGPROBS):
         return (record.k,)
     if name.startswith(HIDDEN_DIR + "/"):
+        if record.hidden_codec == "pq":
+            return (record.pq_subspaces,)
         return (record.hidden_dims[name.split("/", 1)[1]],)
     return ()
+
+
+def pq_codebook_names(record: TeacherRecord) -> list[str]:
+    """Codebook arrays inside a shard group (pq codec only): ``pq_codebooks/<layer>``. They are
+    not position arrays: shape pq_codebook_shape, one chunk."""
+    if record.hidden_codec != "pq":
+        return []
+    return [f"{PQ_CODEBOOK_DIR}/{layer}" for layer in record.hidden_layers]
+
+
+def pq_codebook_shape(record: TeacherRecord, layer: int | str) -> tuple[int, int, int]:
+    """[M, 256, D / M] of one layer's codebooks."""
+    m = record.pq_subspaces
+    return (m, 256, record.hidden_dims[str(layer)] // m)
 
 
 # Codecs. Only codecs from the Zarr v3 core spec (bytes, zstd, blosc, crc32c), so any v3 reader
@@ -496,7 +539,10 @@ def array_codecs(name: str) -> dict[str, Any]:
     """
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
-    if name in (TOPK_LOGPROBS, TAIL_LOGMASS) or name.startswith(HIDDEN_SCALE_DIR + "/"):
+    if name.startswith(PQ_CODEBOOK_DIR + "/"):
+        # float32 centroids, one chunk per layer; like hidden states they barely compress.
+        comp = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    elif name in (TOPK_LOGPROBS, TAIL_LOGMASS) or name.startswith(HIDDEN_SCALE_DIR + "/"):
         # Byte shuffle groups the sign/exponent bytes of the floats; the zeroed low mantissa bits
         # (keepbits) then compress to almost nothing.
         comp = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
@@ -533,7 +579,7 @@ class UttTargets:
         tail_logmass: [T] log P(outside the top k); -inf when the top k hold everything
             (reader: float32; zeros, i.e. log 1, for a k == 0 teacher).
         hidden: layer -> [T, D_layer] (reader: float16 as stored for the float16 codec, float32
-            dequantised for int8).
+            dequantised for int8, float32 decoded for pq).
         token_ids: [T] teacher input token ids, or None for frame units (reader: int32 or None).
         text: Normalised transcript the targets were computed from.
         input_hash: content_hash() of the text or features.

@@ -410,6 +410,32 @@ def array_problems(rec: TeacherRecord, marker: CommitMarker, name: str, arr) -> 
     return probs
 
 
+def codebook_problems(rec: TeacherRecord, layer: int | str, arr) -> list[str]:
+    """An opened pq_codebooks/<layer> array's metadata: float32 [M, 256, D / M] in one chunk
+    with the v3 default chunk key (pq codec)."""
+    want = spec.pq_codebook_shape(rec, layer)
+    try:
+        shape, chunks, dtype = tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype)
+        key = arr.metadata.encode_chunk_key((0, 0, 0))
+    except Exception as e:  # noqa: BLE001 - metadata zarr accepted but cannot use
+        return [f"unusable array metadata ({type(e).__name__}: {one_line(e)})"]
+    probs = []
+    if shape != want:
+        probs.append(f"shape {list(shape)}, but the record says {list(want)} (pq_subspaces)")
+    elif chunks != want:
+        probs.append(f"chunks {list(chunks)}, expected one chunk {list(want)}")
+    if dtype != spec.PQ_CODEBOOK_DTYPE:
+        probs.append(f"dtype {dtype}, expected {spec.PQ_CODEBOOK_DTYPE}")
+    if key != "c/0/0/0":
+        probs.append(f"chunk key encoding gives {key!r}, expected the v3 default")
+    return probs
+
+
+def codebook_value_problems(x: np.ndarray) -> list[str]:
+    """Decoded codebooks: finite values only (a NaN centroid would decode to NaN targets)."""
+    return [] if np.isfinite(x).all() else ["PQ codebooks contain NaN or inf"]
+
+
 def chunk_problems(
     rec: TeacherRecord, name: str, x: np.ndarray, expected: int, *, nan: bool = False
 ) -> list[str]:

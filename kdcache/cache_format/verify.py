@@ -95,8 +95,37 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
             problems.append(Problem(ip, f"utterance {u!r} also in shard {seen[u]} (duplicate)"))
     # Group metadata of the shard (and its hidden/ groups), then the arrays.
     problems.extend(_plain_group_problems(st, spec.shard_path(t, s)))
-    for sub in sorted({n.split("/")[0] for n in spec.array_names(rec) if "/" in n}):
+    names = spec.array_names(rec) + spec.pq_codebook_names(rec)
+    for sub in sorted({n.split("/")[0] for n in names if "/" in n}):
         problems.extend(_plain_group_problems(st, f"{spec.shard_path(t, s)}/{sub}"))
+    # PQ codebooks (one small chunk per layer): metadata, checksum and finite values.
+    for name in spec.pq_codebook_names(rec):
+        rel = f"{spec.shard_path(t, s)}/{name}"
+        try:
+            arr = zarr.open_array(zs, path=rel, mode="r")
+        except Exception as e:
+            problems.append(
+                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {one_line(e)})")
+            )
+            continue
+        probs = validate.codebook_problems(rec, name.split("/", 1)[1], arr)
+        if probs:
+            problems.extend(Problem(rel, p) for p in probs)
+            continue
+        if not st.exists(f"{rel}/c/0/0/0"):
+            problems.append(Problem(f"{rel} chunk 0", "chunk file missing"))
+            continue
+        try:
+            x = arr[...]
+        except Exception as e:
+            problems.append(
+                Problem(
+                    f"{rel} chunk 0",
+                    f"checksum mismatch or undecodable ({type(e).__name__}: {one_line(e)})",
+                )
+            )
+            continue
+        problems.extend(Problem(f"{rel} chunk 0", p) for p in validate.codebook_value_problems(x))
     N, C = marker.positions, rec.chunk_positions
     opened: dict[str, tuple] = {}
     for name in spec.array_names(rec):

@@ -111,6 +111,12 @@ class CacheWriter:
         check_mass: Check sum(exp(topk_logprobs)) + exp(tail_logmass) ~= 1 per position.
         builder: Free text recorded in the root attributes when the cache is created.
         storage_options: fsspec options for URLs.
+        pq_train_positions: hidden_codec "pq": positions buffered (validated, not yet written)
+            before the codebooks are trained on their hidden states; then they and everything
+            after are encoded. A resumed writer reuses the codebooks of its rank's last
+            committed shard instead (docs/format.md, "Product-quantised hidden states").
+        pq_seed: Seed of the codebooks' k-means (sub-space m uses pq_seed + m).
+        pq_iterations: k-means iterations per sub-space.
     """
 
     def __init__(
@@ -124,7 +130,12 @@ class CacheWriter:
         check_mass: bool = True,
         builder: str | None = None,
         storage_options: dict | None = None,
+        pq_train_positions: int | None = None,
+        pq_seed: int = 0,
+        pq_iterations: int | None = None,
     ):
+        from kdcache.cache_format import pq as _pq
+
         if not isinstance(record, TeacherRecord):
             raise TypeError(f"record must be a TeacherRecord, got {type(record).__name__}")
         if not 0 <= int(rank) < 100000:
@@ -146,6 +157,20 @@ class CacheWriter:
         self._pending = None  # Future of the chunk write in flight on the I/O thread
         self._spare: dict[str, np.ndarray] | None = None  # second set of chunk buffers
         self._pool = None  # that thread (made on the first non-final flush)
+        # pq codec: layer -> float32 [M, 256, D/M] once trained or loaded; until then add()
+        # keeps validated utterances in _pq_wait (positions counted in _pq_wait_n).
+        self._pq = record.hidden_codec == "pq" and bool(record.hidden_layers)
+        self.pq_codebooks: dict[int, np.ndarray] | None = None
+        self._pq_wait: list[tuple[UttTargets, dict[str, Any]]] = []
+        self._pq_wait_n = 0
+        self.pq_train_positions = int(
+            _pq.DEFAULT_PQ_TRAIN_POSITIONS if pq_train_positions is None else pq_train_positions
+        )
+        if self.pq_train_positions < 0:
+            raise ValueError(f"pq_train_positions must be >= 0, got {pq_train_positions}")
+        self.pq_seed = int(pq_seed)
+        self.pq_iterations = int(pq_iterations or _pq.DEFAULT_PQ_ITERATIONS)
+        self.pq_codebooks_reused_from: str | None = None
         self._open(builder or _builder())
         self._scan()
         self._reset_shard()
@@ -240,6 +265,52 @@ class CacheWriter:
                 if parsed and parsed[0] == self.rank and base not in committed:
                     st.remove(f"{d}/{fname}")
         self._next_seq = max_seq + 1
+        if self._pq:
+            mine = [x for x in self._committed_shards if spec.parse_shard_name(x)[0] == self.rank]
+            if mine:
+                self._load_codebooks(max(mine))
+
+    def _load_codebooks(self, shard: str) -> None:
+        """Resume: reuse the codebooks of this rank's last committed shard (never retrain: the
+        rank's committed and new shards then share one codebook set)."""
+        import zarr
+
+        rec, cbs = self.record, {}
+        for layer in rec.hidden_layers:
+            rel = f"{spec.shard_path(rec.name, shard)}/{spec.PQ_CODEBOOK_DIR}/{layer}"
+            try:
+                x = np.asarray(zarr.open_array(self._zstore, path=rel, mode="r")[...])
+            except Exception as e:
+                raise CacheError(
+                    f"{self._storage.full(rel)}: cannot read the PQ codebooks to resume with "
+                    f"({type(e).__name__}: {validate.one_line(e)}); run kdcache verify"
+                ) from None
+            want = spec.pq_codebook_shape(rec, layer)
+            if x.shape != want or x.dtype != spec.PQ_CODEBOOK_DTYPE or not np.isfinite(x).all():
+                raise CacheError(
+                    f"{self._storage.full(rel)}: PQ codebooks are not finite float32 {list(want)}"
+                )
+            cbs[int(layer)] = x
+        self.pq_codebooks = cbs
+        self.pq_codebooks_reused_from = shard
+
+    def _train_codebooks(self) -> None:
+        """Train every layer's codebooks on the waiting utterances, then add those for real."""
+        from kdcache.cache_format import pq as _pq
+
+        rec, cbs = self.record, {}
+        for layer in rec.hidden_layers:
+            parts = [v["hidden"][int(layer)] for _, v in self._pq_wait]
+            D = rec.hidden_dims[str(layer)]
+            x = np.concatenate(parts) if parts else np.zeros((0, D), np.float32)
+            cbs[int(layer)] = _pq.train_codebooks(
+                x, rec.pq_subspaces, seed=self.pq_seed, iterations=self.pq_iterations
+            )
+        self.pq_codebooks = cbs
+        wait, self._pq_wait, self._pq_wait_n = self._pq_wait, [], 0
+        for u, v in wait:
+            self._encode_pq(v)
+            self._append(u, v)
 
     def _open_group(self, path: str):
         # A concurrent creator may be mid-write (URLs have no lock): retry briefly.
@@ -397,7 +468,12 @@ class CacheWriter:
                             f"hidden[{layer}] exceeds the float16 range (|x| > 65504); "
                             "use hidden_codec='int8'"
                         )
-            hid[layer] = x if rec.hidden_codec == "float16" else encode_hidden_int8(x)
+            if rec.hidden_codec == "float16":
+                hid[layer] = x
+            elif rec.hidden_codec == "int8":
+                hid[layer] = encode_hidden_int8(x)
+            else:  # pq: encoded by add() once the codebooks exist
+                hid[layer] = np.asarray(x, dtype=np.float32)
         out["hidden"] = hid
 
         tok = u.token_ids
@@ -432,6 +508,27 @@ class CacheWriter:
         if self._closed:
             raise RuntimeError("CacheWriter is closed")
         v = self._validate(u)
+        if self._pq and self.pq_codebooks is None:
+            # Codebooks are trained on the first pq_train_positions positions: hold these.
+            self._session.add(u.utt_id)
+            self._pq_wait.append((u, v))
+            self._pq_wait_n += v["T"]
+            if self._pq_wait_n >= max(self.pq_train_positions, 1):
+                self._train_codebooks()
+            return
+        if self._pq:
+            self._encode_pq(v)
+        self._append(u, v)
+
+    def _encode_pq(self, v: dict[str, Any]) -> None:
+        from kdcache.cache_format import pq as _pq
+
+        v["hidden"] = {
+            layer: _pq.encode(x, self.pq_codebooks[layer]) for layer, x in v["hidden"].items()
+        }
+
+    def _append(self, u: UttTargets, v: dict[str, Any]) -> None:
+        """Buffer one validated (and encoded) utterance; write and commit as due."""
         T = v["T"]
         if self._shard is None:
             self._start_shard()
@@ -447,8 +544,8 @@ class CacheWriter:
             np.minimum(v["lp"], 0.0, out=buf[spec.TOPK_LOGPROBS][a:b])
             np.minimum(v["tail"], 0.0, out=buf[spec.TAIL_LOGMASS][a:b])
         for layer, x in v["hidden"].items():
-            if self.record.hidden_codec == "float16":
-                buf[f"{spec.HIDDEN_DIR}/{layer}"][a:b] = x  # == x.astype(float16)
+            if self.record.hidden_codec != "int8":
+                buf[f"{spec.HIDDEN_DIR}/{layer}"][a:b] = x  # == x.astype(float16); pq codes
             else:
                 buf[f"{spec.HIDDEN_DIR}/{layer}"][a:b] = x[0]
                 buf[f"{spec.HIDDEN_SCALE_DIR}/{layer}"][a:b] = x[1]
@@ -513,6 +610,8 @@ class CacheWriter:
             groups = [spec.HIDDEN_DIR] if rec.hidden_layers else []
             if rec.hidden_layers and rec.hidden_codec == "int8":
                 groups.append(spec.HIDDEN_SCALE_DIR)
+            if self._pq:
+                groups.append(spec.PQ_CODEBOOK_DIR)
             await asyncio.gather(
                 *(za.create_group(store=self._zstore, path=f"{sp}/{g}") for g in groups)
             )
@@ -535,7 +634,24 @@ class CacheWriter:
                         **spec.array_codecs(name),
                     )
                 )
-            return await asyncio.gather(*arrays)
+            got = await asyncio.gather(*arrays)
+            # Each shard carries its writer's codebooks (the same for all of a rank's shards).
+            for layer in rec.hidden_layers if self._pq else ():
+                cb = self.pq_codebooks[int(layer)]
+                name = f"{spec.PQ_CODEBOOK_DIR}/{layer}"
+                a = await za.create_array(
+                    self._zstore,
+                    name=f"{sp}/{name}",
+                    shape=cb.shape,
+                    chunks=cb.shape,
+                    dtype=spec.PQ_CODEBOOK_DTYPE,
+                    fill_value=0,
+                    config={"write_empty_chunks": True},
+                    dimension_names=["subspace", "centroid", "feature"],
+                    **spec.array_codecs(name),
+                )
+                await a.setitem(slice(None), cb)
+            return got
 
         # The arrays' metadata files are written concurrently (one trip to zarr's event loop);
         # self._arrays holds zarr AsyncArrays.
@@ -682,6 +798,8 @@ class CacheWriter:
         if self._closed:
             return
         try:
+            if self._pq_wait:  # fewer positions than pq_train_positions in all: train on them
+                self._train_codebooks()
             self._commit()
         finally:
             self._closed = True
@@ -704,6 +822,8 @@ class CacheWriter:
             except OSError:
                 pass  # resume deletes it anyway
         self._session.difference_update(self._rows["utt_id"])
+        self._session.difference_update(u.utt_id for u, _ in self._pq_wait)
+        self._pq_wait, self._pq_wait_n = [], 0
         self._reset_shard()
 
     def __enter__(self) -> CacheWriter:

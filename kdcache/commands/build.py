@@ -18,7 +18,7 @@ from kdcache.commands.params import DEVICE_HELP, one_of
 # loads numpy and the cache format for every --help.
 TEACHERS = ("bert", "causal_lm", "lstm_lm", "ensemble", "aligned_lm")
 COMBINE = ("mean", "product")
-HIDDEN_CODECS = ("float16", "int8")
+HIDDEN_CODECS = ("float16", "int8", "pq")
 MLM_MODES = ("masked", "unmasked")
 TARGETS = ("topk", "sampled")
 
@@ -81,8 +81,28 @@ def build(
     hidden_codec: str = typer.Option(
         "float16",
         "--hidden-codec",
-        help="How hidden states are stored: float16, or int8 with a float32 scale per vector.",
+        help="How hidden states are stored: float16, int8 with a float32 scale per vector, or "
+        "pq (product-quantised: --pq-subspaces uint8 codes per vector + k-means codebooks "
+        "trained at build time; needs the pq extra, pip install 'kdcache[pq]'). "
+        "pq: token teachers only.",
         **one_of(HIDDEN_CODECS),
+    ),
+    pq_subspaces: int = typer.Option(
+        16,
+        "--pq-subspaces",
+        metavar="M",
+        help="--hidden-codec pq: sub-vectors per hidden vector = bytes per position and layer "
+        "(the hidden size must be divisible by M).",
+    ),
+    pq_train_positions: int = typer.Option(
+        20000,
+        "--pq-train-positions",
+        metavar="N",
+        help="--hidden-codec pq: positions (the first ones each rank writes) the codebooks are "
+        "trained on; a resumed build reuses the rank's stored codebooks.",
+    ),
+    pq_seed: int = typer.Option(
+        0, "--pq-seed", metavar="SEED", help="--hidden-codec pq: k-means seed."
     ),
     logprob_keepbits: int = typer.Option(
         None,
@@ -227,6 +247,9 @@ def build(
                 temperature=temperature,
                 hidden_layers=_layers(hidden_layers),
                 hidden_codec=hidden_codec,
+                pq_subspaces=pq_subspaces,
+                pq_train_positions=pq_train_positions,
+                pq_seed=pq_seed,
                 logprob_keepbits=logprob_keepbits,
                 targets=targets,
                 samples=samples,

@@ -198,9 +198,11 @@ def teacher_record(
     logprob_keepbits: int | None = None,
     samples: int = 0,
     sample_seed: int = 0,
+    pq_subspaces: int = 0,
 ):
     """The TeacherRecord of a loaded teacher (format defaults where an argument is None);
-    ``samples > 0``: sampled targets (t.k is then the width, min(samples, vocab_size))."""
+    ``samples > 0``: sampled targets (t.k is then the width, min(samples, vocab_size));
+    ``pq_subspaces``: M of hidden_codec "pq"."""
     from kdcache.cache_format import spec
 
     kw = {"chunk_positions": chunk_positions} if chunk_positions else {}
@@ -208,6 +210,8 @@ def teacher_record(
         kw["logprob_keepbits"] = logprob_keepbits
     if samples:
         kw.update(targets="sampled", samples=samples, sample_seed=sample_seed)
+    if hidden_codec == "pq" and t.hidden_layers:
+        kw["pq_subspaces"] = pq_subspaces
     return spec.TeacherRecord(
         name=name,
         kind=t.kind,
@@ -282,6 +286,9 @@ def build_cache(
     temperature: float = 1.0,
     hidden_layers: tuple[int, ...] = (),
     hidden_codec: str = "float16",
+    pq_subspaces: int = 16,
+    pq_train_positions: int = 20000,
+    pq_seed: int = 0,
     logprob_keepbits: int | None = None,
     targets: str = "topk",
     samples: int = 32,
@@ -345,6 +352,8 @@ def build_cache(
             raise BuildError(f"--samples {samples}: {why.split(': ', 1)[-1]} (--logprob-keepbits)")
     if hidden_codec not in spec.HIDDEN_CODECS:
         raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
+    if hidden_codec == "pq":
+        _check_pq_options(hidden_layers, pq_subspaces, pq_train_positions)
     name = spec.check_name(name or teacher, "teacher")
     check_out_path(out)  # before loading a model for minutes
     try:
@@ -375,15 +384,22 @@ def build_cache(
         raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
     unk = getattr(t, "unk_id", None)
     _check_unknown_tokens(prepared, unk, model)
-    record = teacher_record(
-        t,
-        name,
-        hidden_codec,
-        logprob_keepbits=logprob_keepbits,
-        samples=samples if sampled else 0,
-        sample_seed=sample_seed,
-    )
+    if hidden_codec == "pq":
+        record = _pq_record(
+            t, name, logprob_keepbits, samples if sampled else 0, sample_seed, pq_subspaces
+        )
+    else:
+        record = teacher_record(
+            t,
+            name,
+            hidden_codec,
+            logprob_keepbits=logprob_keepbits,
+            samples=samples if sampled else 0,
+            sample_seed=sample_seed,
+        )
     wkw = {"shard_positions": shard_positions} if shard_positions else {}
+    if hidden_codec == "pq":
+        wkw.update(pq_train_positions=pq_train_positions, pq_seed=pq_seed)
     done = positions = empty = unk_count = 0
     with CacheWriter(out, record, rank=rank, **wkw) as writer:
         committed = writer.committed_utt_ids
@@ -548,6 +564,45 @@ def _run(t, todo: list[PreparedUtt], budget: int, sampler=None):
     from kdcache.teachers.base import run_rows
 
     return run_rows(t, ((i, p.token_ids) for i, p in enumerate(todo)), budget, sampler=sampler)
+
+
+def _check_pq_options(hidden_layers, pq_subspaces: int, pq_train_positions: int) -> None:
+    """--hidden-codec pq's options, and faiss, before a model is loaded."""
+    if not hidden_layers:
+        raise BuildError("--hidden-codec pq needs --hidden-layers (it encodes hidden states)")
+    if pq_subspaces < 1:
+        raise BuildError(f"--pq-subspaces {pq_subspaces} must be >= 1")
+    if pq_train_positions < 256:
+        raise BuildError(
+            f"--pq-train-positions {pq_train_positions} must be >= 256 (one per centroid; "
+            "20000 is the default)"
+        )
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise BuildError(
+            "--hidden-codec pq trains k-means codebooks with faiss, which is not installed: "
+            "pip install 'kdcache[pq]' (or pip install faiss-cpu)"
+        ) from None
+
+
+def _pq_record(t, name, logprob_keepbits, samples, sample_seed, pq_subspaces):
+    """teacher_record for --hidden-codec pq, refusing a hidden size M does not divide."""
+    from kdcache.cache_format.pq import check_subspaces
+
+    for layer, dim in t.hidden_dims.items():
+        why = check_subspaces(int(dim), pq_subspaces)
+        if why:
+            raise BuildError(f"--pq-subspaces {pq_subspaces}: layer {layer}: {why}")
+    return teacher_record(
+        t,
+        name,
+        "pq",
+        logprob_keepbits=logprob_keepbits,
+        samples=samples,
+        sample_seed=sample_seed,
+        pq_subspaces=pq_subspaces,
+    )
 
 
 def _check_targets_options(

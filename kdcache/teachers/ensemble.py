@@ -299,6 +299,11 @@ def check_frame_options(
 
     if hidden_codec not in spec.HIDDEN_CODECS:
         raise BuildError(f"--hidden-codec {hidden_codec!r} must be one of {spec.HIDDEN_CODECS}")
+    if hidden_codec == "pq":
+        raise BuildError(
+            "--hidden-codec pq is implemented for --teacher bert, causal_lm and lstm_lm; "
+            "use float16 or int8 here"
+        )
     if logprob_keepbits is not None and not 1 <= logprob_keepbits <= 10:
         raise BuildError(f"--logprob-keepbits {logprob_keepbits} must be in 1..10")
     name = spec.check_name(name, "teacher")

@@ -112,22 +112,26 @@ class _TeacherData:
         self.markers: dict[str, CommitMarker] = {}  # shard -> its validated commit marker
         self.codebooks: dict[tuple[str, str], np.ndarray] = {}  # (shard, layer) -> pq codebooks
 
+    def _open(self, path: str):
+        """The Zarr array at ``path`` in the cache, and its full name for messages."""
+        import zarr
+
+        where = self.cache._storage.full(path)
+        try:
+            return zarr.open_array(self.cache._zstore, path=path, mode="r"), where
+        except Exception as e:
+            raise CacheError(
+                f"{where}: cannot open array ({type(e).__name__}: {one_line(e)})"
+            ) from None
+
     def codebook(self, shard: str, layer: str) -> np.ndarray:
         """float32 [M, 256, D / M] PQ codebooks of one layer of one shard (checked, cached)."""
         key = (shard, layer)
         cb = self.codebooks.get(key)
         if cb is not None:
             return cb
-        import zarr
-
         path = f"{spec.shard_path(self.record.name, shard)}/{spec.PQ_CODEBOOK_DIR}/{layer}"
-        where = self.cache._storage.full(path)
-        try:
-            a = zarr.open_array(self.cache._zstore, path=path, mode="r")
-        except Exception as e:
-            raise CacheError(
-                f"{where}: cannot open array ({type(e).__name__}: {one_line(e)})"
-            ) from None
+        a, where = self._open(path)
         probs = validate.codebook_problems(self.record, layer, a)
         if probs:
             raise CacheError(f"{where}: {probs[0]}")
@@ -152,16 +156,7 @@ class _TeacherData:
         key = (shard, name)
         a = self.arrays.get(key)
         if a is None:
-            import zarr
-
-            path = f"{spec.shard_path(self.record.name, shard)}/{name}"
-            where = self.cache._storage.full(path)
-            try:
-                a = zarr.open_array(self.cache._zstore, path=path, mode="r")
-            except Exception as e:
-                raise CacheError(
-                    f"{where}: cannot open array ({type(e).__name__}: {one_line(e)})"
-                ) from None
+            a, where = self._open(f"{spec.shard_path(self.record.name, shard)}/{name}")
             probs = validate.array_problems(self.record, self.markers[shard], name, a)
             if probs:
                 raise CacheError(f"{where}: {probs[0]}")

@@ -64,10 +64,21 @@ def _plain_group_problems(st: Storage, rel: str) -> list[Problem]:
     return []
 
 
-def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, tasks) -> None:
-    """Marker, index and array metadata of one committed shard; chunk reads go to ``tasks``."""
+def _open_array(zs, rel: str, problems: list[Problem]):
+    """The Zarr array at ``rel``, or None with the problem recorded."""
     import zarr
 
+    try:
+        return zarr.open_array(zs, path=rel, mode="r")
+    except Exception as e:
+        problems.append(
+            Problem(rel, f"array missing or unreadable ({type(e).__name__}: {one_line(e)})")
+        )
+        return None
+
+
+def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, tasks) -> None:
+    """Marker, index and array metadata of one committed shard; chunk reads go to ``tasks``."""
     cp = spec.commit_path(t, s)
     try:
         d = json.loads(st.read_bytes(cp))
@@ -101,12 +112,8 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
     # PQ codebooks (one small chunk per layer): metadata, checksum and finite values.
     for name in spec.pq_codebook_names(rec):
         rel = f"{spec.shard_path(t, s)}/{name}"
-        try:
-            arr = zarr.open_array(zs, path=rel, mode="r")
-        except Exception as e:
-            problems.append(
-                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {one_line(e)})")
-            )
+        arr = _open_array(zs, rel, problems)
+        if arr is None:
             continue
         probs = validate.codebook_problems(rec, name.split("/", 1)[1], arr)
         if probs:
@@ -130,12 +137,8 @@ def _check_shard(st: Storage, zs, rec: TeacherRecord, t, s, seen, problems, task
     opened: dict[str, tuple] = {}
     for name in spec.array_names(rec):
         rel = f"{spec.shard_path(t, s)}/{name}"
-        try:
-            arr = zarr.open_array(zs, path=rel, mode="r")
-        except Exception as e:
-            problems.append(
-                Problem(rel, f"array missing or unreadable ({type(e).__name__}: {one_line(e)})")
-            )
+        arr = _open_array(zs, rel, problems)
+        if arr is None:
             continue
         probs = validate.array_problems(rec, marker, name, arr)
         if probs:

@@ -1432,7 +1432,7 @@ def cif_quantity_loss(
     alpha_sum: Tensor,
     target_lengths: Tensor,
     *,
-    reduction: Literal["mean", "sum", "none"] = "mean",
+    reduction: Literal["mean", "token_mean", "sum", "none"] = "mean",
 ) -> Tensor:
     """CIF quantity loss |sum_u a_u - S| (the CIF paper, Dong & Xu 2020; 004 weight 1.0).
 
@@ -1441,7 +1441,9 @@ def cif_quantity_loss(
             scaling to the target length, which is applied in training and would zero this).
         target_lengths: [B] number of target tokens (including <eos> when the decoder
             predicts it, as in the 004 implementation).
-        reduction: "mean" over the batch (default), "sum", or "none" ([B]).
+        reduction: "mean" over the batch (default), "token_mean" (the sum divided by the
+            batch's target tokens, FunASR's ``normalize_length``: the gradient per weight no
+            longer grows with the units per utterance, e.g. ~70 characters), "sum", or "none".
 
     Returns:
         Scalar, or [B] for reduction="none".
@@ -1457,4 +1459,6 @@ def cif_quantity_loss(
         return per.sum()
     if reduction == "mean":
         return per.mean() if per.numel() else per.sum()
-    raise ValueError(f"unknown reduction {reduction!r}; use mean, sum or none")
+    if reduction == "token_mean":
+        return per.sum() / target_lengths.sum().clamp(min=1).to(per.dtype)
+    raise ValueError(f"unknown reduction {reduction!r}; use mean, token_mean, sum or none")

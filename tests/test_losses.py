@@ -595,6 +595,14 @@ def test_cif_quantity_loss():
     )
     losses.cif_quantity_loss(a, n).backward()
     torch.testing.assert_close(a.grad, torch.tensor([-1.0, 0.0, -1.0]) / 3)
+    # per target token (14 in the batch): the gradient per weight shrinks with the units
+    b = a.detach().clone().requires_grad_(True)
+    q = losses.cif_quantity_loss(b, n, reduction="token_mean")
+    torch.testing.assert_close(q, torch.tensor(2.5 / 14))
+    q.backward()
+    torch.testing.assert_close(b.grad, torch.tensor([-1.0, 0.0, -1.0]) / 14)
+    with pytest.raises(ValueError, match="token_mean"):
+        losses.cif_quantity_loss(a, n, reduction="tokens")
 
 
 # ---------------------------------------------------------------------------- properties

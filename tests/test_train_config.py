@@ -30,6 +30,14 @@ def test_defaults_are_the_papers():
     assert (cfg.interaed.k, cfg.interaed.temperature, cfg.interaed.mix) == (8, 3.0, 0.9)
 
 
+def test_cif_quantity_norm_is_checked():
+    assert build_config(recipe="cif_hkd").cif_hkd.qua_norm == "utterance"  # the CIF paper's
+    cfg = build_config(recipe="cif_hkd", overrides=["cif_hkd.qua_norm=token"])
+    assert cfg.cif_hkd.qua_norm == "token"
+    with pytest.raises(ConfigError, match="cif_hkd.qua_norm"):
+        build_config(recipe="cif_hkd", overrides=["cif_hkd.qua_norm=frame"]).validate()
+
+
 def test_dotted_overrides_and_types():
     cfg = build_config(
         recipe="none",

@@ -165,6 +165,10 @@ class CIFHKDConfig:
     ce_weight: float = 1.0
     ctc_weight: float = 0.5
     qua_weight: float = 1.0
+    # "utterance": |sum a - L| averaged over utterances (the CIF paper); "token": summed and
+    # divided by the batch's tokens (FunASR's normalize_length), for long unit sequences such
+    # as characters, where the per-utterance form's gradient swamps the others' under clipping
+    qua_norm: str = "utterance"
     acd_weight: float = 1.0
     lrd_weight: float = 1.0
     tau: float = 0.02
@@ -281,6 +285,11 @@ class RunConfig:
         check(0.0 <= self.interaed.mix <= 1.0, "interaed.mix", "must be in [0, 1]")
         for key in ("ce_weight", "ctc_weight", "qua_weight", "acd_weight", "lrd_weight"):
             check(getattr(self.cif_hkd, key) >= 0, f"cif_hkd.{key}", "must be >= 0")
+        check(
+            self.cif_hkd.qua_norm in ("utterance", "token"),
+            "cif_hkd.qua_norm",
+            "must be utterance or token",
+        )
         check(self.cif_hkd.tau > 0, "cif_hkd.tau", "must be > 0")
         check(self.cif_hkd.num_negatives >= 1, "cif_hkd.num_negatives", "must be >= 1")
         check(self.hierarchical.temperature > 0, "hierarchical.temperature", "must be > 0")

@@ -314,7 +314,11 @@ def cif_hkd(
         out.cif_logits, batch.tokens, tok_mask, label_smoothing=cfg.label_smoothing
     )
     terms["ctc"] = _ctc_loss(out, batch, mcfg.blank_id)
-    terms["quantity"] = losses.cif_quantity_loss(out.alpha_sum.float(), batch.token_lens)
+    terms["quantity"] = losses.cif_quantity_loss(
+        out.alpha_sum.float(),
+        batch.token_lens,
+        reduction="token_mean" if h.qua_norm == "token" else "mean",
+    )
     terms["acd"] = losses.acd_infonce_loss(
         out.acd_proj[name], hidden, tok_mask, tau=h.tau, num_negatives=h.num_negatives,
         generator=ctx.generator,

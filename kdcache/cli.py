@@ -36,6 +36,7 @@ train_app = typer.Typer(
 # Teacher stage.
 app.command("build", cls=Command)(_build.build)
 app.command("train-lm", cls=Command)(_build.train_lm)
+app.command("score", cls=Command)(_build.score)
 # Cache format.
 app.command("inspect", cls=Command)(_cache.inspect)
 app.command("verify", cls=Command)(_cache.verify)

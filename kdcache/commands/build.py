@@ -596,3 +596,72 @@ def train_lm(
         f"saved {out}: {r.epochs} epochs ({r.minutes:.1f} min, {r.seen_tokens:,} tokens trained, "
         f"{r.train_tokens:,} in the split), {what} at epoch {r.best_epoch}"
     )
+
+
+def score(
+    teacher: str = typer.Option(
+        ...,
+        "--teacher",
+        help="bert (pseudo-perplexity: each position masked), causal_lm or lstm_lm (perplexity).",
+        **one_of(TEACHERS[:3]),
+    ),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        metavar="MODEL",
+        help="As for build: hub id, local directory, .gguf file, an LSTM LM directory from "
+        "train-lm, or an alias: minilm, smollm2.",
+    ),
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        metavar="PATH",
+        help="Manifest whose transcripts are scored (Kaldi data dir, lhotse cuts or JSONL), "
+        "e.g. the test split.",
+    ),
+    mlm_mode: str = typer.Option(
+        "masked", "--mlm-mode", help="bert only, as for build.", **one_of(MLM_MODES)
+    ),
+    mask_stride: int = typer.Option(
+        0, "--mask-stride", metavar="S", help="bert masked mode, as for build (0: exact)."
+    ),
+    batch_tokens: int = typer.Option(
+        0,
+        "--batch-tokens",
+        metavar="N",
+        show_default=False,
+        help="Padded tokens per batch (default: 4096 on CPU, 65536 on GPU).",
+    ),
+    device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Skip utterances without a transcript instead of failing."
+    ),
+    json_out: Path = typer.Option(
+        None, "--json", metavar="FILE", help="Also write the figures to FILE as JSON."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """How good a teacher is on a manifest's transcripts, in its own units: perplexity
+    (pseudo-perplexity for bert) and top-1 accuracy over the positions a cache would store."""
+    from kdcache.teachers.build import BuildError
+    from kdcache.teachers.masked_lm import MissingHeadError
+    from kdcache.teachers.score import score_teacher, write_json
+
+    if mask_stride and teacher != "bert":
+        fail(f"--mask-stride applies to --teacher bert only, not {teacher}")
+    with user_errors(BuildError, MissingHeadError, ValueError):
+        summary = score_teacher(
+            teacher=teacher,
+            model=model,
+            data=str(data),
+            mlm_mode=mlm_mode,
+            mask_stride=mask_stride,
+            batch_tokens=batch_tokens,
+            device=device,
+            skip_bad=skip_bad,
+            progress=progress,
+        )
+    for line in summary.lines():
+        typer.echo(line)
+    if json_out is not None:
+        write_json(summary, str(json_out))

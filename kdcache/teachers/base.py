@@ -199,6 +199,7 @@ class _Buffer:
 
     def __init__(self, n: int, k: int, hidden_dims: dict[int, int]):
         self.uniforms: np.ndarray | None = None  # [n, N] when sampling
+        self.labels: np.ndarray | None = None  # [n] the utterance's tokens when scoring
         self.ids = np.zeros((n, k), dtype=np.int64)
         self.lp = np.zeros((n, k), dtype=np.float32)
         self.tail = np.zeros(n, dtype=np.float32)
@@ -221,11 +222,17 @@ def hard_label(token: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lp
 
 
-def _fill_fixed(buf: _Buffer, fixed: dict[int, int], k: int, vocab: int) -> None:
-    """Hard-label top-k at the given positions: the token with log-prob 0, then -inf fillers."""
+def _fill_fixed(
+    buf: _Buffer, fixed: dict[int, int], k: int, vocab: int, unscored: bool = False
+) -> None:
+    """Hard-label top-k at the given positions: the token with log-prob 0, then -inf fillers
+    (``unscored``: the token with NaN scores, for :func:`run_rows` ``labels=True``)."""
     for pos, tok in fixed.items():
-        buf.ids[pos], buf.lp[pos] = hard_label(tok, k)
-        buf.tail[pos] = -np.inf
+        if unscored:
+            buf.ids[pos], buf.lp[pos], buf.tail[pos] = tok, np.nan, np.nan
+        else:
+            buf.ids[pos], buf.lp[pos] = hard_label(tok, k)
+            buf.tail[pos] = -np.inf
         buf.missing -= 1
 
 
@@ -237,6 +244,7 @@ def run_rows(
     bare: bool = False,
     topk_chunk: int = 1024,
     sampler: Sampler | None = None,
+    labels: bool = False,
 ) -> Iterator[tuple[int, Targets]]:
     """Run a teacher over utterances and yield ``(utt, Targets)`` as each one completes.
 
@@ -249,12 +257,20 @@ def run_rows(
         topk_chunk: Positions per log-softmax/top-k call (bounds the ``[P, V]`` float32 buffer;
             a quarter of it when sampling, whose buffers are float64/int64).
         sampler: Store sampled targets (the adapter's ``k`` is then the width, min(N, V)).
+        labels: Score the utterances' own tokens instead (``kdcache score``; needs ``k == 1``):
+            position i's ``topk_ids`` holds token i, ``topk_logprobs`` its log-probability at
+            temperature 1 and ``tail_logmass`` the position's largest log-probability (so the
+            token is the teacher's top-1 where the two are equal); positions the adapter fills
+            with a hard label itself (a causal LM's first token without a BOS) are NaN there:
+            the model did not predict them.
 
     Zero-length utterances are yielded at once with empty arrays.
     """
     import torch
 
     k, hidden_dims = adapter.k, adapter.hidden_dims
+    if labels and (k != 1 or sampler is not None):
+        raise ValueError("labels=True scores one token a position: needs k == 1, no sampler")
     buffers: dict[int, _Buffer] = {}
     device = adapter.device
 
@@ -264,10 +280,12 @@ def run_rows(
             if sampler is not None and k:
                 buf.uniforms = sampler.uniforms(utt, len(ids))
             buffers[utt] = buf
+            if labels:
+                buf.labels = np.asarray(ids, dtype=np.int64)
             rows = adapter.rows(utt, ids) if ids else []
             for r in rows:
                 if r.fixed and k:
-                    _fill_fixed(buf, r.fixed, k, adapter.vocab_size)
+                    _fill_fixed(buf, r.fixed, k, adapter.vocab_size, unscored=labels)
             if buf.missing == 0:
                 continue
             yield from rows
@@ -277,7 +295,7 @@ def run_rows(
         for u in done:
             yield u, buffers.pop(u).targets()
 
-    from kdcache.teachers.topk import sampled_targets, topk_targets
+    from kdcache.teachers.topk import label_scores, sampled_targets, topk_targets
 
     for batch in batch_rows(gen_rows(), budget):
         if not bare:
@@ -323,6 +341,14 @@ def run_rows(
                 )
                 for i in range(0, logits.shape[0], step)
             ]  # fmt: skip
+        elif k and tb and labels:
+            lab = torch.from_numpy(
+                np.array([buffers[u].labels[d] for u, d in zip(tu, td, strict=True)])
+            ).to(logits.device)
+            parts = [
+                label_scores(logits[i : i + topk_chunk], lab[i : i + topk_chunk])
+                for i in range(0, logits.shape[0], topk_chunk)
+            ]
         elif k and tb:
             parts = [
                 topk_targets(logits[i : i + topk_chunk], k, adapter.temperature)

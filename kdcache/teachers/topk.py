@@ -11,6 +11,29 @@ import torch
 TAIL_EXACT_BELOW = 1e-2
 
 
+def label_scores(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's log-probability of its label, and its largest log-probability (temperature 1).
+
+    Args:
+        logits: ``[P, V]`` raw logits, any float dtype (computed in float32).
+        labels: ``[P]`` ids in ``0..V-1``.
+
+    Returns:
+        ``labels [P, 1]`` int64, ``log p(label) [P, 1]`` float32, ``max log p [P]`` float32
+        (the shapes of :func:`topk_targets` with k = 1, for ``run_rows(labels=True)``).
+    """
+    vocab = logits.shape[-1]
+    labels = labels.long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab):
+        raise ValueError(f"labels must be in 0..{vocab - 1} (the vocabulary size)")
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(1, labels[:, None]) - lse[:, None]
+    return labels[:, None], lp, z.max(dim=-1).values - lse
+
+
 def topk_targets(
     logits: torch.Tensor, k: int, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -62,6 +62,9 @@ def test_causal_lm_perplexity_matches_full_forward(tiny_llama, tmp_path):
     assert s.nll == pytest.approx(nll, abs=1e-4)
     assert s.top1 == pytest.approx(top1)
     assert s.perplexity == pytest.approx(math.exp(nll), rel=1e-4)
+    chars = sum(len(x) for x in SENTENCES)  # already normalised
+    assert s.characters == chars
+    assert s.bits_per_char == pytest.approx(nll * n / math.log(2) / chars, rel=1e-4)
     # Batching must not change the figure: one utterance a batch.
     s1 = score_teacher(
         teacher="causal_lm", model="tiny", data=str(m), batch_tokens=1, progress=False, loaded=t

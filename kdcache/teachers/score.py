@@ -42,6 +42,7 @@ class ScoreSummary:
     positions: int  # scored positions
     unscored: int  # positions the model does not predict (a causal LM's first token, no BOS)
     nll: float  # mean -log p(token), nats
+    characters: int  # characters of the scored utterances' normalised text
     top1: float  # share of scored positions whose token is the teacher's top-1
     seconds: float
     mlm_mode: str | None = None
@@ -51,8 +52,17 @@ class ScoreSummary:
     def perplexity(self) -> float:
         return math.exp(self.nll) if self.positions else float("nan")
 
+    @property
+    def bits_per_char(self) -> float:
+        """All scored nats over the text's characters, in bits: comparable across units."""
+        return (
+            self.nll * self.positions / math.log(2) / self.characters
+            if self.characters
+            else float("nan")
+        )
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "perplexity": self.perplexity}
+        return {**asdict(self), "perplexity": self.perplexity, "bits_per_char": self.bits_per_char}
 
     def lines(self) -> list[str]:
         kind = "pseudo-perplexity" if self.teacher == "bert" else "perplexity"
@@ -67,6 +77,8 @@ class ScoreSummary:
             f"quality   {kind} {self.perplexity:.3f} per {self.units} unit (mean -log p "
             f"{self.nll:.4f} nats, {self.nll / math.log(2):.4f} bits); top-1 "
             f"{100 * self.top1:.2f}% of positions",
+            f"per text  {self.bits_per_char:.4f} bits per character of the normalised text "
+            f"({self.characters:,} characters; comparable across units)",
             f"time      {self.seconds:.1f} s",
         ]
 
@@ -145,6 +157,7 @@ def score_teacher(
         positions=scored,
         unscored=unscored,
         nll=nll / scored if scored else float("nan"),
+        characters=sum(len(p.text) for p in prepared),
         top1=top1 / scored if scored else float("nan"),
         seconds=time.monotonic() - t0,
         mlm_mode=mlm_mode if is_bert else None,

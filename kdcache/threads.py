@@ -55,10 +55,10 @@ def auto_build_threads(device: str) -> int:
 
     An explicit ``OMP_NUM_THREADS`` (the user's, or torchrun's 1 per process) is kept. Otherwise
     CPU builds get the CPUs this process may use, shared among torchrun's local ranks, minus one
-    for the writer thread (at least 1); on 2 cores that is 1 thread, which the measurement in
-    docs/performance/build.md found 1.3-10x faster than torch's default of 2 on a loaded machine
-    and never slower. CUDA builds run the model on the GPU; their torch CPU threads only do
-    host-side glue, so they get at most 2 (not measured on a GPU here).
+    for the writer thread (at least 1); on 2 cores that is 1 thread, which was many times
+    faster than torch's default of 2 on a loaded machine (docs/performance/build.md,
+    "Threads"). CUDA builds run the model on the GPU; their torch CPU threads only do host-side
+    glue, so they get at most 2 (not measured on a GPU here).
     """
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:

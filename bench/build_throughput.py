@@ -18,6 +18,19 @@ each; the median of the per-repeat ratios (bare and full run back to back) is pr
 best-of is the least noisy estimate of what the code costs). Wall-clock and process CPU time are
 both reported: on a machine whose cores other jobs use, CPU time (all threads of this process,
 the writer thread included) is the steadier measure of the work added. The model is loaded once.
+
+Thread counts (``--threads-sweep``): the same full build (``build_cache``, writer included) with
+each ``--threads`` value side by side: 1, 2, auto (``kdcache build``'s default) and torch's
+default (the count torch picked at start-up, i.e. what a build that leaves threads alone gets),
+interleaved (the order rotates every round), best and median of ``--rounds``, as time ratios to
+auto (> 1: slower than auto). Without ``--teacher`` it makes its own teachers: a tiny BERT from
+config (tests/tiny_models.py, 2 layers, hidden 32) and a character LSTM LM (2 x 256, one epoch
+of train_lm on the manifest), over a manifest of ``--utts`` random sentences of the toy
+vocabulary; with ``--teacher/--model/--data`` it sweeps that teacher. Run it without
+OMP_NUM_THREADS in the environment, or "default" is that value:
+
+    nice -n 19 .venv/bin/python bench/build_throughput.py --threads-sweep 1,2,auto,default \
+        --utts 200 --rounds 7
 """
 
 from __future__ import annotations
@@ -33,11 +46,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--model", required=True, action="append", help="repeat for an ensemble")
+    ap.add_argument("--teacher", default=None)
+    ap.add_argument("--model", default=None, action="append", help="repeat for an ensemble")
     ap.add_argument("--features", default=None, help="ensemble: the feature store")
     ap.add_argument("--max-frames", type=int, default=20000, help="ensemble: frames per batch")
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", default=None)
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--hidden-layers", default="")
     ap.add_argument("--mlm-mode", default="masked")
@@ -45,9 +58,22 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--threads-sweep",
+        default="",
+        metavar="LIST",
+        help="compare full builds at these --threads values, e.g. 1,2,auto,default",
+    )
+    ap.add_argument("--rounds", type=int, default=7, help="--threads-sweep: interleaved rounds")
+    ap.add_argument("--utts", type=int, default=200, help="--threads-sweep: made-up utterances")
     a = ap.parse_args()
 
     import torch
+
+    if a.threads_sweep:
+        return sweep_main(a, torch.get_num_threads())
+    if not (a.teacher and a.model and a.data):
+        ap.error("--teacher, --model and --data are required (or --threads-sweep)")
 
     from kdcache.data.manifest import load_manifest
     from kdcache.teachers.base import run_rows
@@ -157,6 +183,114 @@ def report(b_s: list, f_s: list) -> None:
         f"ratio full/bare: best-of wall {b / f:.2f}, best-of CPU {bc / fc:.2f}, "
         f"median of paired runs (wall) {paired:.2f}"
     )
+
+
+def sweep_main(a, torch_default: int) -> None:
+    """--threads-sweep: the same full build at several --threads values, interleaved."""
+    import statistics
+    import sys
+    from pathlib import Path
+
+    from kdcache.teachers.build import build_cache, build_threads, load_teacher
+    from kdcache.threads import usable_cpus
+
+    settings = [x.strip() for x in a.threads_sweep.split(",") if x.strip()]
+    work = Path(tempfile.mkdtemp(prefix="kdc_threads_"))
+    try:
+        if a.teacher:
+            if a.teacher in ("ensemble", "aligned_lm") or len(a.model) != 1 or not a.data:
+                raise SystemExit(
+                    "--threads-sweep with --teacher: a token teacher, one --model, --data"
+                )
+            layers = tuple(int(x) for x in a.hidden_layers.split(",") if x.strip())
+            cases = [(a.teacher, a.model[0], a.data, a.top_k, layers)]
+        else:
+            cases = _made_up_teachers(work, a.utts)
+        print(
+            f"usable CPUs {usable_cpus()}, torch default threads {torch_default}, "
+            f"auto -> {build_threads('auto', 'cpu')} on cpu; load average "
+            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+        )
+        for teacher, model, data, k, layers in cases:
+            t = load_teacher(teacher, model, k=k, hidden_layers=layers, device="cpu")
+            kw = dict(teacher=teacher, model=model, data=data, k=k, hidden_layers=layers,
+                      device="cpu", progress=False, loaded=t)  # fmt: skip
+
+            def one(setting: str, kw: dict = kw) -> tuple[float, float, object]:
+                d = tempfile.mkdtemp(dir=work)
+                try:
+                    th = torch_default if setting == "default" else setting
+                    c = time.process_time()
+                    s = build_cache(out=f"{d}/c.kdc", threads=th, **kw)
+                    return s.seconds, time.process_time() - c - s.load_seconds_cpu, s
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+
+            for x in settings:  # warm-up: first-use imports, allocator, kernels
+                one(x)
+            runs: dict[str, list] = {x: [] for x in settings}
+            last = {}
+            for r in range(a.rounds):
+                order = settings[r % len(settings) :] + settings[: r % len(settings)]
+                for x in order:
+                    w, c, s = one(x)
+                    runs[x].append((w, c))
+                    last[x] = s
+            pos = last[settings[0]].positions
+            print(
+                f"\n{teacher} ({Path(model).name}), k={k}, hidden={list(t.hidden_layers)}: "
+                f"{last[settings[0]].utterances_done} utterances, {pos} positions, "
+                f"{a.rounds} rounds"
+            )
+            ref = min(w for w, _ in runs["auto"]) if "auto" in runs else None
+            ref_med = statistics.median(w for w, _ in runs["auto"]) if "auto" in runs else None
+            print(
+                f"  {'--threads':<10} {'torch':>5} {'best s':>8} {'median s':>9} {'CPU s':>7} "
+                f"{'pos/s (best)':>12} {'best/auto':>9} {'median/auto':>11}"
+            )
+            for x in settings:
+                b = min(w for w, _ in runs[x])
+                m = statistics.median(w for w, _ in runs[x])
+                cpu = min(c for _, c in runs[x])
+                ratio = f"{b / ref:9.2f}" if ref else f"{'-':>9}"
+                mratio = f"{m / ref_med:11.2f}" if ref_med else f"{'-':>11}"
+                print(
+                    f"  {x:<10} {last[x].threads:>5} {b:8.3f} {m:9.3f} {cpu:7.3f} "
+                    f"{pos / b:12.0f} {ratio} {mratio}"
+                )
+            sys.stdout.flush()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _made_up_teachers(work, utts: int) -> list[tuple]:
+    """A tiny BERT from config and a character LSTM LM, over ``utts`` random sentences."""
+    import json
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_models import WORDS, make_bert
+
+    from kdcache.data.tokenizer import Tokenizer
+    from kdcache.teachers.lstm_lm import train_lm
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(utts)]
+    data = work / "m.jsonl"
+    with open(data, "w") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": f"u{i:05d}", "audio": None, "text": t}) + "\n")
+    bert = make_bert(work / "bert", max_positions=64)
+    tok = Tokenizer.build_char(texts)
+    tok.save(work / "char")
+    train_lm(texts, str(work / "char"), str(work / "lstm"), layers=2, hidden=256, epochs=1,
+             progress=False)  # fmt: skip
+    return [
+        ("bert", str(bert), str(data), 8, (-1,)),
+        ("lstm_lm", str(work / "lstm"), str(data), 16, ()),
+    ]
 
 
 def frame_main(a) -> None:

@@ -62,8 +62,10 @@ def test_build_help_reads_like_unix_help():
         ("--top-k", "N"),
         ("--temperature", "FLOAT"),
         ("--device", "DEVICE"),
+        ("--threads", "N"),
     ]:
         assert re.search(rf"{option}\s+{metavar}\s", out), (option, out)
+    assert re.search(r"--threads\s+N\s+torch intra-op threads", out), out
     assert re.search(r"--skip-bad\s+Skip utterances", out), out
     assert re.search(r"--no-progress\s+Show a progress bar", out), out
 

@@ -151,6 +151,14 @@ def build(
         "frames per batch (default 20000).",
     ),
     device: str = typer.Option("auto", "--device", metavar="DEVICE", help=DEVICE_HELP),
+    threads: str = typer.Option(
+        "auto",
+        "--threads",
+        metavar="N",
+        help="torch intra-op threads of the teacher, >= 1, or auto: $OMP_NUM_THREADS if set, "
+        "else on CPU the CPUs this process may use (shared among torchrun's local ranks) minus "
+        "one for the writer thread, on CUDA at most 2. Restored after the build.",
+    ),
     rank: int = typer.Option(
         None, "--rank", metavar="N", help="This worker's rank (default: $RANK or 0)."
     ),
@@ -207,6 +215,12 @@ def build(
     from kdcache.teachers.masked_lm import MissingHeadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from kdcache.threads import parse_threads
+
+    try:
+        parse_threads(threads)  # refused before a model loads
+    except ValueError as e:
+        fail(str(e))
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     # ValueError: bad option values, bad manifest lines, the writer's checks.
@@ -216,13 +230,13 @@ def build(
         summary = _build_ensemble(
             model, data, out, name, top_k, temperature, hidden_layers, hidden_codec,
             logprob_keepbits, batch_tokens, device, rank, world_size, shard_positions, features,
-            combine, weights, progress,
+            combine, weights, progress, threads,
         )  # fmt: skip
     elif teacher == "aligned_lm":
         summary = _build_aligned_lm(
             model, data, out, name, top_k, temperature, hidden_layers, logprob_keepbits,
             batch_tokens, device, rank, world_size, shard_positions, features, combine, weights,
-            lm_cache, lm_teacher, progress,
+            lm_cache, lm_teacher, progress, threads,
         )  # fmt: skip
     else:
         if len(model) != 1:
@@ -263,6 +277,7 @@ def build(
                 skip_bad=skip_bad,
                 shard_positions=shard_positions,
                 progress=progress,
+                threads=threads,
             )
     for line in summary.lines():
         typer.echo(line)
@@ -280,7 +295,7 @@ def build(
 def _build_aligned_lm(
     model, data, out, name, top_k, temperature, hidden_layers, logprob_keepbits, batch_tokens,
     device, rank, world_size, shard_positions, features, combine, weights, lm_cache, lm_teacher,
-    progress,
+    progress, threads,
 ):  # fmt: skip
     from kdcache.teachers.aligned_lm import build_aligned_lm_cache
     from kdcache.teachers.base import BuildError
@@ -319,12 +334,14 @@ def _build_aligned_lm(
             world_size=world_size,
             shard_positions=shard_positions,
             progress=progress,
+            threads=threads,
         )
 
 
 def _build_ensemble(
     model, data, out, name, top_k, temperature, hidden_layers, hidden_codec, logprob_keepbits,
     batch_tokens, device, rank, world_size, shard_positions, features, combine, weights, progress,
+    threads,
 ):  # fmt: skip
     from kdcache.teachers.base import BuildError
     from kdcache.teachers.ensemble import build_ensemble_cache
@@ -360,6 +377,7 @@ def _build_ensemble(
             world_size=world_size,
             shard_positions=shard_positions,
             progress=progress,
+            threads=threads,
         )
 
 

@@ -66,6 +66,7 @@ class DataConfig:
     stream_min_utts: int = 2000  # "auto" streams from this many training utterances up
     shuffle_buffer: int = 1024  # stream reader: utterances shuffled in memory
     num_workers: int = 0  # DataLoader worker processes
+    worker_threads: int = 1  # torch intra-op threads in each worker process
     prefetch_factor: int = 2
     cmvn: bool = True  # global mean/variance normalisation from the feature store's stats
     speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]
@@ -101,6 +102,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN_DIR/tb when tensorboard is installed
     allow_missing: bool = False  # skip training utterances the cache lacks (with a warning)
     eval_every: int = 500  # with --dev-data: CTC-greedy dev WER/CER every this many steps (dev.csv)
+    threads: int = 0  # torch intra-op threads of the training process; 0: torch's default
 
 
 @dataclass
@@ -246,6 +248,8 @@ class RunConfig:
             "must be in [0, 1]",
         )
         check(self.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+        check(self.data.worker_threads >= 1, "data.worker_threads", "must be >= 1")
+        check(self.train.threads >= 0, "train.threads", "must be >= 0 (0: torch's default)")
         check(
             all(f > 0 for f in self.data.speed_perturb), "data.speed_perturb", "factors must be > 0"
         )

@@ -35,6 +35,7 @@ decoder's output ``i``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -517,12 +518,29 @@ def check_own_tokens(utt_id: str, name: str, t: Any) -> None:
         )
 
 
+def init_worker_threads(threads: int, worker_id: int = 0) -> None:
+    """A DataLoader worker's thread counts (its ``worker_init_fn``): ``data.worker_threads``
+    torch intra-op threads (torch's worker loop sets 1 before this runs; workers next to a
+    training process that already uses every core should not add pools of their own), and Blosc
+    decoding on the calling thread, without its own pool."""
+    from numcodecs import blosc
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    blosc.use_threads = False
+    blosc.set_nthreads(1)
+
+
 def make_loader(dataset: KDDataset) -> DataLoader:
     """A DataLoader over ``dataset`` (batches are already built: batch_size=None)."""
     cfg = dataset.cfg
     kwargs: dict[str, Any] = {}
     if cfg.num_workers > 0:
-        kwargs = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False}
+        kwargs = {
+            "prefetch_factor": cfg.prefetch_factor,
+            "persistent_workers": False,
+            "worker_init_fn": functools.partial(init_worker_threads, cfg.worker_threads),
+        }
     # A private generator: creating the iterator draws a base seed from it, and drawing from the
     # global RNG instead would shift dropout after a resume. Batches never use worker seeds.
     return DataLoader(

@@ -303,6 +303,15 @@ def _gather(obj: Any, world: int) -> list[Any]:
 def train(inputs: RunInputs) -> TrainResult:
     """Set up and run (or resume) a kdtrain run; returns when train.max_steps is reached."""
     cfg, inputs = _resolve_config(inputs)
+    if cfg.train.threads <= 0:  # torch's default ($OMP_NUM_THREADS, else every core)
+        return _train(cfg, inputs)
+    from kdcache.threads import scoped_threads
+
+    with scoped_threads(cfg.train.threads):  # restored afterwards (tests train in one process)
+        return _train(cfg, inputs)
+
+
+def _train(cfg: RunConfig, inputs: RunInputs) -> TrainResult:
     run_dir = Path(inputs.out)
     for what in ("data", "features", "tokenizer"):
         if getattr(inputs, what) is None:

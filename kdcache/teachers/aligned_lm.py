@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from kdcache.teachers.base import BuildError, hard_label
+from kdcache.teachers.build import with_build_threads
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def blank_frame_mask(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, blank_
     return (topk_ids[..., 0] == blank_id) & (topk_logprobs[..., 0] >= -1e-6)
 
 
+@with_build_threads
 def build_aligned_lm_cache(
     *,
     model: str,
@@ -58,6 +60,7 @@ def build_aligned_lm_cache(
     world_size: int = 1,
     shard_positions: int | None = None,
     progress: bool = True,
+    threads: int | str = "auto",  # applied by with_build_threads
 ):
     """Build (or resume) the frame-level LM targets for a manifest into a cache.
 

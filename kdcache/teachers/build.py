@@ -59,6 +59,7 @@ class BuildSummary:
     cache_bytes: int
     bad_utterances: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # teacher-specific lines, printed last
+    threads: int = 0  # torch intra-op threads the build ran with (--threads)
 
     @property
     def utt_per_s(self) -> float:
@@ -81,7 +82,8 @@ class BuildSummary:
             f"(0 positions), of {self.utterances_total} in this rank's slice",
             f"positions  {self.positions}  ({self.unk_tokens} unknown-token positions)",
             f"time       {self.seconds:.1f} s building ({self.load_seconds:.1f} s loading before): "
-            f"{self.utt_per_s:.1f} utt/s, {self.positions_per_s:.0f} positions/s",
+            f"{self.utt_per_s:.1f} utt/s, {self.positions_per_s:.0f} positions/s"
+            + (f", {self.threads} torch thread(s)" if self.threads else ""),
             f"size       {self.cache_bytes / 1e6:.2f} MB on disk (whole cache)",
             *self.notes,
         ]
@@ -98,6 +100,41 @@ def pick_device(device: str) -> str:
             raise BuildError("--device cuda: no CUDA device is available")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
+
+
+def build_threads(threads: int | str | None, device: str) -> int:
+    """``--threads``: a count >= 1, or ``auto`` (:func:`kdcache.threads.auto_build_threads` for
+    the resolved ``device``); anything else is a BuildError naming --threads."""
+    from kdcache.threads import auto_build_threads, parse_threads
+
+    try:
+        n = parse_threads(threads)
+    except ValueError as e:
+        raise BuildError(str(e)) from None
+    return n if n is not None else auto_build_threads(device)
+
+
+def with_build_threads(fn):
+    """Run a build function (keyword arguments only, with ``device`` and ``threads``) under
+    :func:`kdcache.threads.scoped_threads`: ``threads`` resolved for the resolved device (a bad
+    value refused before anything loads), the previous thread settings restored afterwards, and
+    the count recorded in the returned BuildSummary."""
+    import functools
+    import inspect
+
+    device_default = inspect.signature(fn).parameters["device"].default
+
+    @functools.wraps(fn)
+    def run(*, threads: int | str = "auto", device: str = device_default, **kw):
+        from kdcache.threads import scoped_threads
+
+        n = build_threads(threads, pick_device(device))
+        with scoped_threads(n):
+            summary = fn(threads=n, device=device, **kw)
+        summary.threads = n
+        return summary
+
+    return run
 
 
 def load_teacher(
@@ -275,6 +312,7 @@ def rank_slice(items: list, costs: list[int], rank: int, world_size: int) -> lis
     return mine
 
 
+@with_build_threads
 def build_cache(
     *,
     teacher: str,
@@ -305,6 +343,7 @@ def build_cache(
     queue_size: int = 256,
     progress: bool = True,
     loaded=None,
+    threads: int | str = "auto",
 ) -> BuildSummary:
     """Build (or resume) one teacher's targets for a manifest into a cache.
 
@@ -330,6 +369,9 @@ def build_cache(
         shard_positions: Positions per committed shard (the most a killed build loses).
         max_len: Window length override (tests of long-input windows).
         loaded: An already-loaded teacher (benchmarks), instead of loading ``model``.
+        threads: torch intra-op threads while the build runs, >= 1, or ``auto``
+            (:func:`kdcache.threads.auto_build_threads`); the previous settings are restored
+            afterwards (:func:`with_build_threads`).
 
     Returns:
         The build summary.

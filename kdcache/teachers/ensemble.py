@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from kdcache.teachers.base import BuildError
+from kdcache.teachers.build import with_build_threads
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,7 @@ class EnsembleTeacher:
         return comb, lens, hid
 
 
+@with_build_threads
 def build_ensemble_cache(
     *,
     models: list[str],
@@ -233,6 +235,7 @@ def build_ensemble_cache(
     world_size: int = 1,
     shard_positions: int | None = None,
     progress: bool = True,
+    threads: int | str = "auto",  # applied by with_build_threads
 ):
     """Build (or resume) the ensemble's frame-level targets for a manifest into a cache.
 

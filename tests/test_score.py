@@ -128,6 +128,11 @@ def test_cli_score_writes_json_and_names_bad_input(tiny_llama, tmp_path):
               "--mask-stride", "4"],
     )  # fmt: skip
     assert r.exit_code != 0 and "--mask-stride" in r.output
+    r = CliRunner().invoke(
+        app, ["score", "--teacher", "causal_lm", "--model", str(tiny_llama), "--data", str(m),
+              "--threads", "0"],
+    )  # fmt: skip
+    assert r.exit_code != 0 and "--threads" in r.output and "Traceback" not in r.output
 
 
 def test_lstm_lm_perplexity_matches_its_forward(tmp_path):

@@ -654,6 +654,9 @@ def score(
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip utterances without a transcript instead of failing."
     ),
+    threads: str = typer.Option(
+        "auto", "--threads", metavar="N", help="torch threads, as for build (restored after)."
+    ),
     json_out: Path = typer.Option(
         None, "--json", metavar="FILE", help="Also write the figures to FILE as JSON."
     ),
@@ -678,6 +681,7 @@ def score(
             device=device,
             skip_bad=skip_bad,
             progress=progress,
+            threads=threads,
         )
     for line in summary.lines():
         typer.echo(line)

@@ -23,6 +23,7 @@ from kdcache.teachers.build import (
     DEFAULT_BUDGET,
     BuildError,
     _check_unknown_tokens,
+    build_threads,
     load_teacher,
     pick_device,
     prepare,
@@ -94,6 +95,7 @@ def score_teacher(
     device: str = "auto",
     skip_bad: bool = False,
     progress: bool = True,
+    threads: int | str = "auto",
     loaded=None,
 ) -> ScoreSummary:
     """Score a teacher on a manifest's transcripts (see the module docstring).
@@ -104,15 +106,14 @@ def score_teacher(
         data: Manifest whose transcripts are scored.
         mlm_mode, mask_stride: The masked LM's modes, as for the build.
         batch_tokens: Padded tokens per batch (0: the build's default).
+        threads: torch threads for the run (restored after), as ``kdcache build --threads``.
         loaded: An already-loaded teacher with ``k == 1`` (tests), instead of loading ``model``.
 
     Raises:
         BuildError: a bad option, manifest or model, in words that name it.
     """
-    from tqdm import tqdm
-
     from kdcache.data.manifest import load_manifest
-    from kdcache.teachers.base import run_rows
+    from kdcache.threads import scoped_threads
 
     t0 = time.monotonic()
     try:
@@ -120,6 +121,21 @@ def score_teacher(
     except FileNotFoundError:
         raise BuildError(f"--data {data!r}: no such manifest") from None
     dev = pick_device(device)
+    with scoped_threads(build_threads(threads, dev)):
+        return _score(
+            teacher, model, data, utts, dev, mlm_mode, mask_stride, batch_tokens, skip_bad,
+            progress, loaded, t0,
+        )  # fmt: skip
+
+
+def _score(
+    teacher, model, data, utts, dev, mlm_mode, mask_stride, batch_tokens, skip_bad, progress,
+    loaded, t0,
+) -> ScoreSummary:  # fmt: skip
+    from tqdm import tqdm
+
+    from kdcache.teachers.base import run_rows
+
     t = loaded or load_teacher(
         teacher, model, k=1, mlm_mode=mlm_mode, device=dev, mask_stride=mask_stride
     )

@@ -275,6 +275,106 @@ def keepbits_fidelity(d: dict, k: int) -> list[tuple[int, float, float, float]]:
     return out
 
 
+# ------------------------------------------------------------------ top-k layouts (issue 13.4)
+# (topk_layout, logprob_rounding, logprob_keepbits); the first is the legacy default.
+LAYOUTS = [
+    ("rank", "fixed", 7),
+    ("rank", "fixed", 6),
+    ("idsort", "fixed", 7),
+    ("rank", "weighted", 7),
+    ("rank", "weighted", 8),
+    ("idsort", "weighted", 7),
+    ("idsort", "weighted", 8),
+]
+
+
+def stored_kl(d: dict, k: int, got_ids: np.ndarray, got_lp: np.ndarray, got_tail) -> float:
+    """Mean KL(orig || stored) over top-k + tail bin, in nats. Entries are matched by id (the
+    reader may order ties differently); the stored distribution is renormalised."""
+    ids = d["ids"][: len(got_ids), :k].astype(np.int64)
+    lp = d["logprobs"][: len(got_ids), :k].astype(np.float64)
+    tail = d[f"tail{k}"][: len(got_ids)].astype(np.float64)
+    o1, o2 = np.argsort(ids, axis=1), np.argsort(got_ids, axis=1)
+    assert (np.take_along_axis(ids, o1, 1) == np.take_along_axis(got_ids, o2, 1)).all()
+    p = np.concatenate([np.exp(np.take_along_axis(lp, o1, 1)), np.exp(tail)[:, None]], axis=1)
+    p /= p.sum(1, keepdims=True)
+    q_lp = np.take_along_axis(got_lp.astype(np.float64), o2, 1)
+    q = np.concatenate([np.exp(q_lp), np.exp(got_tail.astype(np.float64))[:, None]], axis=1)
+    q /= q.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-300))), 0).sum(1)
+    return float(kl.mean())
+
+
+def layout_table(d: dict, k: int, chunk: int, work: str, repeat: int) -> list[dict]:
+    """Write the data once per layout with the real writer; bytes per stream on disk, KL of what
+    the reader returns, and write / stream time relative to the first (legacy) layout."""
+    from kdcache.cache_format import open_cache, spec, verify_cache
+
+    n = len(d["ids"])
+    rows = []
+    for layout, rounding, kb in LAYOUTS:
+        path = os.path.join(work, f"layout_{layout}_{rounding}_{kb}.kdc")
+        tw = []
+        for _ in range(max(1, repeat)):
+            shutil.rmtree(path, ignore_errors=True)
+            tw.append(
+                write_kdcache(
+                    path,
+                    d,
+                    k,
+                    kb,
+                    chunk,
+                    hidden=False,
+                    topk_layout=layout,
+                    logprob_rounding=rounding,
+                )
+            )
+        probs = [p for p in verify_cache(path, workers=2) if p.severity == "error"]
+        assert not probs, probs
+        shard = glob.glob(os.path.join(path, "teachers", "lm", "shards", "*"))
+        per = {
+            s: sum(dir_bytes(os.path.join(sh, s)) for sh in shard) / n for s in spec.TOPK_STREAMS
+        }
+        total = dir_bytes(path) / n
+        ts = [stream_kdcache(path, False, 0)[1] for _ in range(max(1, repeat))]
+        cache = open_cache(path)
+        got = {"ids": [], "lp": [], "tail": []}
+        for item in cache.stream(["lm"], hidden=False):
+            got["ids"].append(item["lm"].topk_ids)
+            got["lp"].append(item["lm"].topk_logprobs)
+            got["tail"].append(item["lm"].tail_logmass)
+        kl = stored_kl(d, k, *(np.concatenate(got[x]) for x in ("ids", "lp", "tail")))
+        rows.append(
+            dict(
+                layout=layout, rounding=rounding, keepbits=kb, ids=per[spec.TOPK_IDS],
+                lp=per[spec.TOPK_LOGPROBS], tail=per[spec.TAIL_LOGMASS],
+                other=total - sum(per.values()), total=total, kl=kl,
+                write=min(tw), stream=min(ts),
+            )
+        )  # fmt: skip
+        shutil.rmtree(path, ignore_errors=True)
+    return rows
+
+
+def print_layout_table(rows: list[dict], n: int) -> None:
+    base = rows[0]
+    print(
+        f"\ntop-k layouts on {n} positions (real writer and reader; B/position on disk per "
+        "stream; KL(orig || stored) over top-k + tail; write / stream speed relative to the "
+        "first row, same run, best of --repeat):"
+    )
+    hdr = ("layout", "rounding", "kb", "ids", "logprobs", "tail", "other", "total", "KL nats",
+           "write x", "stream x")  # fmt: skip
+    print("  " + " ".join(f"{h:>9s}" for h in hdr))
+    for r in rows:
+        print(
+            f"  {r['layout']:>9s} {r['rounding']:>9s} {r['keepbits']:9d} {r['ids']:9.2f} "
+            f"{r['lp']:9.2f} {r['tail']:9.2f} {r['other']:9.2f} {r['total']:9.2f} "
+            f"{r['kl']:9.2e} {base['write'] / r['write']:9.2f} {base['stream'] / r['stream']:9.2f}"
+        )
+
+
 # --------------------------------------------------------------------------------- speed tests
 def utts_from(d: dict, k: int, hidden: bool):
     from kdcache.cache_format import UttTargets
@@ -296,7 +396,9 @@ def utts_from(d: dict, k: int, hidden: bool):
         )
 
 
-def write_kdcache(path: str, d: dict, k: int, keepbits: int, chunk: int, hidden: bool) -> float:
+def write_kdcache(
+    path: str, d: dict, k: int, keepbits: int, chunk: int, hidden: bool, **layout
+) -> float:
     from kdcache.cache_format import CacheWriter, TeacherRecord
 
     rec = TeacherRecord(
@@ -312,6 +414,7 @@ def write_kdcache(path: str, d: dict, k: int, keepbits: int, chunk: int, hidden:
         chunk_positions=chunk,
         hidden_layers=(0,) if hidden else (),
         hidden_dims={"0": d["hidden"].shape[1]} if hidden else {},
+        **layout,
     )
     t0 = time.perf_counter()
     with CacheWriter(path, rec, fsync=False, check_mass=True) as w:
@@ -470,6 +573,11 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs for read timings")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--layouts",
+        action="store_true",
+        help="only the top-k layout comparison (bytes per stream, KL, speed ratios)",
+    )
     args = ap.parse_args()
 
     import pyarrow.parquet  # noqa: F401 - imported before any timing
@@ -485,6 +593,13 @@ def main() -> None:
     print(
         f"k={k}, vocab={V}, chunk={args.chunk} positions, dense float16 over the vocab = {2 * V} B/position\n"
     )
+
+    if args.layouts:
+        work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")
+        print_layout_table(layout_table(data, k, args.chunk, work, args.repeat), len(data["ids"]))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     # 1. Codec table.
     rows = codec_table(data, k, args.chunk)

@@ -180,6 +180,12 @@ class _TeacherData:
                 out[name] = v
         if not todo:
             return out
+        # "idsort" layout: ids and log-probs decode together (rank order comes from sorting the
+        # log-probs), so one of them is never read without the other.
+        pair = (spec.TOPK_IDS, spec.TOPK_LOGPROBS)
+        joint = self.record.topk_layout != "rank" and any(n in todo for n in pair)
+        if joint:
+            todo += [n for n in pair if n not in todo]
         from zarr.core.sync import sync
 
         arrays = [self.array(shard, name) for name in todo]
@@ -203,6 +209,7 @@ class _TeacherData:
 
         results = sync(read_all())
         raws, present = results[: len(todo)], results[len(todo) :]
+        decoded: dict[str, np.ndarray] = {}
         for name, raw, ok in zip(todo, raws, present, strict=True):
             path = self.cache._storage.full(f"{base}/{name}")
             if isinstance(raw, BaseException):
@@ -217,6 +224,9 @@ class _TeacherData:
             probs = validate.chunk_problems(self.record, name, raw, want)
             if probs:
                 raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
+            if joint and name in pair:
+                decoded[name] = raw  # decoded below, once both are checked
+                continue
             if name == spec.TOPK_IDS:
                 v = raw.astype(np.int64)
             elif name == spec.TOPK_LOGPROBS and self.record.targets == "sampled":
@@ -231,6 +241,13 @@ class _TeacherData:
                 v = raw  # hidden float16 stays float16: half the memory, no conversion pass
             self.lru.put((shard, name, c), v)
             out[name] = v
+        if joint:
+            ids, lp = spec.decode_topk(
+                self.record, decoded[spec.TOPK_IDS], decoded[spec.TOPK_LOGPROBS]
+            )
+            for name, v in zip(pair, (ids, lp.astype(np.float32)), strict=True):
+                self.lru.put((shard, name, c), v)
+                out[name] = v
         return out
 
     def block(

@@ -93,6 +93,10 @@ HIDDEN_SCALE_DTYPE = np.dtype("float32")
 # top-16 + tail distribution to its unrounded value near 6e-6 nats (mean |d logp| 0.006) and bring
 # top-16 + tail to ~39 bytes/position, under the 40-byte target.
 DEFAULT_LOGPROB_KEEPBITS = 7
+# Layout and rounding of new top-k records (docs/format.md, "Top-k layouts"); records stored
+# without these fields are "rank" + "fixed".
+DEFAULT_TOPK_LAYOUT = "rank"
+DEFAULT_LOGPROB_ROUNDING = "fixed"
 # tail_logmass is float32 (range down to log 1e-38) rounded to 10 mantissa bits (float16
 # precision): it then compresses from 3.5 to 1.8 bytes/position.
 TAIL_KEEPBITS = 10
@@ -249,9 +253,35 @@ class TeacherRecord:
     samples: int = 0
     sample_seed: int = 0
     pq_subspaces: int = 0
+    topk_layout: str | None = None
+    logprob_rounding: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "teacher")
+        # None: the current defaults (sampled targets: the legacy layout, which they need).
+        for key, default in (
+            ("topk_layout", DEFAULT_TOPK_LAYOUT),
+            ("logprob_rounding", DEFAULT_LOGPROB_ROUNDING),
+        ):
+            if getattr(self, key) is None:
+                value = LEGACY_LAYOUT[key] if self.targets == "sampled" else default
+                object.__setattr__(self, key, value)
+        if self.topk_layout not in TOPK_LAYOUTS:
+            raise ValueError(
+                f"teacher {self.name!r}: topk_layout {self.topk_layout!r} not in {TOPK_LAYOUTS}"
+            )
+        if self.logprob_rounding not in LOGPROB_ROUNDINGS:
+            raise ValueError(
+                f"teacher {self.name!r}: logprob_rounding {self.logprob_rounding!r} not in "
+                f"{LOGPROB_ROUNDINGS}"
+            )
+        if self.targets == "sampled" and (
+            self.topk_layout != "rank" or self.logprob_rounding != "fixed"
+        ):
+            raise ValueError(
+                f"teacher {self.name!r}: sampled targets need topk_layout 'rank' and "
+                "logprob_rounding 'fixed' (their counts are recovered from fixed keepbits)"
+            )
         if self.targets not in TARGET_MODES:
             raise ValueError(
                 f"teacher {self.name!r}: targets {self.targets!r} not in {TARGET_MODES}"
@@ -323,6 +353,9 @@ class TeacherRecord:
                 del d[key]
         if self.hidden_codec != "pq":  # likewise: pq_subspaces only in pq records
             del d["pq_subspaces"]
+        for key in LAYOUT_RECORD_FIELDS:  # likewise: absent = the legacy layout
+            if d[key] == LEGACY_LAYOUT[key]:
+                del d[key]
         return d
 
     @property
@@ -335,7 +368,8 @@ class TeacherRecord:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"teacher record has unknown keys {sorted(unknown)}")
-        return cls(**d)
+        # A stored record without the layout fields was written in the legacy layout.
+        return cls(**{**LEGACY_LAYOUT, **d})
 
 
 def _pq_problem(dim: int, m: int) -> str | None:
@@ -378,6 +412,118 @@ def round_mantissa(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.
 def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
     """round_mantissa for float32 (used for tail_logmass with TAIL_KEEPBITS)."""
     return round_mantissa(x, keepbits, np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted rounding (TeacherRecord.logprob_rounding == "weighted", docs/format.md)
+
+# KL(p || stored) ~ 1/2 sum_j p_j dl_j^2 for small errors dl_j of the log-probs l_j: the same KL
+# allows a larger error where p_j = e^l_j is small. Fixed keepbits give every value the relative
+# error 2^-(keepbits+1), i.e. an absolute error growing only like |l|. "Weighted" rounding drops
+# one more mantissa bit per 2 ln 2 of |l|, so the absolute step grows like e^(|l|/2) = 1/sqrt(p)
+# (every entry then adds about the same KL, the cheapest allocation), and keeps the absolute
+# step from shrinking with |l| near l = 0.
+# Bits kept for a value x (float16 log-prob or float32 tail):
+#     kb(x) = clip(keepbits + E(x) - floor(|x| / (2 ln 2)), WEIGHTED_MIN_KEEPBITS, mantissa bits)
+# with E(x) the unbiased binary exponent of x as stored (floor(log2|x|); subnormals count as the
+# smallest normal exponent). keepbits is the record's logprob_keepbits: the bits kept at
+# |x| in [1, 1.386). The result is a plain float of the same dtype: readers need no decoder.
+WEIGHTED_MIN_KEEPBITS = 2
+TWO_LN2 = 1.3862943611198906  # 2 ln 2, the |x| step per bit fewer
+LOGPROB_ROUNDINGS = ("fixed", "weighted")
+_EXP_BITS = {np.dtype(np.float16): (10, 0x1F, 15), np.dtype(np.float32): (23, 0xFF, 127)}
+
+
+def weighted_keepbits(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.ndarray:
+    """kb(x) of weighted rounding (int64, same shape); x as stored (float16 or float32)."""
+    dtype = np.dtype(dtype)
+    mbits, emask, bias = _EXP_BITS[dtype]
+    x = np.asarray(x, dtype=dtype)
+    bits = x.view(_FLOAT_BITS[dtype][1]).astype(np.int64)
+    e = np.maximum((bits >> mbits) & emask, 1) - bias
+    a = np.abs(x.astype(np.float64))
+    f = np.floor(np.where(np.isfinite(a), a, 0.0) / TWO_LN2).astype(np.int64)
+    return np.clip(keepbits + e - f, WEIGHTED_MIN_KEEPBITS, mbits)
+
+
+def round_weighted(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.ndarray:
+    """Weighted rounding: each value rounded (to nearest, ties away from zero, on the bit pattern
+    as round_mantissa) to weighted_keepbits(x) mantissa bits; non-finite values, and values that
+    would round to infinity, unchanged. Works on float16 and float32."""
+    dtype = np.dtype(dtype)
+    mbits, uint, wide = _FLOAT_BITS[dtype]
+    x = np.asarray(x, dtype=dtype)
+    drop = (mbits - weighted_keepbits(x, keepbits, dtype)).astype(wide)
+    bits = x.view(uint).astype(wide)
+    one = wide(1)
+    half = np.where(drop > 0, one << np.maximum(drop, one) - one, wide(0)).astype(wide)
+    mask = (wide(np.iinfo(uint).max) >> drop) << drop
+    rounded = ((bits + half) & mask).astype(uint).view(dtype)
+    finite = np.isfinite(x)
+    return np.where(finite & np.isfinite(rounded), rounded, x)
+
+
+def round_logprobs(record: TeacherRecord, lp: np.ndarray) -> np.ndarray:
+    """Stored form of float16 top-k log-probs [P, k] under the record's rounding. Weighted
+    rounding can swap two neighbours near a change of kb; a running minimum along k keeps
+    each row descending (a value moved up to its predecessor's stored value)."""
+    if record.logprob_rounding == "weighted":
+        out = round_weighted(lp, record.logprob_keepbits)
+        return np.minimum.accumulate(out, axis=1) if out.ndim == 2 and out.size else out
+    return round_mantissa(lp, record.logprob_keepbits)
+
+
+def round_tail(record: TeacherRecord, tail: np.ndarray) -> np.ndarray:
+    """Stored form of float32 tail log-masses [P] under the record's rounding (fixed:
+    TAIL_KEEPBITS; weighted: the weighted rule with the record's keepbits, as a log-prob)."""
+    if record.logprob_rounding == "weighted":
+        return round_weighted(tail, record.logprob_keepbits, np.float32)
+    return round_mantissa_f32(tail, TAIL_KEEPBITS)
+
+
+# --------------------------------------------------------------------------------------------
+# Top-k layouts (TeacherRecord.topk_layout, docs/format.md)
+#
+# "rank": topk_ids / topk_logprobs in rank order (log-probs descending), ids as they are.
+# "idsort": each position's entries sorted by id (ascending); topk_ids holds the gaps
+#   g[:, 0] = id_0, g[:, j] = id_j - id_(j-1) (>= 1: ids are distinct), topk_logprobs the log-prob
+#   of each id in that order. Rank order is recovered by sorting the log-probs descending (ties by
+#   ascending id: decode_topk). Ids in ascending order are cheaper to store than in rank order (the
+#   rank order, ~log2(k!) bits a position, is carried by the log-probs, which compress about as
+#   well in either order).
+TOPK_LAYOUTS = ("rank", "idsort")
+# Fields written only when they differ from the legacy value ("rank", "fixed"): a legacy record
+# keeps exactly its keys, so readers older than these fields still read legacy caches and refuse
+# (unknown record keys) the teachers stored otherwise.
+LAYOUT_RECORD_FIELDS = ("topk_layout", "logprob_rounding")
+LEGACY_LAYOUT = {"topk_layout": "rank", "logprob_rounding": "fixed"}
+
+
+def encode_topk(
+    record: TeacherRecord, ids: np.ndarray, lp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-order ids [P, k] (stored dtype) and stored (rounded) log-probs [P, k] -> the arrays
+    as stored under the record's layout."""
+    if record.topk_layout == "rank" or ids.shape[1] == 0:
+        return ids, lp
+    order = np.argsort(ids, axis=1, kind="stable")
+    s = np.take_along_axis(ids, order, axis=1)
+    gaps = np.empty_like(s)
+    gaps[:, :1] = s[:, :1]
+    np.subtract(s[:, 1:], s[:, :-1], out=gaps[:, 1:])
+    return gaps, np.take_along_axis(lp, order, axis=1)
+
+
+def decode_topk(
+    record: TeacherRecord, ids: np.ndarray, lp: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored arrays [P, k] -> rank-order ids (int64) and log-probs (as stored, descending; ties
+    by ascending id for "idsort")."""
+    if record.topk_layout == "rank" or ids.shape[1] == 0:
+        return ids.astype(np.int64), lp
+    s = np.cumsum(ids, axis=1, dtype=np.int64)
+    order = np.argsort(-lp, axis=1, kind="stable")
+    return np.take_along_axis(s, order, axis=1), np.take_along_axis(lp, order, axis=1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -445,7 +445,17 @@ def chunk_problems(
     if len(x) != expected:
         return [f"has {len(x)} positions, expected {expected}"]
     probs = []
-    if name == spec.TOPK_IDS and x.size and int(x.max()) >= rec.vocab_size:
+    idsort = rec.topk_layout == "idsort"
+    if name == spec.TOPK_IDS and x.size and idsort and x.ndim == 2:
+        # Gaps of ascending ids: the last running sum is the largest id; gaps after the first
+        # are >= 1 (distinct ids).
+        top = np.cumsum(x, axis=1, dtype=np.int64)[:, -1]
+        if int(top.max()) >= rec.vocab_size:
+            probs.append(f"holds id {int(top.max())} >= vocab_size {rec.vocab_size}")
+        if x.shape[1] > 1 and not (x[:, 1:] >= 1).all():
+            row = int(np.nonzero((x[:, 1:] < 1).any(axis=1))[0][0])
+            probs.append(f"ids not strictly ascending (idsort layout) at position {row}")
+    elif name == spec.TOPK_IDS and x.size and int(x.max()) >= rec.vocab_size:
         probs.append(f"holds id {int(x.max())} >= vocab_size {rec.vocab_size}")
     if nan and x.dtype.kind == "f" and np.isnan(x).any():
         probs.append("contains NaN")
@@ -453,7 +463,7 @@ def chunk_problems(
         pos = np.nonzero((x > 0).reshape(len(x), -1).any(axis=1))[0]
         if len(pos):
             probs.append(f"log-probability > 0 at position {int(pos[0])} of the chunk")
-    if nan and name == spec.TOPK_LOGPROBS and x.ndim == 2 and x.shape[1] > 1:
+    if nan and name == spec.TOPK_LOGPROBS and x.ndim == 2 and x.shape[1] > 1 and not idsort:
         up = np.nonzero((x[:, 1:] > x[:, :-1]).any(axis=1))[0]
         if len(up):
             probs.append(
@@ -468,16 +478,29 @@ def chunk_problems(
 MASS_TOLERANCE = 0.02
 
 
-def mass_slack(stored: np.ndarray, keepbits: int) -> np.ndarray:
+def weighted_slack_keepbits(stored: np.ndarray, keepbits: int, dtype=np.float16) -> np.ndarray:
+    """Mantissa bits to assume for values stored with weighted rounding: kb of the stored value
+    minus 1 (rounding can move a value across a power of two or a multiple of 2 ln 2, changing kb
+    by one), and for rows (rank layout) the smaller of a value's and its predecessor's (the
+    running minimum can give a value its predecessor's stored value)."""
+    kb = spec.weighted_keepbits(stored, keepbits, dtype) - 1
+    if kb.ndim == 2 and kb.shape[1] > 1:
+        kb[:, 1:] = np.minimum(kb[:, 1:], kb[:, :-1])
+    return np.maximum(kb, 1)
+
+
+def mass_slack(stored: np.ndarray, keepbits) -> np.ndarray:
     """Per position: the most the mass sum(exp(l)) can have moved when the values ``stored``
     [P, k] were rounded to ``keepbits`` mantissa bits (round to nearest: relative error <=
     eps = 2^-(keepbits + 1), so the original l is within |l| eps / (1 - eps) of the stored one and
-    |exp(l) - exp(l')| <= exp(l') expm1(|l'| eps / (1 - eps))); plus 1e-7 per term for float16
-    subnormals (absolute spacing 6e-8)."""
-    eps = 2.0 ** -(keepbits + 1)
+    |exp(l) - exp(l')| <= exp(l') expm1(|l'| eps / (1 - eps))); ``keepbits`` may be one per
+    value (weighted rounding). Float16 subnormals (|l| < 2^-14) are rounded on a fixed grid, so
+    the error bound is at least 2^-14 eps there; plus 1e-7 per term (their spacing, 6e-8)."""
+    eps = 2.0 ** -(np.asarray(keepbits, dtype=np.float64) + 1)
     lp = stored.astype(np.float64).reshape(len(stored), -1)
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):
-        d = np.where(np.isfinite(lp), np.abs(lp) * eps / (1 - eps), 0.0)
+        d = np.maximum(np.abs(lp), 2.0**-14) * eps / (1 - eps)
+        d = np.where(np.isfinite(lp), d, 0.0)
         term = np.where(np.isfinite(lp), np.exp(lp) * np.expm1(d), 0.0)
     return term.sum(axis=1) + 1e-7 * lp.shape[1]
 
@@ -525,11 +548,14 @@ def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[
     t64 = tail.astype(np.float64)
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):
         mass = np.exp(lp64).sum(axis=1) + np.exp(t64)
-    tol = (
-        MASS_TOLERANCE
-        + mass_slack(lp, rec.logprob_keepbits)
-        + mass_slack(tail[:, None], spec.TAIL_KEEPBITS)
-    )
+    if rec.logprob_rounding == "weighted":
+        if rec.topk_layout == "idsort":  # rank order: what the running minimum saw
+            lp = -np.sort(-lp, axis=1)
+        kb_lp = weighted_slack_keepbits(lp, rec.logprob_keepbits)
+        kb_tail = weighted_slack_keepbits(tail[:, None], rec.logprob_keepbits, np.float32)
+    else:
+        kb_lp, kb_tail = rec.logprob_keepbits, spec.TAIL_KEEPBITS
+    tol = MASS_TOLERANCE + mass_slack(lp, kb_lp) + mass_slack(tail[:, None], kb_tail)
     bad = np.nonzero(~(np.abs(mass - 1.0) <= tol))[0]  # NaN fails too
     if not len(bad):
         return []

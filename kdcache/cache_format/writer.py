@@ -21,6 +21,7 @@ threads. The bytes written are those of encoding each utterance alone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import io
@@ -212,11 +213,15 @@ class CacheWriter:
                 raise CacheError(f"{self.path}: {tp} has no '{spec.TEACHER_ATTR}' attribute")
             stored = TeacherRecord.from_dict(stored_d)
             diff = spec.record_differences(stored, rec)
+            if diff and set(diff) <= set(spec.LAYOUT_RECORD_FIELDS):
+                # An existing teacher keeps the layout it was started with (e.g. a legacy cache
+                # resumed by this version): the stored record decides how its shards are written.
+                layout = {key: getattr(stored, key) for key in spec.LAYOUT_RECORD_FIELDS}
+                self.record = rec = dataclasses.replace(rec, **layout)
+                diff = []
             if diff:
-                details = "; ".join(
-                    f"{k}: cache has {stored.to_dict()[k]!r}, writer has {rec.to_dict()[k]!r}"
-                    for k in diff
-                )
+                a, b = dataclasses.asdict(stored), dataclasses.asdict(rec)
+                details = "; ".join(f"{k}: cache has {a[k]!r}, writer has {b[k]!r}" for k in diff)
                 raise ValueError(
                     f"{self.path}: teacher {t!r} already exists with a different record ({details}); "
                     f"use another teacher name or another cache"
@@ -680,12 +685,11 @@ class CacheWriter:
         """Per-chunk part of the encoding (element-wise, so equal to encoding per utterance)."""
         rec = self.record
         if rec.k > 0:
-            data[spec.TOPK_LOGPROBS] = spec.round_mantissa(
-                data[spec.TOPK_LOGPROBS], rec.logprob_keepbits
+            lp = spec.round_logprobs(rec, data[spec.TOPK_LOGPROBS])
+            data[spec.TOPK_IDS], data[spec.TOPK_LOGPROBS] = spec.encode_topk(
+                rec, data[spec.TOPK_IDS], lp
             )
-            data[spec.TAIL_LOGMASS] = spec.round_mantissa_f32(
-                data[spec.TAIL_LOGMASS], spec.TAIL_KEEPBITS
-            )
+            data[spec.TAIL_LOGMASS] = spec.round_tail(rec, data[spec.TAIL_LOGMASS])
         return data
 
     def _write_chunk(self, a: int, b: int, data: dict[str, np.ndarray]) -> None:

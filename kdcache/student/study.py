@@ -616,7 +616,8 @@ def plot_curves(plan: Plan, out: Path, png: Path) -> None:
     from kdcache.student.rundir import column, read_metrics
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for a in plan.arms:
+    colors = plt.get_cmap("tab20").colors  # 10 hues x 2 shades; past 10 arms a dashed line too
+    for i, a in enumerate(plan.arms):
         curves = []
         for s in plan.seeds:
             rd = run_dir(out, a.name, s)
@@ -628,7 +629,13 @@ def plot_curves(plan: Plan, out: Path, png: Path) -> None:
         n = min(len(c[0]) for c in curves)
         steps = np.asarray(curves[0][0][:n])
         y = 100 * np.asarray([c[1][:n] for c in curves])
-        (line,) = ax.plot(steps, y.mean(0), label=f"{a.name} ({len(curves)} seeds)")
+        (line,) = ax.plot(
+            steps,
+            y.mean(0),
+            label=f"{a.name} ({len(curves)} seeds)",
+            color=colors[(2 * i) % 20 + (i // 10) % 2],
+            linestyle="--" if (i // 10) % 2 else "-",
+        )
         ax.fill_between(steps, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("dev CER, % (CTC greedy)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -112,7 +113,10 @@ def score_teacher(
     Raises:
         BuildError: a bad option, manifest or model, in words that name it.
     """
+    from tqdm import tqdm
+
     from kdcache.data.manifest import load_manifest
+    from kdcache.teachers.base import run_rows
     from kdcache.threads import scoped_threads
 
     t0 = time.monotonic()
@@ -122,46 +126,34 @@ def score_teacher(
         raise BuildError(f"--data {data!r}: no such manifest") from None
     dev = pick_device(device)
     with scoped_threads(build_threads(threads, dev)):
-        return _score(
-            teacher, model, data, utts, dev, mlm_mode, mask_stride, batch_tokens, skip_bad,
-            progress, loaded, t0,
-        )  # fmt: skip
-
-
-def _score(
-    teacher, model, data, utts, dev, mlm_mode, mask_stride, batch_tokens, skip_bad, progress,
-    loaded, t0,
-) -> ScoreSummary:  # fmt: skip
-    from tqdm import tqdm
-
-    from kdcache.teachers.base import run_rows
-
-    t = loaded or load_teacher(
-        teacher, model, k=1, mlm_mode=mlm_mode, device=dev, mask_stride=mask_stride
-    )
-    prepared, _ = prepare(utts, t.encode, skip_bad=skip_bad)
-    _check_unknown_tokens(prepared, getattr(t, "unk_id", None), model)
-    budget = batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]
-    order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i].token_ids), i))
-    nll = 0.0
-    scored = unscored = top1 = 0
-    bar = tqdm(
-        total=sum(len(p.token_ids) for p in prepared),
-        unit="pos",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"score {teacher}",
-        dynamic_ncols=True,
-    )
-    with bar:
-        for _, tg in run_rows(t, ((i, prepared[i].token_ids) for i in order), budget, labels=True):
-            lp, best = tg.topk_logprobs[:, 0].astype(np.float64), tg.tail_logmass
-            ok = ~np.isnan(lp)
-            unscored += int((~ok).sum())
-            scored += int(ok.sum())
-            nll -= float(lp[ok].sum())
-            top1 += int((lp[ok] >= best[ok].astype(np.float64) - 1e-6).sum())
-            bar.update(len(lp))
+        t = loaded or load_teacher(
+            teacher, model, k=1, mlm_mode=mlm_mode, device=dev, mask_stride=mask_stride
+        )
+        prepared, _ = prepare(utts, t.encode, skip_bad=skip_bad)
+        _check_unknown_tokens(prepared, getattr(t, "unk_id", None), model)
+        budget = batch_tokens or DEFAULT_BUDGET["cuda" if dev.startswith("cuda") else "cpu"]
+        order = sorted(range(len(prepared)), key=lambda i: (-len(prepared[i].token_ids), i))
+        nll = 0.0
+        scored = unscored = top1 = 0
+        bar = tqdm(
+            total=sum(len(p.token_ids) for p in prepared),
+            unit="pos",
+            unit_scale=True,
+            disable=not progress,
+            desc=f"score {teacher}",
+            dynamic_ncols=True,
+        )
+        with bar:
+            for _, tg in run_rows(
+                t, ((i, prepared[i].token_ids) for i in order), budget, labels=True
+            ):
+                lp, best = tg.topk_logprobs[:, 0].astype(np.float64), tg.tail_logmass
+                ok = ~np.isnan(lp)
+                unscored += int((~ok).sum())
+                scored += int(ok.sum())
+                nll -= float(lp[ok].sum())
+                top1 += int((lp[ok] >= best[ok].astype(np.float64) - 1e-6).sum())
+                bar.update(len(lp))
     is_bert = teacher == "bert"
     return ScoreSummary(
         teacher=teacher,
@@ -188,11 +180,8 @@ def _units(t) -> str:
 
 
 def write_json(summary: ScoreSummary, path: str) -> None:
-    """The summary as JSON (atomic: a temporary file renamed over ``path``)."""
-    import os
+    """The summary as JSON, written atomically."""
+    from kdcache.cache_format.storage import atomic_write
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary.to_dict(), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(summary.to_dict(), indent=1) + "\n"
+    atomic_write(os.path.abspath(path), text.encode(), fsync=False)

@@ -299,3 +299,37 @@ def test_bert_cache_feeds_the_cpu_recipe(tmp_path, recipe):
     assert res.step == 3 and all(np.isfinite(res.losses))
     used = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert used["recipe"] == recipe and used["model"]["subsampling_channels"] == 32  # the CPU file
+
+
+@pytest.mark.parametrize("arch", ["bert", "lstm"])
+def test_a_failed_save_leaves_no_model_directory(tmp_path, monkeypatch, arch):
+    """The model directory appears whole or not at all: a save that dies half-way (here the
+    tokenizer files fail after the weights were written) leaves neither --out nor a temporary
+    sibling, so a re-run is not refused as "already exists"; a good save leaves only --out."""
+    from kdcache.teachers import lstm_lm, transformer_lm
+
+    tok = Tokenizer.build_char(TEXTS)
+    tok.save(tmp_path / "tok")
+    out = tmp_path / "lm"
+
+    def train():
+        if arch == "bert":
+            return train_transformer_lm(TEXTS, str(tmp_path / "tok"), str(out), arch="bert",
+                                        progress=False, **{**TINY, "epochs": 1})  # fmt: skip
+        return lstm_lm.train_lm(TEXTS, str(tmp_path / "tok"), str(out), epochs=1, hidden=16,
+                                layers=1, progress=False)  # fmt: skip
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    if arch == "bert":
+        monkeypatch.setattr(transformer_lm, "save_hf_tokenizer", boom)
+    else:
+        monkeypatch.setattr(Tokenizer, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+    monkeypatch.undo()
+    train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "tok"]
+    assert (out / (METRICS_FILE if arch == "bert" else "lstm_lm.json")).exists()

@@ -28,6 +28,7 @@ __all__ = [
     "fsync_tree",
     "is_url",
     "open_storage",
+    "staged_dir",
 ]
 
 
@@ -74,6 +75,34 @@ def atomic_write(path: str, data: bytes, *, fsync: bool = True) -> None:
     os.replace(tmp, path)
     if fsync:
         fsync_dir(d)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[str]:
+    """Build a local output directory where a killed process leaves nothing half-written: yield a
+    temporary sibling (``.NAME.tmp-<pid>``) to fill, then fsync it and move it to ``out`` (an
+    existing ``out`` is replaced: the caller has checked ``--overwrite``). On an exception the
+    temporary directory is removed and ``out`` is left as it was."""
+    out = os.path.abspath(os.fspath(out))
+    parent, name = os.path.split(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(out):
+        old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old) if os.path.isdir(old) and not os.path.islink(old) else os.remove(old)
 
 
 class FsyncTree:

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from kdcache.cache_format.storage import staged_dir
 from kdcache.teachers.base import Row
 from kdcache.teachers.causal_lm import causal_rows
 from kdcache.teachers.loading import hash_files
@@ -370,17 +371,18 @@ def train_lm(
         seen_tokens=seen,
         minutes=(time.monotonic() - start) / 60,
     )
-    out.mkdir(parents=True, exist_ok=True)
     if best_state is None:  # validation never gave a finite perplexity: keep the last weights
         best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     best_state.pop("out.weight", None)  # tied to embed.weight
-    save_file(best_state, str(out / WEIGHTS_FILE))
-    tok.save(str(out / TOKENIZER_DIR))
     meta = {
         "config": asdict(cfg),
         "training": asdict(result),
         "tokenizer_id": tok.name,
         "texts": len(texts),
     }
-    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+    with staged_dir(out) as tmp:  # a killed save leaves no half-written model directory
+        tmp = Path(tmp)
+        save_file(best_state, str(tmp / WEIGHTS_FILE))
+        tok.save(str(tmp / TOKENIZER_DIR))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
     return result

@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kdcache.cache_format.storage import staged_dir
+
 ARCHES = ("bert", "gpt")
 INITS = ("minilm",)
 METRICS_FILE = "train_lm.json"
@@ -730,7 +732,11 @@ def _cpu_state(model) -> dict:
 
 def _save(model, tok, ids, out: Path, max_len, result, meta) -> None:
     """The HF model directory: weights, kdcache tokenizer, HF tokenizer files, train_lm.json."""
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as tmp:  # a killed save leaves no half-written model directory
+        _save_into(model, tok, ids, Path(tmp), max_len, result, meta)
+
+
+def _save_into(model, tok, ids, out: Path, max_len, result, meta) -> None:
     for p in model.parameters():  # saved weights do not carry the frozen state
         p.requires_grad_(True)
     from transformers.utils import logging as hf_logging

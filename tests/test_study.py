@@ -16,6 +16,7 @@ from kdcache.student.study import (
     load_plan,
     paired_differences,
     run_study,
+    seed_t_ci,
 )
 
 
@@ -29,6 +30,21 @@ def test_paired_differences_are_per_seed():
         and d[2] == pytest.approx(0.01)
         and d[3] == pytest.approx(-0.05)
     )
+
+
+def test_seed_t_interval_by_hand():
+    """Diffs 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.303, half-width 4.303 / sqrt(3) = 2.484; a
+    constant difference has a zero-width interval; one seed gives none."""
+    m, lo, hi = seed_t_ci([0.01, 0.02, 0.03])
+    assert m == pytest.approx(0.02)
+    assert (lo, hi) == (
+        pytest.approx(0.02 - 0.02484, abs=1e-5),
+        pytest.approx(0.02 + 0.02484, abs=1e-5),
+    )
+    assert seed_t_ci([-0.05, -0.05, -0.05, -0.05]) == pytest.approx((-0.05, -0.05, -0.05))
+    m, lo, hi = seed_t_ci([0.0, 1.0])  # t(0.975, 1) = 12.706, sd 0.7071: half-width 6.353
+    assert (lo, hi) == (pytest.approx(0.5 - 6.353, abs=1e-3), pytest.approx(0.5 + 6.353, abs=1e-3))
+    assert seed_t_ci([0.1]) is None
 
 
 def test_bootstrap_of_a_constant_improvement_is_that_constant():
@@ -190,6 +206,7 @@ arms:
     assert lo <= obs <= hi
     mean_paired = np.mean(list(st["paired_test_wer"].values()))
     assert obs == pytest.approx(mean_paired, abs=1e-9)  # equal utterance sets: pooled = mean
+    assert st["seed_t_test_wer"] == pytest.approx(seed_t_ci(st["paired_test_wer"].values()))
     assert json.loads((out / "study.json").read_text())["stats"]["lst"]["seeds"] == [1, 2]
     assert "| lst | 2 |" in (out / "study.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000

@@ -397,7 +397,14 @@ def utts_from(d: dict, k: int, hidden: bool):
 
 
 def write_kdcache(
-    path: str, d: dict, k: int, keepbits: int, chunk: int, hidden: bool, **layout
+    path: str,
+    d: dict,
+    k: int,
+    keepbits: int,
+    chunk: int,
+    hidden: bool,
+    encode_threads: int | None = None,
+    **layout,
 ) -> float:
     from kdcache.cache_format import CacheWriter, TeacherRecord
 
@@ -416,9 +423,10 @@ def write_kdcache(
         hidden_dims={"0": d["hidden"].shape[1]} if hidden else {},
         **layout,
     )
+    utts = list(utts_from(d, k, hidden))
     t0 = time.perf_counter()
-    with CacheWriter(path, rec, fsync=False, check_mass=True) as w:
-        for u in utts_from(d, k, hidden):
+    with CacheWriter(path, rec, fsync=False, check_mass=True, encode_threads=encode_threads) as w:
+        for u in utts:
             w.add(u)
     return time.perf_counter() - t0
 
@@ -524,6 +532,105 @@ def random_access(path: str, plain: str, n: int, seed: int = 0) -> tuple[float, 
     return 1000 * float(np.median(t)), 1000 * float(np.median(tp))
 
 
+def io_table(d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int, pools) -> None:
+    """Issue 13 items 3 and 5: writer positions/s per encode-pool size and streaming
+    positions/s (prefetch 0, one thread reading), each next to plain zarr in the same round;
+    rounds interleave the variants and each row is the best of ``repeat`` rounds. Also the
+    profile split: validation alone, chunk decoding alone, and the stream through zarr's own
+    decoding (the path before 2026-12-05) next to the direct one."""
+    from kdcache.cache_format import CacheWriter, TeacherRecord, open_cache
+
+    N = len(d["ids"])
+    kdc, plain = os.path.join(work, "io.kdc"), os.path.join(work, "io_plain.zarr")
+    wall: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for _ in range(max(1, repeat)):
+        for name in ["plain"] + [f"pool={n}" for n in pools]:
+            for p in (kdc, plain):
+                shutil.rmtree(p, ignore_errors=True)
+            c0 = time.process_time()
+            if name == "plain":
+                t = write_plain(plain, d, k, chunk, hidden=False)
+            else:
+                n = int(name.split("=")[1])
+                t = write_kdcache(kdc, d, k, keepbits, chunk, hidden=False, encode_threads=n)
+            wall.setdefault(name, []).append(t)
+            cpu.setdefault(name, []).append(time.process_time() - c0)
+    # Validation alone (what add() does before buffering), one utterance at a time.
+    rec = TeacherRecord(
+        name="lm", kind="causal_lm", model_id="-", model_hash="-", tokenizer_id="",
+        tokenizer_hash="-", vocab_size=int(d["vocab_size"]), k=k, logprob_keepbits=keepbits,
+        chunk_positions=chunk,
+    )  # fmt: skip
+    utts = list(utts_from(d, k, False))
+    w = CacheWriter(os.path.join(work, "validate.kdc"), rec, fsync=False)
+    c0 = time.process_time()
+    for u in utts:
+        w._validate(u)
+    t_val = time.process_time() - c0
+    w.abort()
+    tp = min(wall["plain"])
+    print(
+        f"\nwriter, {N} positions, top-{k} + tail, keepbits {keepbits}, chunk {chunk} "
+        f"(best of {max(1, repeat)} interleaved rounds; ratio = plain time / this time):"
+    )
+    print(f"  {'':22s} {'positions/s':>12s} {'plain zarr':>12s} {'ratio':>7s} {'pos/CPU-s':>11s}")
+    for name in [f"pool={n}" for n in pools]:
+        t = min(wall[name])
+        print(
+            f"  {'write ' + name:22s} {N / t:12,.0f} {N / tp:12,.0f} {tp / t:7.3f} "
+            f"{N / min(cpu[name]):11,.0f}"
+        )
+    print(
+        f"  {'validate only (CPU)':22s} {N / t_val:12,.0f} {'':12s} {'':7s} {N / t_val:11,.0f}"
+        f"   ({1e6 * t_val / len(utts):.1f} us per utterance of {N / len(utts):.1f} positions)"
+    )
+
+    # Streaming: the cache written last (pool = pools[-1]); plain from a fresh write.
+    write_plain(plain, d, k, chunk, hidden=False)
+
+    def stream_zarr_path():
+        from kdcache.cache_format.reader import _TeacherData
+
+        orig = _TeacherData._plan
+        _TeacherData._plan = lambda self, *a: None  # zarr's getitem, as before 2026-12-05
+        try:
+            return stream_kdcache(kdc, False, 0)
+        finally:
+            _TeacherData._plan = orig
+
+    def decode_only():
+        t0 = time.perf_counter()
+        cache = open_cache(kdc, lru_bytes=0)
+        data = cache._data["lm"]
+        names = data.names(False)
+        for si in cache.shards["lm"]:
+            for c in range(-(-si.positions // chunk)):
+                data.chunks(si.name, names, c)
+        return N, time.perf_counter() - t0
+
+    runs = {"plain": lambda: stream_plain(plain, False), "kdcache": lambda: stream_kdcache(kdc, False, 0),
+            "kdcache, zarr decode": stream_zarr_path, "decode only": decode_only}  # fmt: skip
+    st: dict[str, list[float]] = {}
+    sc: dict[str, list[float]] = {}
+    for _ in range(max(1, repeat)):
+        for name, fn in runs.items():
+            c0 = time.process_time()
+            st.setdefault(name, []).append(fn()[1])
+            sc.setdefault(name, []).append(time.process_time() - c0)
+    tp = min(st["plain"])
+    print(
+        f"\nstream, prefetch=0, one thread, best of {max(1, repeat)} interleaved rounds "
+        "(pos/CPU-s: positions per CPU-second of the process, all its threads):"
+    )
+    print(f"  {'':22s} {'positions/s':>12s} {'plain zarr':>12s} {'ratio':>7s} {'pos/CPU-s':>11s}")
+    for name in ("plain", "kdcache", "kdcache, zarr decode", "decode only"):
+        t = min(st[name])
+        print(
+            f"  {name:22s} {N / t:12,.0f} {N / tp:12,.0f} {tp / t:7.3f} {N / min(sc[name]):11,.0f}"
+        )
+
+
 def best(fn, repeat: int) -> float:
     """Fastest of ``repeat`` runs (the machine is shared: the minimum is the least disturbed)."""
     times = []
@@ -574,6 +681,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs for read timings")
     ap.add_argument("--workdir", default=None)
     ap.add_argument(
+        "--io",
+        action="store_true",
+        help="only writer (per encode-pool size) and stream speed vs plain zarr, with the "
+        "profile split (issue 13 items 3 and 5)",
+    )
+    ap.add_argument(
+        "--pools", default="1,2,4", help="encode_threads values for --io (comma-separated)"
+    )
+    ap.add_argument(
         "--layouts",
         action="store_true",
         help="only the top-k layout comparison (bytes per stream, KL, speed ratios)",
@@ -593,6 +709,14 @@ def main() -> None:
     print(
         f"k={k}, vocab={V}, chunk={args.chunk} positions, dense float16 over the vocab = {2 * V} B/position\n"
     )
+
+    if args.io:
+        work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")
+        pools = [int(x) for x in args.pools.split(",")]
+        io_table(tile(data, args.positions), k, keepbits, args.chunk, work, args.repeat, pools)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     if args.layouts:
         work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")

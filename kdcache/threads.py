@@ -69,6 +69,22 @@ def auto_build_threads(device: str) -> int:
     return max(1, per_rank - 1)
 
 
+def auto_encode_threads() -> int:
+    """Chunks a CacheWriter encodes and writes at once when ``encode_threads`` is not given.
+
+    ``KDCACHE_ENCODE_THREADS`` (an integer >= 1) wins. Otherwise the CPUs this process may use,
+    shared among torchrun's local ranks, capped at 4, at least 2: one chunk compresses while the
+    next is validated even on one core (compression releases the GIL, and a chunk write also
+    waits on the disk), and a second chunk in flight lets two cores compress at once. Measured
+    in docs/performance/cache_io.md ("2026-12-05"): 2 and 4 within noise of each other on
+    2 loaded cores, both ahead of 1.
+    """
+    env = os.environ.get("KDCACHE_ENCODE_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return min(4, max(2, usable_cpus() // local_ranks()))
+
+
 @contextmanager
 def scoped_threads(torch_threads: int, blosc_threads: int = 1) -> Iterator[None]:
     """Run a block with ``torch_threads`` intra-op threads (torch.set_num_threads: OpenMP and

@@ -98,6 +98,95 @@ class _LRU:
                 self.bytes -= v.nbytes
 
 
+class _ChunkPlan:
+    """What _read_chunk_sync needs to know about one array: where its chunks are, and its
+    codecs (bytes little-endian -> blosc or zstd -> crc32c, the only chains the format writes)."""
+
+    __slots__ = ("rel", "meta", "dtype", "chunk_shape", "shape", "decode", "blosc")
+
+    def __init__(self, rel, meta, dtype, chunk_shape, shape, decode, blosc):
+        self.rel, self.meta, self.dtype = rel, meta, dtype
+        self.chunk_shape, self.shape, self.decode, self.blosc = chunk_shape, shape, decode, blosc
+
+
+def _chunk_plan(a, rel: str) -> _ChunkPlan | None:
+    """A _ChunkPlan for zarr array ``a`` at ``rel``, or None unless its codecs are exactly
+    bytes(little) + (blosc | zstd) + crc32c with a regular chunk grid (then zarr reads it)."""
+    try:
+        import numcodecs
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+        meta = a.metadata
+        codecs = list(meta.codecs)
+        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
+            return None
+        if not isinstance(codecs[2], Crc32cCodec):
+            return None
+        dtype = np.dtype(a.dtype)
+        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        if isinstance(codecs[1], BloscCodec):
+            decode, blosc = numcodecs.Blosc().decode, True
+        elif isinstance(codecs[1], ZstdCodec):
+            decode, blosc = numcodecs.Zstd().decode, False
+        else:
+            return None
+        chunk_shape = tuple(int(x) for x in a.chunks)
+        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
+            return None
+        return _ChunkPlan(
+            rel, meta, dtype.newbyteorder("<"), chunk_shape, tuple(a.shape), decode, blosc
+        )
+    except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+        return None
+
+
+def _read_chunk_sync(storage, plan: _ChunkPlan, c: int) -> tuple[Any, bool]:
+    """Chunk c of an array read and decoded on the calling thread, as zarr would: the bytes
+    of the chunk file, the crc32c of all but its last 4 bytes checked against them, then blosc
+    or zstd, then the little-endian values of one whole chunk, cut to the array's length.
+
+    Returns (array, True); (None, False) when the chunk file is missing; (exception, True)
+    when it is damaged (the caller words both, like zarr's errors).
+    """
+    import google_crc32c
+
+    rows = plan.chunk_shape[0]
+    key = plan.meta.encode_chunk_key((c,) + (0,) * (len(plan.chunk_shape) - 1))
+    try:
+        data = storage.read_bytes(f"{plan.rel}/{key}")
+    except FileNotFoundError:
+        return None, False
+    except OSError as e:
+        return e, True
+    try:
+        if len(data) < 4:
+            raise ValueError(f"chunk file of {len(data)} bytes has no checksum")
+        inner = np.frombuffer(data, np.uint8)[:-4]
+        if google_crc32c.value(inner) != int.from_bytes(data[-4:], "little"):
+            raise ValueError("Stored and computed checksum do not match")
+        want = plan.dtype.itemsize * int(np.prod(plan.chunk_shape))
+        if plan.blosc:
+            # Blosc1 header (16 bytes): the decoded size is the uint32 at bytes 4..8; checked
+            # before decoding (blosc itself refuses an output buffer that is too small).
+            got = int.from_bytes(data[4:8], "little") if len(inner) >= 16 else -1
+            if got != want:
+                raise ValueError(f"blosc header claims {got} bytes, expected {want}")
+            # Decoded straight into a fresh (writable) array: no copy of the chunk.
+            x = plan.decode(inner, out=np.empty(plan.chunk_shape, plan.dtype))
+        else:
+            raw = plan.decode(inner)
+            if len(raw) != want:
+                raise ValueError(f"decodes to {len(raw)} bytes, expected {want}")
+            x = np.frombuffer(raw, dtype=plan.dtype).reshape(plan.chunk_shape)
+        n = max(0, min(rows, plan.shape[0] - c * rows))
+        x = x[:n]
+        return (x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))), True
+    except Exception as e:  # noqa: BLE001 - handed to the caller, which names the chunk
+        return e, True
+
+
 class _TeacherData:
     """Arrays of one teacher: opens shard arrays lazily, decodes whole chunks through an LRU."""
 
@@ -111,6 +200,7 @@ class _TeacherData:
         self.lock = threading.Lock()
         self.markers: dict[str, CommitMarker] = {}  # shard -> its validated commit marker
         self.codebooks: dict[tuple[str, str], np.ndarray] = {}  # (shard, layer) -> pq codebooks
+        self.plans: dict[tuple[str, str], _ChunkPlan | None] = {}  # (shard, array) -> _plan
 
     def _open(self, path: str):
         """The Zarr array at ``path`` in the cache, and its full name for messages."""
@@ -207,8 +297,19 @@ class _TeacherData:
                 return_exceptions=True,
             )
 
-        results = sync(read_all())
-        raws, present = results[: len(todo)], results[len(todo) :]
+        plans = [self._plan(shard, n, a) for n, a in zip(todo, arrays, strict=True)]
+        if all(p is not None for p in plans):
+            # Local cache in the format's own codecs: read and decode on this thread (no trip to
+            # zarr's event loop and its executor threads, each a wait for a core when the machine
+            # is busy; the same numcodecs decoders and crc32c check as zarr's).
+            raws, present = [], []
+            for plan in plans:
+                raw, ok = _read_chunk_sync(self.cache._storage, plan, c)
+                raws.append(raw)
+                present.append(ok)
+        else:
+            results = sync(read_all())
+            raws, present = results[: len(todo)], results[len(todo) :]
         decoded: dict[str, np.ndarray] = {}
         for name, raw, ok in zip(todo, raws, present, strict=True):
             path = self.cache._storage.full(f"{base}/{name}")
@@ -249,6 +350,19 @@ class _TeacherData:
                 self.lru.put((shard, name, c), v)
                 out[name] = v
         return out
+
+    def _plan(self, shard: str, name: str, a) -> _ChunkPlan | None:
+        """How to read chunks of array ``a`` without zarr (see _read_chunk_sync), or None when
+        the store is not local or the array's codecs are not exactly the format's."""
+        key = (shard, name)
+        if key in self.plans:
+            return self.plans[key]
+        plan = None
+        if self.cache._storage.local:
+            plan = _chunk_plan(a, f"{spec.shard_path(self.record.name, shard)}/{name}")
+        with self.lock:
+            self.plans[key] = plan
+        return plan
 
     def block(
         self, shard: str, names: Sequence[str], start: int, stop: int
@@ -615,6 +729,11 @@ class KDCache:
             view = {}
             if si.positions > c * C:
                 view = {n: (c * C, x) for n, x in data.chunks(si.name, names, c).items()}
+            if len(teachers) == 1 and view and rec.k > 0:
+                # One teacher (the usual training stream): utterances are views of the decoded
+                # chunk, built with the row bounds worked out for the whole group at once.
+                yield self._fast_batch(data, si, rows, view, c * C, hidden)
+                continue
             batch = []
             for r in rows:
                 u = si.utt_ids[r]
@@ -629,6 +748,64 @@ class KDCache:
                 if ok:
                     batch.append(item)
             yield batch
+
+    def _fast_batch(self, data, si, rows, view, base, hidden) -> list[dict[str, UttTargets]]:
+        """{teacher: UttTargets} of ``rows`` of one shard (one teacher, k > 0), sliced from
+        ``view`` (array name -> (base, decoded chunk)); an utterance running past the decoded
+        chunk comes from data.utt (which reads the next chunk through the LRU). Same values as
+        data.utt, without its per-utterance checks and dictionary lookups."""
+        rec = data.record
+        lead = rec.name
+        ids_c = view[spec.TOPK_IDS][1]
+        lp_c = view[spec.TOPK_LOGPROBS][1]
+        tail_c = view[spec.TAIL_LOGMASS][1]
+        n_view = min(len(ids_c), len(lp_c), len(tail_c))
+        layers = []
+        if hidden:
+            for layer in rec.hidden_layers:
+                x = view[f"{spec.HIDDEN_DIR}/{layer}"][1]
+                sc = (
+                    view[f"{spec.HIDDEN_SCALE_DIR}/{layer}"][1]
+                    if rec.hidden_codec == "int8"
+                    else None
+                )
+                n_view = min(n_view, len(x), len(sc) if sc is not None else len(x))
+                layers.append((layer, x, sc))
+        if isinstance(rows, range):
+            r_idx = np.arange(rows.start, rows.stop)
+        else:
+            r_idx = np.asarray(rows, dtype=np.int64)
+        starts = (si.offsets[r_idx] - base).tolist()
+        ends = (si.offsets[r_idx] + si.lengths[r_idx] - base).tolist()
+        utt_ids, texts, hashes = si.utt_ids, si.text, si.input_hash
+        tokens = si.token_valid[r_idx].any()
+        batch = []
+        for j, r in enumerate(r_idx.tolist()):
+            a, b = starts[j], ends[j]
+            if b > n_view:
+                batch.append({lead: data.utt(si, r, hidden, view)})
+                continue
+            hid = {}
+            for layer, x, sc in layers:
+                if sc is None:
+                    hid[layer] = x[a:b]
+                else:
+                    hid[layer] = x[a:b].astype(np.float32) * sc[a:b, None]
+            batch.append(
+                {
+                    lead: UttTargets(
+                        utt_ids[r],
+                        ids_c[a:b],
+                        lp_c[a:b],
+                        tail_c[a:b],
+                        hid,
+                        si.token_ids(r) if tokens else None,
+                        texts[r],
+                        hashes[r],
+                    )
+                }
+            )
+        return batch
 
 
 def _prefetched(gen: Iterator, depth: int) -> Iterator:

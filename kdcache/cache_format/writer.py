@@ -14,13 +14,16 @@ call ``add`` from one thread.
 How it is fast (docs/performance/cache_io.md): ``add`` validates an utterance with a few
 whole-array numpy reductions and copies it (cast to the stored dtypes) into per-array chunk
 buffers; what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
-compressed and written on the writer's own I/O thread (all arrays in one trip to zarr's event
-loop) while ``add`` goes on with the next one; a commit fsyncs the shard's files on several
-threads. The bytes written are those of encoding each utterance alone.
+rounded, compressed and written on a small pool of encode threads (``encode_threads`` chunks in
+flight at most, each with all its arrays in one trip to zarr's event loop; numcodecs releases the
+GIL while it compresses) while ``add`` goes on with the next one; a commit fsyncs the shard's
+files on several threads. The bytes written are those of encoding each utterance alone, whatever
+the pool size: every chunk goes to its own key, and an array's shape only ever grows.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -118,6 +121,9 @@ class CacheWriter:
             committed shard instead (docs/format.md, "Product-quantised hidden states").
         pq_seed: Seed of the codebooks' k-means (sub-space m uses pq_seed + m).
         pq_iterations: k-means iterations per sub-space.
+        encode_threads: Chunks rounded, compressed and written concurrently (threads of the
+            writer's encode pool; each holds one chunk's buffers, so memory grows by one chunk
+            per thread). None: :func:`kdcache.threads.auto_encode_threads`.
     """
 
     def __init__(
@@ -134,8 +140,10 @@ class CacheWriter:
         pq_train_positions: int | None = None,
         pq_seed: int = 0,
         pq_iterations: int | None = None,
+        encode_threads: int | None = None,
     ):
         from kdcache.cache_format import pq as _pq
+        from kdcache.threads import auto_encode_threads
 
         if not isinstance(record, TeacherRecord):
             raise TypeError(f"record must be a TeacherRecord, got {type(record).__name__}")
@@ -155,9 +163,16 @@ class CacheWriter:
         self._committed: set[str] = set()
         self._session: set[str] = set()
         self._committed_shards: list[str] = []
-        self._pending = None  # Future of the chunk write in flight on the I/O thread
-        self._spare: dict[str, np.ndarray] | None = None  # second set of chunk buffers
-        self._pool = None  # that thread (made on the first non-final flush)
+        if encode_threads is None:
+            encode_threads = auto_encode_threads()
+        if int(encode_threads) < 1:
+            raise ValueError(f"encode_threads must be >= 1, got {encode_threads}")
+        self.encode_threads = int(encode_threads)
+        # Chunk writes in flight on the encode pool, oldest first: (Future, their buffers).
+        self._pending: collections.deque = collections.deque()
+        self._free: list[dict[str, np.ndarray]] = []  # chunk buffers no write holds any more
+        self._pool = None  # the encode pool (made on the first non-final flush)
+        self._grow_lock = None  # asyncio.Lock of the shape updates (made on zarr's event loop)
         # pq codec: layer -> float32 [M, 256, D/M] once trained or loaded; until then add()
         # keeps validated utterances in _pq_wait (positions counted in _pq_wait_n).
         self._pq = record.hidden_codec == "pq" and bool(record.hidden_layers)
@@ -693,7 +708,13 @@ class CacheWriter:
         return data
 
     def _write_chunk(self, a: int, b: int, data: dict[str, np.ndarray]) -> None:
-        """Encode and write positions [a, b) of every array (runs on the writer's I/O thread)."""
+        """Encode and write positions [a, b) of every array (runs on an encode-pool thread).
+
+        Several chunks may be written at once, in any order: each goes to its own chunk key, and
+        the arrays' shapes only grow (to the largest end written so far, under one lock), so no
+        write can shrink an array under another. A chunk here is whole unless it is the shard's
+        last, which is written after all the others have finished (_flush(final=True)).
+        """
         import asyncio
 
         from zarr.core.sync import sync
@@ -701,26 +722,51 @@ class CacheWriter:
         data = self._encode_chunk(data)
 
         async def write_all():
-            async def one(arr, x):
-                await arr.resize((b, *x.shape[1:]))
-                await arr.setitem(slice(a, b), x)
-
-            await asyncio.gather(*(one(self._arrays[n], data[n]) for n in self._names))
+            if self._grow_lock is None:
+                self._grow_lock = asyncio.Lock()  # (all of this runs on zarr's one event loop)
+            async with self._grow_lock:
+                grow = [
+                    self._arrays[n].resize((b, *data[n].shape[1:]))
+                    for n in self._names
+                    if self._arrays[n].shape[0] < b
+                ]
+                await asyncio.gather(*grow)
+            await asyncio.gather(
+                *(self._arrays[n].setitem(slice(a, b), data[n]) for n in self._names)
+            )
 
         # One trip to zarr's event loop for all arrays: their chunks compress concurrently.
         sync(write_all())
 
+    def _reap(self, keep: int) -> None:
+        """Wait for the oldest writes until at most ``keep`` are in flight, and collect those
+        already done; their buffers become free. Re-raises a write error here, before anything
+        else is written."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][0].done()):
+            fut, bufs = self._pending.popleft()
+            try:
+                fut.result()
+            finally:
+                self._free.append(bufs)
+
     def _wait_pending(self) -> None:
-        fut, self._pending = self._pending, None
-        if fut is not None:
-            fut.result()  # re-raises a write error here, before anything else is written
+        """Wait for every write in flight (the first error is re-raised after all finished)."""
+        err = None
+        while self._pending:
+            try:
+                self._reap(0)
+            except BaseException as e:  # noqa: BLE001 - re-raised once nothing is in flight
+                err = err or e
+        if err is not None:
+            raise err
 
     def _flush(self, final: bool) -> None:
         """Write whole chunks (and, when final, the last partial chunk) of the buffer.
 
-        A non-final flush hands the chunk to the writer's I/O thread and returns: the next chunk
-        is validated while this one compresses. One write is in flight at most; a final flush
-        (and _commit, abort) waits for it.
+        A non-final flush hands the chunk to the encode pool and returns: the next chunk is
+        validated while this one compresses. ``encode_threads`` writes are in flight at most (a
+        flush waits for the oldest when the pool is full); a final flush (and _commit, abort)
+        waits for all of them.
         """
         C = self.record.chunk_positions
         n = self._buf_n if final else (self._buf_n // C) * C
@@ -729,15 +775,21 @@ class CacheWriter:
                 self._wait_pending()
             return
         a, b = self._written, self._written + n
-        # The previous chunk's write is done after this: its buffers are free again.
-        self._wait_pending()
-        # Hand the filled buffers to the write and go on in the spare set (the buffers of the
-        # previous write), moving the leftover positions there: no copy of the chunk itself.
+        if final:
+            self._wait_pending()  # the last (partial) chunk lands after every whole one
+        else:
+            self._reap(self.encode_threads - 1)  # room for this chunk's write
+        # Hand the filled buffers to the write and go on in a free set (the buffers of a
+        # finished write), moving the leftover positions there: no copy of the chunk itself.
         rest = self._buf_n - n
         old = self._buf
         data = {name: x[:n] for name, x in old.items()}
-        spare, self._spare = self._spare, None
-        if spare is None or len(spare[self._names[0]]) < self._cap:
+        spare = None
+        while self._free and spare is None:
+            got = self._free.pop()
+            if len(got[self._names[0]]) >= self._cap and set(got) == set(self._names):
+                spare = got
+        if spare is None:
             spare = self._new_buffers(self._cap)
         if rest:
             for name, x in old.items():
@@ -746,16 +798,20 @@ class CacheWriter:
         self._written = b
         self._buf_n = rest
         if final:
-            self._write_chunk(a, b, data)
+            try:
+                self._write_chunk(a, b, data)
+            finally:
+                self._free.append(old)
         else:
-            self._pending = self._io().submit(self._write_chunk, a, b, data)
-        self._spare = old  # reused only after the next _wait_pending
+            self._pending.append((self._io().submit(self._write_chunk, a, b, data), old))
 
     def _io(self):
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-write")
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.encode_threads, thread_name_prefix="kdcache-encode"
+            )
         return self._pool
 
     def _shutdown_io(self) -> None:

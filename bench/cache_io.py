@@ -285,6 +285,7 @@ LAYOUTS = [
     ("rank", "weighted", 8),
     ("idsort", "weighted", 7),
     ("idsort", "weighted", 8),
+    ("rank", "sqrt", 7),  # keepbits unused: sqrt codes at spec.DEFAULT_SQRT_LEVELS, LZMA
 ]
 
 

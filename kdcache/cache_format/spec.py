@@ -84,6 +84,8 @@ TARGET_MODES = ("topk", "sampled")
 SAMPLED_RECORD_FIELDS = ("targets", "samples", "sample_seed")
 # Likewise written only for hidden_codec "pq".
 PQ_RECORD_FIELDS = ("pq_subspaces",)
+# Fields of logprob_rounding "sqrt" records only (written only then).
+SQRT_RECORD_FIELDS = ("logprob_levels",)
 UNITS = ("tokens", "frames")
 HIDDEN_CODECS = ("float16", "int8", "pq")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
@@ -379,7 +381,8 @@ class TeacherRecord:
             if d[key] == LEGACY_LAYOUT[key]:
                 del d[key]
         if self.logprob_rounding != "sqrt":  # likewise: logprob_levels only in sqrt records
-            del d["logprob_levels"]
+            for key in SQRT_RECORD_FIELDS:
+                del d[key]
         return d
 
     @property

@@ -285,6 +285,7 @@ LAYOUTS = [
     ("rank", "weighted", 8),
     ("idsort", "weighted", 7),
     ("idsort", "weighted", 8),
+    ("rank", "sqrt", 7),  # keepbits unused: sqrt codes at spec.DEFAULT_SQRT_LEVELS, LZMA
 ]
 
 
@@ -306,14 +307,16 @@ def stored_kl(d: dict, k: int, got_ids: np.ndarray, got_lp: np.ndarray, got_tail
     return float(kl.mean())
 
 
-def layout_table(d: dict, k: int, chunk: int, work: str, repeat: int) -> list[dict]:
+def layout_table(
+    d: dict, k: int, chunk: int, work: str, repeat: int, layouts=LAYOUTS
+) -> list[dict]:
     """Write the data once per layout with the real writer; bytes per stream on disk, KL of what
     the reader returns, and write / stream time relative to the first (legacy) layout."""
     from kdcache.cache_format import open_cache, spec, verify_cache
 
     n = len(d["ids"])
     rows = []
-    for layout, rounding, kb in LAYOUTS:
+    for layout, rounding, kb in layouts:
         path = os.path.join(work, f"layout_{layout}_{rounding}_{kb}.kdc")
         tw = []
         for _ in range(max(1, repeat)):
@@ -694,6 +697,12 @@ def main() -> None:
         action="store_true",
         help="only the top-k layout comparison (bytes per stream, KL, speed ratios)",
     )
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="with --layouts: these rows only, e.g. rank:fixed:7,rank:sqrt:7 (the first row is "
+        "the speed reference)",
+    )
     args = ap.parse_args()
 
     import pyarrow.parquet  # noqa: F401 - imported before any timing
@@ -720,7 +729,11 @@ def main() -> None:
 
     if args.layouts:
         work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")
-        print_layout_table(layout_table(data, k, args.chunk, work, args.repeat), len(data["ids"]))
+        rows = LAYOUTS
+        if args.only:
+            rows = [(a, b, int(c)) for a, b, c in (x.split(":") for x in args.only.split(","))]
+        table = layout_table(data, k, args.chunk, work, args.repeat, rows)
+        print_layout_table(table, len(data["ids"]))
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         return

@@ -21,7 +21,13 @@ from kdcache.cache_format import (
     verify_cache,
 )
 
-LAYOUTS = [(lay, rnd) for lay in spec.TOPK_LAYOUTS for rnd in spec.LOGPROB_ROUNDINGS]
+# "sqrt" codes are stored as deltas in rank order: rank layout only.
+LAYOUTS = [
+    (lay, rnd)
+    for lay in spec.TOPK_LAYOUTS
+    for rnd in spec.LOGPROB_ROUNDINGS
+    if not (lay == "idsort" and rnd == "sqrt")
+]
 
 
 def _by_id(ids, lp):
@@ -30,8 +36,15 @@ def _by_id(ids, lp):
 
 
 def _stored_lp(rec, lp):
-    """What the writer stores for rank-order float64 log-probs (clamp, float16, rounding)."""
-    return spec.round_logprobs(rec, np.minimum(lp, 0).astype(np.float16))
+    """What the reader returns for rank-order float64 log-probs the writer was given (clamp,
+    float16, rounding; "sqrt": the codes' log-probs)."""
+    r = spec.round_logprobs(rec, np.minimum(lp, 0).astype(np.float16))
+    return spec.sqrt_logprobs(r, rec.logprob_levels) if rec.logprob_rounding == "sqrt" else r
+
+
+def _stored_tail(rec, tail):
+    r = spec.round_tail(rec, np.minimum(tail, 0).astype(np.float32))
+    return spec.sqrt_logprobs(r, rec.logprob_levels) if rec.logprob_rounding == "sqrt" else r
 
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=lambda p: f"{p[0]}-{p[1]}")
@@ -62,9 +75,8 @@ def test_round_trip(layout_cache):
         wi, wl = _by_id(u.topk_ids, want.astype(np.float32))
         np.testing.assert_array_equal(gi, wi)
         np.testing.assert_array_equal(gl, wl)
-        tail = spec.round_tail(rec, np.minimum(u.tail_logmass, 0).astype(np.float32))
-        np.testing.assert_array_equal(got.tail_logmass, tail)
-        if rec.topk_layout == "rank" and rec.logprob_rounding == "fixed":
+        np.testing.assert_array_equal(got.tail_logmass, _stored_tail(rec, u.tail_logmass))
+        if rec.topk_layout == "rank" and rec.logprob_rounding in ("fixed", "sqrt"):
             np.testing.assert_array_equal(got.topk_ids, u.topk_ids)  # rank order as given
     assert verify_cache(path) == []
 
@@ -81,6 +93,8 @@ def test_idsort_stores_ascending_id_gaps(layout_cache):
     if rec.topk_layout == "idsort":
         assert (ids[:, 1:] >= 1).all()
         assert not (np.diff(lp.astype(np.float32), axis=1) <= 0).all()  # not rank order
+    elif rec.logprob_rounding == "sqrt":  # deltas of non-increasing codes
+        assert lp.dtype == np.uint16 and (spec.sqrt_undelta(lp) >= 0).all()
     else:
         assert (np.diff(lp.astype(np.float32), axis=1) <= 0).all()
 
@@ -193,3 +207,118 @@ def test_legacy_record_keys_and_old_caches(tmp_path):
     with pytest.raises(ValueError, match="sampled targets need topk_layout"):
         make_record("s", vocab_size=300, k=6, targets="sampled", samples=6,
                     topk_layout="idsort")  # fmt: skip
+
+
+def test_sqrt_codes_round_trip_and_kl():
+    """Codes >= 1 for every p > 0 (0 only for -inf), non-increasing along a rank-ordered row,
+    deltas undone exactly, and the KL of the grid near 2 (k + 1) / (12 L^2) for dense rows."""
+    rng = np.random.default_rng(0)
+    L = spec.DEFAULT_SQRT_LEVELS
+    p = rng.dirichlet(np.full(17, 0.3), size=4000)
+    p = np.maximum(p, 1e-30)
+    top = -np.sort(-p[:, :16], axis=1)
+    lp, tail = np.log(top), np.log(p[:, 16])
+    c = spec.sqrt_codes(lp, L)
+    assert c.dtype == np.uint16 and (c >= 1).all() and (c <= L).all()
+    assert (np.diff(c.astype(np.int64), axis=1) <= 0).all()
+    assert spec.sqrt_codes(np.array([-np.inf, 0.0, -1e4]), L).tolist() == [0, L, 1]
+    assert np.isneginf(spec.sqrt_logprobs(np.array([0]), L)).all()
+    rec = make_record("a", vocab_size=300, k=16, logprob_rounding="sqrt")
+    _, d = spec.encode_topk(rec, np.zeros((4000, 16), np.uint16), c)
+    np.testing.assert_array_equal(spec.sqrt_undelta(d), c)
+    q = np.exp(np.concatenate([spec.sqrt_logprobs(c, L), spec.sqrt_logprobs(
+        spec.sqrt_codes(tail, L), L)[:, None]], axis=1).astype(np.float64))  # fmt: skip
+    q /= q.sum(1, keepdims=True)
+    pp = np.concatenate([top, p[:, 16:]], axis=1)
+    kl = (pp * (np.log(pp) - np.log(q))).sum(1).mean()
+    assert 0 < kl < 2 * 17 / (12 * L**2) * 1.5
+    assert not validate_mass(rec, d, spec.sqrt_codes(tail, L))
+
+
+def validate_mass(rec, d, tail_codes):
+    from kdcache.cache_format.validate import mass_problems
+
+    return mass_problems(rec, d, tail_codes)
+
+
+def test_sqrt_record_fields():
+    """logprob_levels only in sqrt records (default DEFAULT_SQRT_LEVELS); sqrt needs rank."""
+    rec = make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt")
+    d = rec.to_dict()
+    assert d["logprob_rounding"] == "sqrt" and d["logprob_levels"] == spec.DEFAULT_SQRT_LEVELS
+    assert TeacherRecord.from_dict(d) == rec
+    assert "logprob_levels" not in make_record("b", vocab_size=300, k=6).to_dict()
+    with pytest.raises(ValueError, match="needs topk_layout 'rank'"):
+        make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt", topk_layout="idsort")
+    with pytest.raises(ValueError, match="logprob_levels needs"):
+        make_record("a", vocab_size=300, k=6, logprob_levels=100)
+    with pytest.raises(ValueError, match="logprob_levels must be"):
+        make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt", logprob_levels=70000)
+
+
+def test_independent_reader_decodes_sqrt_from_docs(tmp_path):
+    """docs/format.md "Top-k layouts", logprob_rounding "sqrt": plain zarr (+ numcodecs' LZMA,
+    which zarr-python decodes by itself) + numpy, no kdcache reader."""
+    import pyarrow.parquet as pq
+    import zarr
+
+    rec = make_record("a", vocab_size=3000, k=10, chunk_positions=16, logprob_rounding="sqrt",
+                      logprob_levels=300)  # fmt: skip
+    utts = make_utts(rec, 12, max_len=15, seed=3)
+    path = tmp_path / "c.kdc"
+    build_cache(path, [(rec, utts)], fsync=False)
+    root = zarr.open_group(str(path), mode="r")
+    record = root["teachers/a"].attrs["kdcache_teacher"]
+    assert record["logprob_rounding"] == "sqrt" and "topk_layout" not in record
+    L = record["logprob_levels"]
+    assert L == 300
+    shard = sorted(os.listdir(path / "commits" / "a"))[0][: -len(".json")]
+    meta = json.loads((path / f"teachers/a/shards/{shard}/topk_logprobs/zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["transpose", "bytes", "numcodecs.lzma", "crc32c"]
+    assert meta["data_type"] == "uint16"
+    rows = pq.read_table(path / "index" / "a" / f"{shard}.parquet").to_pylist()
+    g = root[f"teachers/a/shards/{shard}"]
+    for row, u in zip(rows, utts, strict=True):
+        sl = slice(row["offset"], row["offset"] + row["length"])
+        ids, d, t = g["topk_ids"][sl], g["topk_logprobs"][sl], g["tail_logmass"][sl]
+        c = np.concatenate([d[:, :1], d[:, :1] - np.cumsum(d[:, 1:], axis=1)], axis=1)
+        with np.errstate(divide="ignore"):
+            lp = 2 * np.log(c / L)
+            tail = 2 * np.log(t / L)
+        np.testing.assert_array_equal(ids, u.topk_ids)
+        np.testing.assert_allclose(lp, _stored_lp(rec, u.topk_logprobs), rtol=1e-6)
+        np.testing.assert_allclose(tail, _stored_tail(rec, u.tail_logmass), rtol=1e-6)
+        # sqrt(p) moves by at most half a step (plus the float16 cast); code 1 holds every
+        # p < (1.5 / L)^2
+        u0 = np.exp(np.minimum(u.topk_logprobs, 0) / 2)
+        err = np.abs(np.exp(lp / 2) - u0)
+        assert (err[c > 1] <= 0.5 / L + 1e-3 * u0[c > 1]).all()
+        assert (u0[c == 1] < 1.5 / L).all()
+
+
+def test_verify_catches_bad_sqrt_codes(tmp_path):
+    """Well-formed chunks (valid crc32c) whose codes leave 0..L, or whose mass is off."""
+    import zarr
+
+    rec = make_record("a", vocab_size=3000, k=8, chunk_positions=16, logprob_rounding="sqrt")
+    path = tmp_path / "c.kdc"
+    build_cache(path, [(rec, make_utts(rec, 12, max_len=15, seed=4))], fsync=False)
+    assert verify_cache(path) == []
+    rel, _ = _shard_array(path, "topk_logprobs")
+    a = zarr.open_array(str(path / rel), mode="r+")
+    x = a[:16]
+    x[2, 3] = x[2, 0] + 5  # the codes after column 3 go below 0
+    a[:16] = x
+    probs = verify_cache(path)
+    assert any("sqrt code outside" in p.what and p.where.startswith(rel) for p in probs), probs
+    with pytest.raises(CacheError, match="sqrt code outside"):
+        list(open_cache(path).stream())
+    path2 = tmp_path / "d.kdc"
+    build_cache(path2, [(rec, make_utts(rec, 12, max_len=15, seed=4))], fsync=False)
+    rel, _ = _shard_array(path2, "tail_logmass")
+    t = zarr.open_array(str(path2 / rel), mode="r+")
+    y = t[:16]
+    y[5] = rec.logprob_levels  # tail 1 on top of the top-k mass
+    t[:16] = y
+    probs = verify_cache(path2)
+    assert any("probability mass" in p.what for p in probs), probs

@@ -161,7 +161,7 @@ def test_schema_json_in_step_with_spec(two_teacher_cache):
     # the sampled-target fields are written only for sampled caches (absent = top-k)
     assert set(schema["teacher"]["required"]) == set(fields) - set(
         spec.SAMPLED_RECORD_FIELDS
-    ) - set(spec.PQ_RECORD_FIELDS) - set(spec.LAYOUT_RECORD_FIELDS)
+    ) - set(spec.PQ_RECORD_FIELDS) - set(spec.LAYOUT_RECORD_FIELDS) - set(spec.SQRT_RECORD_FIELDS)
     assert schema["teacher"]["properties"]["targets"]["enum"] == list(spec.TARGET_MODES)
     assert schema["teacher"]["properties"]["kind"]["enum"] == list(spec.TEACHER_KINDS)
     assert set(schema["commit"]["required"]) == set(spec.COMMIT_KEYS)

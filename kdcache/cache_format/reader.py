@@ -333,7 +333,7 @@ class _TeacherData:
             elif name == spec.TOPK_LOGPROBS and self.record.targets == "sampled":
                 v = spec.sampled_logprobs(raw, self.record.samples)  # exact log(count / N)
             elif name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
-                v = raw.astype(np.float32)
+                v = spec.decode_logprobs(self.record, name, raw)  # float32
             elif self.record.hidden_codec == "pq" and name.startswith(spec.HIDDEN_DIR + "/"):
                 from kdcache.cache_format.pq import decode
 

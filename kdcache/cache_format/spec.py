@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,8 @@ TARGET_MODES = ("topk", "sampled")
 SAMPLED_RECORD_FIELDS = ("targets", "samples", "sample_seed")
 # Likewise written only for hidden_codec "pq".
 PQ_RECORD_FIELDS = ("pq_subspaces",)
+# Fields of logprob_rounding "sqrt" records only (written only then).
+SQRT_RECORD_FIELDS = ("logprob_levels",)
 UNITS = ("tokens", "frames")
 HIDDEN_CODECS = ("float16", "int8", "pq")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
@@ -230,6 +233,12 @@ class TeacherRecord:
             draws the same tokens from the same logits.
         pq_subspaces: Sub-vectors M per hidden vector (pq codec only; written only then). Every
             stored layer's D must be divisible by M.
+        topk_layout: "rank" (default) or "idsort" (TOPK_LAYOUTS; docs/format.md).
+        logprob_rounding: "fixed" (default), "weighted" or "sqrt" (LOGPROB_ROUNDINGS): "sqrt"
+            stores integer codes ``round(sqrt(p) * logprob_levels)`` instead of float16
+            log-probs, with LZMA-compressed top-k arrays (rank layout only).
+        logprob_levels: Levels L of the "sqrt" grid (written only then; default
+            DEFAULT_SQRT_LEVELS).
     """
 
     name: str
@@ -255,6 +264,7 @@ class TeacherRecord:
     pq_subspaces: int = 0
     topk_layout: str | None = None
     logprob_rounding: str | None = None
+    logprob_levels: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.name, "teacher")
@@ -282,6 +292,20 @@ class TeacherRecord:
                 f"teacher {self.name!r}: sampled targets need topk_layout 'rank' and "
                 "logprob_rounding 'fixed' (their counts are recovered from fixed keepbits)"
             )
+        if self.logprob_rounding == "sqrt":
+            if self.topk_layout != "rank":
+                raise ValueError(
+                    f"teacher {self.name!r}: logprob_rounding 'sqrt' needs topk_layout 'rank' "
+                    "(its codes are stored as descending deltas in rank order)"
+                )
+            if self.logprob_levels == 0:
+                object.__setattr__(self, "logprob_levels", DEFAULT_SQRT_LEVELS)
+            if not 1 <= self.logprob_levels <= SQRT_MAX_LEVELS:
+                raise ValueError(
+                    f"teacher {self.name!r}: logprob_levels must be in 1..{SQRT_MAX_LEVELS}"
+                )
+        elif self.logprob_levels:
+            raise ValueError(f"teacher {self.name!r}: logprob_levels needs logprob_rounding 'sqrt'")
         if self.targets not in TARGET_MODES:
             raise ValueError(
                 f"teacher {self.name!r}: targets {self.targets!r} not in {TARGET_MODES}"
@@ -355,6 +379,9 @@ class TeacherRecord:
             del d["pq_subspaces"]
         for key in LAYOUT_RECORD_FIELDS:  # likewise: absent = the legacy layout
             if d[key] == LEGACY_LAYOUT[key]:
+                del d[key]
+        if self.logprob_rounding != "sqrt":  # likewise: logprob_levels only in sqrt records
+            for key in SQRT_RECORD_FIELDS:
                 del d[key]
         return d
 
@@ -430,7 +457,7 @@ def round_mantissa_f32(x: np.ndarray, keepbits: int) -> np.ndarray:
 # |x| in [1, 1.386). The result is a plain float of the same dtype: readers need no decoder.
 WEIGHTED_MIN_KEEPBITS = 2
 TWO_LN2 = 1.3862943611198906  # 2 ln 2, the |x| step per bit fewer
-LOGPROB_ROUNDINGS = ("fixed", "weighted")
+LOGPROB_ROUNDINGS = ("fixed", "weighted", "sqrt")
 _EXP_BITS = {np.dtype(np.float16): (10, 0x1F, 15), np.dtype(np.float32): (23, 0xFF, 127)}
 
 
@@ -463,10 +490,63 @@ def round_weighted(x: np.ndarray, keepbits: int, dtype: Any = np.float16) -> np.
     return np.where(finite & np.isfinite(rounded), rounded, x)
 
 
+# --------------------------------------------------------------------------------------------
+# Square-root codes (TeacherRecord.logprob_rounding == "sqrt", docs/format.md)
+#
+# KL(p || q) ~ sum_j (q_j - p_j)^2 / (2 p_j) = 2 sum_j (sqrt(q_j) - sqrt(p_j))^2: on the
+# sqrt(p) axis every error costs the same KL wherever it is, so a uniform grid there (step 1/L)
+# is the KL-optimal scalar quantiser (each of the k + 1 values adds ~ 2 (1/L)^2 / 12 of KL; the
+# measured mean on real SmolLM2 top-16 is ~9e-6 nats at L = 544). Code c = round(sqrt(p) L) in
+# 0..L, with c >= 1 for every p > 0 (a code 0 would make KL(p || q) infinite) and c = 0 only for
+# p = 0 (log-prob -inf). Decoded log-prob: 2 ln(c / L). Small codes are frequent, and the codes of
+# a rank-ordered row are non-increasing: stored as descending deltas, entropy-coded with LZMA.
+DEFAULT_SQRT_LEVELS = 544
+SQRT_MAX_LEVELS = 65535  # codes are uint16
+SQRT_CODE_DTYPE = np.dtype("uint16")
+
+
+def sqrt_codes(x: np.ndarray, levels: int) -> np.ndarray:
+    """Log-probs (any float dtype, <= 0) -> uint16 codes ``clip(rint(exp(x / 2) * L), 1, L)``,
+    0 for -inf."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(under="ignore"):
+        c = np.clip(np.rint(np.exp(x / 2) * levels), 1, levels)
+    return np.where(np.isneginf(x), 0, c).astype(SQRT_CODE_DTYPE)
+
+
+def sqrt_logprobs(c: np.ndarray, levels: int) -> np.ndarray:
+    """Codes -> float32 log-probs ``2 ln(c / L)`` (-inf for 0)."""
+    c = np.asarray(c, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return (2 * np.log(c / levels)).astype(np.float32)
+
+
+def sqrt_undelta(d: np.ndarray) -> np.ndarray:
+    """Stored topk_logprobs of the sqrt rounding [P, k] (d[:, 0] = c_0, d[:, j] = c_(j-1) - c_j)
+    -> the codes c [P, k] (int64; a negative code means damaged data)."""
+    c = np.empty(d.shape, dtype=np.int64)
+    if d.shape[1]:
+        c[:, 0] = d[:, 0]
+        c[:, 1:] = d[:, :1].astype(np.int64) - np.cumsum(d[:, 1:], axis=1, dtype=np.int64)
+    return c
+
+
+def decode_logprobs(record: TeacherRecord, name: str, raw: np.ndarray) -> np.ndarray:
+    """Stored topk_logprobs [P, k] or tail_logmass [P] (rank layout, not sampled) -> float32
+    log-probs as the reader returns them."""
+    if record.logprob_rounding != "sqrt":
+        return raw.astype(np.float32)
+    codes = sqrt_undelta(raw) if name == TOPK_LOGPROBS else raw
+    return sqrt_logprobs(codes, record.logprob_levels)
+
+
 def round_logprobs(record: TeacherRecord, lp: np.ndarray) -> np.ndarray:
     """Stored form of float16 top-k log-probs [P, k] under the record's rounding. Weighted
     rounding can swap two neighbours near a change of kb; a running minimum along k keeps
-    each row descending (a value moved up to its predecessor's stored value)."""
+    each row descending (a value moved up to its predecessor's stored value). "sqrt": the codes
+    in rank order (uint16, non-increasing along k; encode_topk stores their deltas)."""
+    if record.logprob_rounding == "sqrt":
+        return sqrt_codes(lp, record.logprob_levels)
     if record.logprob_rounding == "weighted":
         out = round_weighted(lp, record.logprob_keepbits)
         return np.minimum.accumulate(out, axis=1) if out.ndim == 2 and out.size else out
@@ -476,6 +556,8 @@ def round_logprobs(record: TeacherRecord, lp: np.ndarray) -> np.ndarray:
 def round_tail(record: TeacherRecord, tail: np.ndarray) -> np.ndarray:
     """Stored form of float32 tail log-masses [P] under the record's rounding (fixed:
     TAIL_KEEPBITS; weighted: the weighted rule with the record's keepbits, as a log-prob)."""
+    if record.logprob_rounding == "sqrt":
+        return sqrt_codes(tail, record.logprob_levels)
     if record.logprob_rounding == "weighted":
         return round_weighted(tail, record.logprob_keepbits, np.float32)
     return round_mantissa_f32(tail, TAIL_KEEPBITS)
@@ -503,7 +585,12 @@ def encode_topk(
     record: TeacherRecord, ids: np.ndarray, lp: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rank-order ids [P, k] (stored dtype) and stored (rounded) log-probs [P, k] -> the arrays
-    as stored under the record's layout."""
+    as stored under the record's layout ("sqrt" rounding: the codes' descending deltas)."""
+    if record.logprob_rounding == "sqrt" and lp.ndim == 2 and lp.shape[1]:
+        d = np.empty_like(lp)
+        d[:, :1] = lp[:, :1]
+        np.subtract(lp[:, :-1], lp[:, 1:], out=d[:, 1:])
+        return ids, d
     if record.topk_layout == "rank" or ids.shape[1] == 0:
         return ids, lp
     order = np.argsort(ids, axis=1, kind="stable")
@@ -629,7 +716,19 @@ def array_names(record: TeacherRecord) -> list[str]:
     return names
 
 
+def buffer_dtype(record: TeacherRecord, name: str) -> np.dtype:
+    """dtype of a writer's chunk buffer: the stored dtype, except the float16 log-probs and
+    float32 tail that "sqrt" rounding turns into codes per chunk."""
+    if record.logprob_rounding == "sqrt" and name == TOPK_LOGPROBS:
+        return TOPK_LOGPROB_DTYPE
+    if record.logprob_rounding == "sqrt" and name == TAIL_LOGMASS:
+        return TAIL_LOGMASS_DTYPE
+    return array_dtype(record, name)
+
+
 def array_dtype(record: TeacherRecord, name: str) -> np.dtype:
+    if name in (TOPK_LOGPROBS, TAIL_LOGMASS) and record.logprob_rounding == "sqrt":
+        return SQRT_CODE_DTYPE
     if name == TOPK_IDS:
         return record.id_dtype
     if name == TOPK_LOGPROBS:
@@ -673,18 +772,55 @@ def pq_codebook_shape(record: TeacherRecord, layer: int | str) -> tuple[int, int
 
 
 # Codecs. Only codecs from the Zarr v3 core spec (bytes, zstd, blosc, crc32c), so any v3 reader
-# decodes a cache. The choice per stream comes from bench/cache_io.py (docs/performance/cache_io.md).
+# decodes a cache -- except the top-k arrays of a "sqrt" teacher, which use numcodecs' LZMA
+# (zarr-python reads it: numcodecs is a zarr dependency). The choice per stream comes from
+# bench/cache_io.py (docs/performance/cache_io.md).
 ZSTD_LEVEL = 3
+# Raw LZMA2 stream, preset 9, with 2-byte alignment hints (lp=1, pb=1: the arrays are uint16):
+# 1.5% smaller than the .xz defaults on real ids; no container header, no check (crc32c follows).
+# A 4 MiB dictionary (preset 9's is 64 MiB) holds a whole chunk (16384 x 64 uint32 ids) and gives
+# the same bytes for chunks that fit, at ~40 MiB of encoder memory instead of ~670 MiB and ~40%
+# less encode CPU; presets 6..9 give identical bytes here, presets 1..3 5-12% more.
+LZMA_FILTERS = (  # 33 = lzma.FILTER_LZMA2
+    {"id": 33, "preset": 9, "dict_size": 1 << 22, "lc": 3, "lp": 1, "pb": 1},
+)
+LZMA_FORMAT_RAW = 3  # lzma.FORMAT_RAW
 
 
-def array_codecs(name: str) -> dict[str, Any]:
-    """Keyword arguments for ``zarr.create_array`` (serializer + compressors) of one array.
+# zarr warns whenever it builds a numcodecs codec (here: reading or writing a "sqrt" teacher's
+# top-k arrays); docs/format.md documents the one non-core codec, so the warning is noise.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+
+
+def lzma_codec():
+    """numcodecs' LZMA as a zarr v3 codec ("numcodecs.lzma"), configured as LZMA_FILTERS."""
+    try:
+        from zarr.codecs.numcodecs import LZMA
+    except ImportError:  # zarr < 3.1
+        from numcodecs.zarr3 import LZMA
+    return LZMA(format=LZMA_FORMAT_RAW, filters=[dict(f) for f in LZMA_FILTERS])
+
+
+def array_codecs(name: str, record: TeacherRecord | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``zarr.create_array`` (serializer + compressors [+ filters]) of one
+    array.
 
     Every array ends in a crc32c codec: a damaged chunk fails to decode instead of reading as
     wrong numbers.
     """
-    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+    if record is not None and record.logprob_rounding == "sqrt" and name in TOPK_STREAMS:
+        # Entropy coding (LZMA's range coder) instead of zstd/blosc: ids in rank order 24.2 ->
+        # 20.4 B/position on real SmolLM2 top-16. The code deltas are stored column-major
+        # (transpose codec, zarr core): one column's deltas have one distribution.
+        out: dict[str, Any] = {
+            "serializer": BytesCodec(endian="little"),
+            "compressors": [lzma_codec(), Crc32cCodec()],
+        }
+        if name == TOPK_LOGPROBS:
+            out["filters"] = [TransposeCodec(order=(1, 0))]
+        return out
     if name.startswith(PQ_CODEBOOK_DIR + "/"):
         # float32 centroids, one chunk per layer; like hidden states they barely compress.
         comp = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")

@@ -457,6 +457,15 @@ def chunk_problems(
             probs.append(f"ids not strictly ascending (idsort layout) at position {row}")
     elif name == spec.TOPK_IDS and x.size and int(x.max()) >= rec.vocab_size:
         probs.append(f"holds id {int(x.max())} >= vocab_size {rec.vocab_size}")
+    if rec.logprob_rounding == "sqrt" and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
+        # Codes (uint16): 0..L, and per row non-increasing along k (deltas >= 0 by their dtype;
+        # the last code must not go below 0).
+        L = rec.logprob_levels
+        c = spec.sqrt_undelta(x) if name == spec.TOPK_LOGPROBS and x.ndim == 2 else x
+        if c.size and (int(c.max()) > L or int(c.min()) < 0):
+            row = int(np.nonzero(((c > L) | (c < 0)).reshape(len(c), -1).any(axis=1))[0][0])
+            probs.append(f"sqrt code outside 0..{L} (logprob_levels) at position {row}")
+        return probs
     if nan and x.dtype.kind == "f" and np.isnan(x).any():
         probs.append("contains NaN")
     if nan and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS) and x.size:
@@ -535,6 +544,27 @@ def sampled_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> li
     return probs
 
 
+def sqrt_mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
+    """The mass rule for "sqrt" codes: p = (c / L)^2 per term, and rounding sqrt(p) to the
+    nearest of c / L (c >= 1 for p > 0) moves p by at most (1/L) sqrt(q) + 1/L^2 per term
+    (q the stored value): |p - q| = |u - v| (u + v) with |u - v| <= 1/(2L) for c >= 2, and
+    p < (1.5 / L)^2 when c = 1."""
+    s = 1.0 / rec.logprob_levels
+    u = np.concatenate([spec.sqrt_undelta(lp), tail.astype(np.int64)[:, None]], axis=1) * s
+    q = u * u
+    mass = q.sum(axis=1)
+    tol = MASS_TOLERANCE + (s * u + np.where(u > 0, s * s, 0.0)).sum(axis=1)
+    bad = np.nonzero(~(np.abs(mass - 1.0) <= tol))[0]
+    if not len(bad):
+        return []
+    i = int(bad[0])
+    return [
+        f"probability mass {mass[i]:.4f} at position {i} of the chunk (|mass - 1| must be <= "
+        f"{tol[i]:.4f}: {MASS_TOLERANCE} + sqrt codes at {rec.logprob_levels} levels); "
+        f"{len(bad)} position(s) in this chunk"
+    ]
+
+
 def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
     """The stored mass rule over one chunk of top-k log-probs [P, k] and tail log-masses [P]
     (for sampled targets, sampled_problems instead)."""
@@ -544,6 +574,8 @@ def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[
         return []
     if rec.targets == "sampled":
         return sampled_problems(rec, lp, tail)
+    if rec.logprob_rounding == "sqrt":
+        return sqrt_mass_problems(rec, lp, tail)
     lp64 = lp.astype(np.float64)
     t64 = tail.astype(np.float64)
     with np.errstate(under="ignore", over="ignore", invalid="ignore"):

@@ -587,7 +587,7 @@ class CacheWriter:
     def _new_buffers(self, cap: int) -> dict[str, np.ndarray]:
         rec = self.record
         return {
-            name: np.empty((cap, *spec.array_row_shape(rec, name)), spec.array_dtype(rec, name))
+            name: np.empty((cap, *spec.array_row_shape(rec, name)), spec.buffer_dtype(rec, name))
             for name in self._names
         }
 
@@ -651,7 +651,7 @@ class CacheWriter:
                             "position",
                             "k" if name in (spec.TOPK_IDS, spec.TOPK_LOGPROBS) else "feature",
                         ][: 1 + len(row)],
-                        **spec.array_codecs(name),
+                        **spec.array_codecs(name, rec),
                     )
                 )
             got = await asyncio.gather(*arrays)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from tiny_models import SENTENCES, write_manifest
@@ -60,6 +61,47 @@ def test_build_command_and_summary(tmp_path, tiny_bert):
     )
     assert r.exit_code == 0, r.output
     assert f"utterances {len(SENTENCES)} built" in r.output and "positions/s" in r.output
+
+
+@pytest.mark.parametrize("layout,rounding,tol", [("idsort", "fixed", 0.0), ("rank", "sqrt", 0.05)])
+def test_build_topk_layout_and_rounding_options(tmp_path, tiny_bert, layout, rounding, tol):
+    """--topk-layout / --logprob-rounding reach the teacher record, and the reader gives back
+    the default build's targets: the same ids in rank order, log-probs equal (idsort only
+    reorders the same stored values) or, as probabilities, within the sqrt grid's step (p
+    within ~1/544) plus keepbits 7's rounding of the default."""
+    from kdcache.cache_format import open_cache
+
+    m = write_manifest(tmp_path / "m.jsonl")
+    common = ["--teacher", "bert", "--model", str(tiny_bert), "--data", str(m), "--top-k", "4",
+              "--mlm-mode", "unmasked", "--no-progress", "--device", "cpu"]  # fmt: skip
+    r = run("build", *common, "--out", str(tmp_path / "default.kdc"))
+    assert r.exit_code == 0, r.output
+    r = run("build", *common, "--out", str(tmp_path / "opt.kdc"), "--topk-layout", layout,
+            "--logprob-rounding", rounding)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    ref, got = open_cache(str(tmp_path / "default.kdc")), open_cache(str(tmp_path / "opt.kdc"))
+    rec = got.teachers["bert"]
+    assert (rec.topk_layout, rec.logprob_rounding) == (layout, rounding)
+    for i in range(len(SENTENCES)):
+        a, b = ref.get(f"u{i:03d}", "bert"), got.get(f"u{i:03d}", "bert")
+        assert (np.diff(b.topk_logprobs, axis=1) <= 0).all()  # read back in rank order
+        for row in range(len(a.token_ids)):  # entries matched by id (ties may swap places)
+            pa, pb = (dict(zip(x.topk_ids[row].tolist(), x.topk_logprobs[row].tolist(),
+                               strict=True)) for x in (a, b))  # fmt: skip
+            assert set(pa) == set(pb)
+            assert max(abs(np.exp(pa[t]) - np.exp(pb[t])) for t in pa) <= tol
+
+
+def test_build_topk_options_refused_where_they_do_not_apply(tmp_path, tiny_bert):
+    m = write_manifest(tmp_path / "m.jsonl")
+    r = run("build", "--teacher", "bert", "--model", str(tiny_bert), "--data", str(m), "--out",
+            str(tmp_path / "c.kdc"), "--logprob-rounding", "sqrt", "--topk-layout", "idsort",
+            "--mlm-mode", "unmasked", "--no-progress", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 2 and "needs topk_layout 'rank'" in r.output, r.output
+    assert "Traceback" not in r.output
+    r = run("build", "--teacher", "ensemble", "--model", str(tmp_path), "--data", str(m),
+            "--out", str(tmp_path / "e.kdc"), "--topk-layout", "idsort", "--no-progress")  # fmt: skip
+    assert r.exit_code == 2 and "--topk-layout idsort is for --teacher bert" in r.output, r.output
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,8 @@ def test_choices_match_the_library():
 
     assert build.TEACHERS == tbuild.TEACHERS
     assert build.HIDDEN_CODECS == spec.HIDDEN_CODECS
+    assert build.TOPK_LAYOUTS == spec.TOPK_LAYOUTS
+    assert build.LOGPROB_ROUNDINGS == spec.LOGPROB_ROUNDINGS
     assert build.MLM_MODES == masked_lm.MLM_MODES
     assert build.LM_ARCHES == ("lstm", *transformer_lm.ARCHES)
     assert build.LM_INITS == transformer_lm.INITS

@@ -21,6 +21,8 @@ COMBINE = ("mean", "product")
 HIDDEN_CODECS = ("float16", "int8", "pq")
 MLM_MODES = ("masked", "unmasked")
 TARGETS = ("topk", "sampled")
+TOPK_LAYOUTS = ("rank", "idsort")
+LOGPROB_ROUNDINGS = ("fixed", "weighted", "sqrt")
 
 
 def _layers(spec: str) -> tuple[int, ...]:
@@ -109,6 +111,23 @@ def build(
         "--logprob-keepbits",
         metavar="BITS",
         help="Mantissa bits kept in the stored log-probs, 1..10 (10 = plain float16; default: 7).",
+    ),
+    topk_layout: str = typer.Option(
+        "rank",
+        "--topk-layout",
+        help="Order of a position's top-k entries on disk: rank (descending probability) or "
+        "idsort (ascending id, stored as gaps: ~2 B/position smaller on real LM targets, same "
+        "values). Token teachers; docs/format.md, 'Top-k layouts'.",
+        **one_of(TOPK_LAYOUTS),
+    ),
+    logprob_rounding: str = typer.Option(
+        "fixed",
+        "--logprob-rounding",
+        help="How log-probs are stored: fixed (float16, --logprob-keepbits mantissa bits), "
+        "weighted (fewer bits for unlikely entries) or sqrt (uint16 codes of sqrt(p) on a "
+        "544-level grid, LZMA-coded: ~20% smaller at KL ~1e-5; needs --topk-layout rank; "
+        "readers need numcodecs' LZMA). Token teachers; docs/format.md.",
+        **one_of(LOGPROB_ROUNDINGS),
     ),
     targets: str = typer.Option(
         "topk",
@@ -226,6 +245,12 @@ def build(
     # ValueError: bad option values, bad manifest lines, the writer's checks.
     if targets != "topk" and teacher in ("ensemble", "aligned_lm"):
         fail(f"--targets {targets} is for --teacher bert, causal_lm or lstm_lm, not {teacher}")
+    for opt, value, default in (
+        ("--topk-layout", topk_layout, "rank"),
+        ("--logprob-rounding", logprob_rounding, "fixed"),
+    ):
+        if value != default and teacher in ("ensemble", "aligned_lm"):
+            fail(f"{opt} {value} is for --teacher bert, causal_lm or lstm_lm, not {teacher}")
     if teacher == "ensemble":
         summary = _build_ensemble(
             model, data, out, name, top_k, temperature, hidden_layers, hidden_codec,
@@ -265,6 +290,8 @@ def build(
                 pq_train_positions=pq_train_positions,
                 pq_seed=pq_seed,
                 logprob_keepbits=logprob_keepbits,
+                topk_layout=topk_layout,
+                logprob_rounding=logprob_rounding,
                 targets=targets,
                 samples=samples,
                 sample_seed=sample_seed,

@@ -236,6 +236,8 @@ def teacher_record(
     samples: int = 0,
     sample_seed: int = 0,
     pq_subspaces: int = 0,
+    topk_layout: str | None = None,
+    logprob_rounding: str | None = None,
 ):
     """The TeacherRecord of a loaded teacher (format defaults where an argument is None);
     ``samples > 0``: sampled targets (t.k is then the width, min(samples, vocab_size));
@@ -245,6 +247,10 @@ def teacher_record(
     kw = {"chunk_positions": chunk_positions} if chunk_positions else {}
     if logprob_keepbits is not None:
         kw["logprob_keepbits"] = logprob_keepbits
+    if topk_layout is not None:
+        kw["topk_layout"] = topk_layout
+    if logprob_rounding is not None:
+        kw["logprob_rounding"] = logprob_rounding
     if samples:
         kw.update(targets="sampled", samples=samples, sample_seed=sample_seed)
     if hidden_codec == "pq" and t.hidden_layers:
@@ -328,6 +334,8 @@ def build_cache(
     pq_train_positions: int = 20000,
     pq_seed: int = 0,
     logprob_keepbits: int | None = None,
+    topk_layout: str | None = None,
+    logprob_rounding: str | None = None,
     targets: str = "topk",
     samples: int = 32,
     sample_seed: int = 0,
@@ -357,6 +365,8 @@ def build_cache(
         k: Top entries per position (0: hidden states only).
         logprob_keepbits: Mantissa bits kept in the stored float16 log-probs (10: all; default:
             the format's, spec.DEFAULT_LOGPROB_KEEPBITS).
+        topk_layout, logprob_rounding: How the top-k is stored (spec.TOPK_LAYOUTS,
+            spec.LOGPROB_ROUNDINGS; None: the format's defaults, rank and fixed).
         targets: ``topk`` (the k most likely ids + tail bin) or ``sampled`` (``samples`` draws
             per position from the teacher, stored as distinct ids with log(count / samples) in
             arrays of width min(samples, vocab_size); ``k`` is then unused unless 0, which
@@ -428,8 +438,9 @@ def build_cache(
     _check_unknown_tokens(prepared, unk, model)
     if hidden_codec == "pq":
         record = _pq_record(
-            t, name, logprob_keepbits, samples if sampled else 0, sample_seed, pq_subspaces
-        )
+            t, name, logprob_keepbits, samples if sampled else 0, sample_seed, pq_subspaces,
+            topk_layout, logprob_rounding,
+        )  # fmt: skip
     else:
         record = teacher_record(
             t,
@@ -438,6 +449,8 @@ def build_cache(
             logprob_keepbits=logprob_keepbits,
             samples=samples if sampled else 0,
             sample_seed=sample_seed,
+            topk_layout=topk_layout,
+            logprob_rounding=logprob_rounding,
         )
     wkw = {"shard_positions": shard_positions} if shard_positions else {}
     if hidden_codec == "pq":
@@ -628,7 +641,9 @@ def _check_pq_options(hidden_layers, pq_subspaces: int, pq_train_positions: int)
         ) from None
 
 
-def _pq_record(t, name, logprob_keepbits, samples, sample_seed, pq_subspaces):
+def _pq_record(
+    t, name, logprob_keepbits, samples, sample_seed, pq_subspaces, topk_layout, logprob_rounding
+):
     """teacher_record for --hidden-codec pq, refusing a hidden size M does not divide."""
     from kdcache.cache_format.pq import check_subspaces
 
@@ -644,6 +659,8 @@ def _pq_record(t, name, logprob_keepbits, samples, sample_seed, pq_subspaces):
         samples=samples,
         sample_seed=sample_seed,
         pq_subspaces=pq_subspaces,
+        topk_layout=topk_layout,
+        logprob_rounding=logprob_rounding,
     )
 
 

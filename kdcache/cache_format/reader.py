@@ -778,7 +778,6 @@ class KDCache:
         starts = (si.offsets[r_idx] - base).tolist()
         ends = (si.offsets[r_idx] + si.lengths[r_idx] - base).tolist()
         utt_ids, texts, hashes = si.utt_ids, si.text, si.input_hash
-        tokens = si.token_valid[r_idx].any()
         batch = []
         for j, r in enumerate(r_idx.tolist()):
             a, b = starts[j], ends[j]
@@ -799,7 +798,7 @@ class KDCache:
                         lp_c[a:b],
                         tail_c[a:b],
                         hid,
-                        si.token_ids(r) if tokens else None,
+                        si.token_ids(r),
                         texts[r],
                         hashes[r],
                     )

@@ -554,14 +554,19 @@ def sqrt_mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> 
     q = u * u
     mass = q.sum(axis=1)
     tol = MASS_TOLERANCE + (s * u + np.where(u > 0, s * s, 0.0)).sum(axis=1)
+    return _mass_report(mass, tol, f"sqrt codes at {rec.logprob_levels} levels")
+
+
+def _mass_report(mass: np.ndarray, tol: np.ndarray, slack: str) -> list[str]:
+    """The mass rule's message for the first position with |mass - 1| > tol (NaN fails too);
+    ``slack`` says where the tolerance beyond MASS_TOLERANCE comes from."""
     bad = np.nonzero(~(np.abs(mass - 1.0) <= tol))[0]
     if not len(bad):
         return []
     i = int(bad[0])
     return [
         f"probability mass {mass[i]:.4f} at position {i} of the chunk (|mass - 1| must be <= "
-        f"{tol[i]:.4f}: {MASS_TOLERANCE} + sqrt codes at {rec.logprob_levels} levels); "
-        f"{len(bad)} position(s) in this chunk"
+        f"{tol[i]:.4f}: {MASS_TOLERANCE} + {slack}); {len(bad)} position(s) in this chunk"
     ]
 
 
@@ -588,12 +593,4 @@ def mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[
     else:
         kb_lp, kb_tail = rec.logprob_keepbits, spec.TAIL_KEEPBITS
     tol = MASS_TOLERANCE + mass_slack(lp, kb_lp) + mass_slack(tail[:, None], kb_tail)
-    bad = np.nonzero(~(np.abs(mass - 1.0) <= tol))[0]  # NaN fails too
-    if not len(bad):
-        return []
-    i = int(bad[0])
-    return [
-        f"probability mass {mass[i]:.4f} at position {i} of the chunk (|mass - 1| must be <= "
-        f"{tol[i]:.4f}: {MASS_TOLERANCE} + rounding to {rec.logprob_keepbits} bits); "
-        f"{len(bad)} position(s) in this chunk"
-    ]
+    return _mass_report(mass, tol, f"rounding to {rec.logprob_keepbits} bits")

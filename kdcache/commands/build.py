@@ -243,9 +243,8 @@ def build(
     rank = _env_int("RANK", 0) if rank is None else rank
     world_size = _env_int("WORLD_SIZE", 1) if world_size is None else world_size
     # ValueError: bad option values, bad manifest lines, the writer's checks.
-    if targets != "topk" and teacher in ("ensemble", "aligned_lm"):
-        fail(f"--targets {targets} is for --teacher bert, causal_lm or lstm_lm, not {teacher}")
-    for opt, value, default in (
+    for opt, value, default in (  # token-teacher options
+        ("--targets", targets, "topk"),
         ("--topk-layout", topk_layout, "rank"),
         ("--logprob-rounding", logprob_rounding, "fixed"),
     ):

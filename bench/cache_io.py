@@ -285,8 +285,24 @@ LAYOUTS = [
     ("rank", "weighted", 8),
     ("idsort", "weighted", 7),
     ("idsort", "weighted", 8),
-    ("rank", "sqrt", 7),  # keepbits unused: sqrt codes at spec.DEFAULT_SQRT_LEVELS, LZMA
+    # keepbits unused by sqrt (codes at spec.DEFAULT_SQRT_LEVELS, LZMA); optional 4th and 5th
+    # fields: chunk positions (0 / absent: the builders' default, spec.default_chunk_positions)
+    # and tail_coding. The first sqrt row is the coding of 2026-12-05 (session 9).
+    ("rank", "sqrt", 7, 16384, "code"),
+    ("rank", "sqrt", 7, 16384),
+    ("rank", "sqrt", 7),
 ]
+
+
+def parse_layout(text: str) -> tuple:
+    """ "layout:rounding:keepbits[:chunk[:tail_coding]]" -> a LAYOUTS row."""
+    f = text.split(":")
+    row = [f[0], f[1], int(f[2])]
+    if len(f) > 3:
+        row.append(int(f[3] or 0))
+    if len(f) > 4:
+        row.append(f[4])
+    return tuple(row)
 
 
 def stored_kl(d: dict, k: int, got_ids: np.ndarray, got_lp: np.ndarray, got_tail) -> float:
@@ -316,8 +332,13 @@ def layout_table(
 
     n = len(d["ids"])
     rows = []
-    for layout, rounding, kb in layouts:
-        path = os.path.join(work, f"layout_{layout}_{rounding}_{kb}.kdc")
+    for row in layouts:
+        layout, rounding, kb = row[:3]
+        ch = int(row[3]) if len(row) > 3 and int(row[3]) else chunk
+        if rounding == "sqrt" and not (len(row) > 3 and int(row[3])):
+            ch = spec.default_chunk_positions(rounding)
+        extra = {"tail_coding": row[4]} if len(row) > 4 else {}
+        path = os.path.join(work, f"layout_{'_'.join(map(str, row))}.kdc")
         tw = []
         for _ in range(max(1, repeat)):
             shutil.rmtree(path, ignore_errors=True)
@@ -327,10 +348,11 @@ def layout_table(
                     d,
                     k,
                     kb,
-                    chunk,
+                    ch,
                     hidden=False,
                     topk_layout=layout,
                     logprob_rounding=rounding,
+                    **extra,
                 )
             )
         probs = [p for p in verify_cache(path, workers=2) if p.severity == "error"]
@@ -350,7 +372,8 @@ def layout_table(
         kl = stored_kl(d, k, *(np.concatenate(got[x]) for x in ("ids", "lp", "tail")))
         rows.append(
             dict(
-                layout=layout, rounding=rounding, keepbits=kb, ids=per[spec.TOPK_IDS],
+                layout=layout, rounding=rounding + ("/" + extra["tail_coding"] if extra else ""),
+                keepbits=kb, chunk=ch, ids=per[spec.TOPK_IDS],
                 lp=per[spec.TOPK_LOGPROBS], tail=per[spec.TAIL_LOGMASS],
                 other=total - sum(per.values()), total=total, kl=kl,
                 write=min(tw), stream=min(ts),
@@ -367,12 +390,12 @@ def print_layout_table(rows: list[dict], n: int) -> None:
         "stream; KL(orig || stored) over top-k + tail; write / stream speed relative to the "
         "first row, same run, best of --repeat):"
     )
-    hdr = ("layout", "rounding", "kb", "ids", "logprobs", "tail", "other", "total", "KL nats",
-           "write x", "stream x")  # fmt: skip
+    hdr = ("layout", "rounding", "kb", "chunk", "ids", "logprobs", "tail", "other", "total",
+           "KL nats", "write x", "stream x")  # fmt: skip
     print("  " + " ".join(f"{h:>9s}" for h in hdr))
     for r in rows:
         print(
-            f"  {r['layout']:>9s} {r['rounding']:>9s} {r['keepbits']:9d} {r['ids']:9.2f} "
+            f"  {r['layout']:>9s} {r['rounding']:>9s} {r['keepbits']:9d} {r['chunk']:9d} {r['ids']:9.2f} "
             f"{r['lp']:9.2f} {r['tail']:9.2f} {r['other']:9.2f} {r['total']:9.2f} "
             f"{r['kl']:9.2e} {base['write'] / r['write']:9.2f} {base['stream'] / r['stream']:9.2f}"
         )
@@ -700,8 +723,9 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default=None,
-        help="with --layouts: these rows only, e.g. rank:fixed:7,rank:sqrt:7 (the first row is "
-        "the speed reference)",
+        help="with --layouts: these rows only, layout:rounding:keepbits[:chunk[:tail_coding]], "
+        "e.g. rank:fixed:7,rank:sqrt:7,rank:sqrt:7:16384:code (the first row is the speed "
+        "reference; chunk 0 or absent: the builders' default)",
     )
     args = ap.parse_args()
 
@@ -731,7 +755,7 @@ def main() -> None:
         work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")
         rows = LAYOUTS
         if args.only:
-            rows = [(a, b, int(c)) for a, b, c in (x.split(":") for x in args.only.split(","))]
+            rows = [parse_layout(x) for x in args.only.split(",")]
         table = layout_table(data, k, args.chunk, work, args.repeat, rows)
         print_layout_table(table, len(data["ids"]))
         if not args.workdir:

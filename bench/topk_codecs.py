@@ -20,6 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cache_io import LM_CACHE, stored_kl  # noqa: E402
 
 
+def byte_planes(x: np.ndarray) -> np.ndarray:
+    """What numcodecs' Shuffle(elementsize=2) does to a uint16 array: all low bytes, then all
+    high bytes (here per chunk of rows; column-major input stays column-major)."""
+    x = np.ascontiguousarray(x)
+    return np.ascontiguousarray(np.moveaxis(x.view(np.uint8).reshape(x.shape + (2,)), -1, 0))
+
+
 def main() -> None:
     from numcodecs import BZ2, LZMA, Blosc, Zstd
 
@@ -37,9 +44,13 @@ def main() -> None:
     tail = d[f"tail{K}"].astype(np.float64)
     n, V = len(ids), int(d["vocab_size"])
 
-    def size(arr, codec) -> float:
-        tot = sum(len(codec.encode(np.ascontiguousarray(arr[a : a + C]))) for a in range(0, n, C))
+    def size(arr, codec, tf=None) -> float:  # tf: a per-chunk transform (column-major, planes)
+        tf = tf or np.ascontiguousarray
+        tot = sum(len(codec.encode(tf(arr[a : a + C]))) for a in range(0, n, C))
         return tot / n + 4 * -(-n // C) / n
+
+    def col(x):  # column-major chunk (the transpose codec)
+        return np.ascontiguousarray(x.T)
 
     def H(x) -> float:  # order-0 empirical entropy, bits/symbol
         _, c = np.unique(x, return_counts=True)
@@ -65,8 +76,8 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         print(f"(pcodec unavailable: {type(e).__name__})")
 
-    def row(name, arr):
-        print(f"{name:44s} " + " ".join(f"{c}={size(arr, x):.2f}" for c, x in codecs.items()))
+    def row(name, arr, tf=None):
+        print(f"{name:44s} " + " ".join(f"{c}={size(arr, x, tf):.2f}" for c, x in codecs.items()))
         sys.stdout.flush()
 
     print(f"{n} positions, k={K}, vocab {V}, chunk {C}; B/position per codec\n")
@@ -108,9 +119,18 @@ def main() -> None:
             f"  sqrt grid L={L}: KL {kl:.3e}; order-0 entropy of the deltas per column "
             f"{sum(H(dl[:, j]) for j in range(K)) / 8:.2f} B, of the tail code {H(ct) / 8:.2f} B"
         )
+        rec = spec.TeacherRecord(name="t", kind="causal_lm", model_id="-", model_hash="-",
+                                 tokenizer_id="", tokenizer_hash="-", vocab_size=V, k=K,
+                                 logprob_rounding="sqrt", logprob_levels=L)  # fmt: skip
+        res = spec.encode_tail(rec, ct, c)
+        print(
+            f"    order-0 entropy of the residual tail (tail_coding 'residual') {H(res) / 8:.2f} B"
+        )
         row(f"    L={L} codes, rank order", c)
-        row(f"    L={L} deltas, column-major (sqrt)", np.ascontiguousarray(dl.T))
-        row(f"    L={L} tail code (sqrt)", ct)
+        row(f"    L={L} deltas, column-major (sqrt/code)", dl, col)
+        row(f"    L={L} deltas, column-major, byte planes (sqrt)", dl, lambda x: byte_planes(x.T))
+        row(f"    L={L} tail code (sqrt/code)", ct)
+        row(f"    L={L} tail residual, byte planes (sqrt)", res, byte_planes)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def test_build_topk_layout_and_rounding_options(tmp_path, tiny_bert, layout, rou
     the default build's targets: the same ids in rank order, log-probs equal (idsort only
     reorders the same stored values) or, as probabilities, within the sqrt grid's step (p
     within ~1/544) plus keepbits 7's rounding of the default."""
-    from kdcache.cache_format import open_cache
+    from kdcache.cache_format import open_cache, spec
 
     m = write_manifest(tmp_path / "m.jsonl")
     common = ["--teacher", "bert", "--model", str(tiny_bert), "--data", str(m), "--top-k", "4",
@@ -82,6 +82,11 @@ def test_build_topk_layout_and_rounding_options(tmp_path, tiny_bert, layout, rou
     ref, got = open_cache(str(tmp_path / "default.kdc")), open_cache(str(tmp_path / "opt.kdc"))
     rec = got.teachers["bert"]
     assert (rec.topk_layout, rec.logprob_rounding) == (layout, rounding)
+    # "sqrt" teachers without hidden states get longer chunks (LZMA finds more repeats)
+    big = rounding == "sqrt" and not rec.hidden_layers
+    assert rec.chunk_positions == (
+        spec.SQRT_CHUNK_POSITIONS if big else spec.DEFAULT_CHUNK_POSITIONS
+    )
     for i in range(len(SENTENCES)):
         a, b = ref.get(f"u{i:03d}", "bert"), got.get(f"u{i:03d}", "bert")
         assert (np.diff(b.topk_logprobs, axis=1) <= 0).all()  # read back in rank order

@@ -232,7 +232,7 @@ def test_sqrt_codes_round_trip_and_kl():
     pp = np.concatenate([top, p[:, 16:]], axis=1)
     kl = (pp * (np.log(pp) - np.log(q))).sum(1).mean()
     assert 0 < kl < 2 * 17 / (12 * L**2) * 1.5
-    assert not validate_mass(rec, d, spec.sqrt_codes(tail, L))
+    assert not validate_mass(rec, d, spec.encode_tail(rec, spec.sqrt_codes(tail, L), c))
 
 
 def validate_mass(rec, d, tail_codes):
@@ -242,12 +242,21 @@ def validate_mass(rec, d, tail_codes):
 
 
 def test_sqrt_record_fields():
-    """logprob_levels only in sqrt records (default DEFAULT_SQRT_LEVELS); sqrt needs rank."""
+    """logprob_levels and tail_coding only in sqrt records (defaults DEFAULT_SQRT_LEVELS,
+    "residual"; a stored sqrt record without tail_coding reads as "code"); sqrt needs rank."""
     rec = make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt")
     d = rec.to_dict()
     assert d["logprob_rounding"] == "sqrt" and d["logprob_levels"] == spec.DEFAULT_SQRT_LEVELS
+    assert d["tail_coding"] == "residual"
     assert TeacherRecord.from_dict(d) == rec
-    assert "logprob_levels" not in make_record("b", vocab_size=300, k=6).to_dict()
+    del d["tail_coding"]
+    assert TeacherRecord.from_dict(d).tail_coding == "code"
+    plain = make_record("b", vocab_size=300, k=6).to_dict()
+    assert "logprob_levels" not in plain and "tail_coding" not in plain
+    with pytest.raises(ValueError, match="tail_coding need"):
+        make_record("a", vocab_size=300, k=6, tail_coding="code")
+    with pytest.raises(ValueError, match="tail_coding 'x' not in"):
+        make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt", tail_coding="x")
     with pytest.raises(ValueError, match="needs topk_layout 'rank'"):
         make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt", topk_layout="idsort")
     with pytest.raises(ValueError, match="logprob_levels needs"):
@@ -256,14 +265,16 @@ def test_sqrt_record_fields():
         make_record("a", vocab_size=300, k=6, logprob_rounding="sqrt", logprob_levels=70000)
 
 
-def test_independent_reader_decodes_sqrt_from_docs(tmp_path):
-    """docs/format.md "Top-k layouts", logprob_rounding "sqrt": plain zarr (+ numcodecs' LZMA,
-    which zarr-python decodes by itself) + numpy, no kdcache reader."""
+@pytest.mark.parametrize("tail_coding", spec.TAIL_CODINGS)
+def test_independent_reader_decodes_sqrt_from_docs(tmp_path, tail_coding):
+    """docs/format.md "Top-k layouts", logprob_rounding "sqrt": plain zarr (+ numcodecs' LZMA
+    and Shuffle, which zarr-python decodes by itself) + numpy, no kdcache reader; the tail as a
+    residual of its prediction from the top-k codes, or (older records) the code itself."""
     import pyarrow.parquet as pq
     import zarr
 
     rec = make_record("a", vocab_size=3000, k=10, chunk_positions=16, logprob_rounding="sqrt",
-                      logprob_levels=300)  # fmt: skip
+                      logprob_levels=300, tail_coding=tail_coding)  # fmt: skip
     utts = make_utts(rec, 12, max_len=15, seed=3)
     path = tmp_path / "c.kdc"
     build_cache(path, [(rec, utts)], fsync=False)
@@ -274,7 +285,10 @@ def test_independent_reader_decodes_sqrt_from_docs(tmp_path):
     assert L == 300
     shard = sorted(os.listdir(path / "commits" / "a"))[0][: -len(".json")]
     meta = json.loads((path / f"teachers/a/shards/{shard}/topk_logprobs/zarr.json").read_text())
-    assert [c["name"] for c in meta["codecs"]] == ["transpose", "bytes", "numcodecs.lzma", "crc32c"]
+    shuffle = ["numcodecs.shuffle"] if record.get("tail_coding") == "residual" else []
+    assert [c["name"] for c in meta["codecs"]] == [
+        "transpose", "bytes", *shuffle, "numcodecs.lzma", "crc32c"
+    ]  # fmt: skip
     assert meta["data_type"] == "uint16"
     rows = pq.read_table(path / "index" / "a" / f"{shard}.parquet").to_pylist()
     g = root[f"teachers/a/shards/{shard}"]
@@ -282,6 +296,11 @@ def test_independent_reader_decodes_sqrt_from_docs(tmp_path):
         sl = slice(row["offset"], row["offset"] + row["length"])
         ids, d, t = g["topk_ids"][sl], g["topk_logprobs"][sl], g["tail_logmass"][sl]
         c = np.concatenate([d[:, :1], d[:, :1] - np.cumsum(d[:, 1:], axis=1)], axis=1)
+        if record.get("tail_coding") == "residual":
+            c = c.astype(np.int64)
+            pred = np.rint(np.sqrt(np.maximum(L * L - (c * c).sum(axis=1), 0)))
+            z = t.astype(np.int64)
+            t = (pred.astype(np.int64) + np.where(z % 2, -(z // 2) - 1, z // 2)) % 65536
         with np.errstate(divide="ignore"):
             lp = 2 * np.log(c / L)
             tail = 2 * np.log(t / L)
@@ -294,6 +313,11 @@ def test_independent_reader_decodes_sqrt_from_docs(tmp_path):
         err = np.abs(np.exp(lp / 2) - u0)
         assert (err[c > 1] <= 0.5 / L + 1e-3 * u0[c > 1]).all()
         assert (u0[c == 1] < 1.5 / L).all()
+    cache = open_cache(path)  # and the kdcache reader agrees, for either tail coding
+    for u in utts:
+        got = cache.get(u.utt_id, "a")
+        np.testing.assert_array_equal(got.tail_logmass, _stored_tail(rec, u.tail_logmass))
+    assert verify_cache(path) == []
 
 
 def test_verify_catches_bad_sqrt_codes(tmp_path):
@@ -317,8 +341,45 @@ def test_verify_catches_bad_sqrt_codes(tmp_path):
     build_cache(path2, [(rec, make_utts(rec, 12, max_len=15, seed=4))], fsync=False)
     rel, _ = _shard_array(path2, "tail_logmass")
     t = zarr.open_array(str(path2 / rel), mode="r+")
+    lp_codes = spec.sqrt_undelta(zarr.open_array(str(path2 / _shard_array(path2, "topk_logprobs")[0]))[:16])  # fmt: skip
     y = t[:16]
-    y[5] = rec.logprob_levels  # tail 1 on top of the top-k mass
+    L = rec.logprob_levels
+    y[5] = spec.encode_tail(rec, np.array([L], np.uint16), lp_codes[5:6])[0]  # tail 1 on top
     t[:16] = y
     probs = verify_cache(path2)
     assert any("probability mass" in p.what for p in probs), probs
+    # a residual that decodes to a code above L (every stored uint16 is a valid residual)
+    pred = spec.sqrt_tail_prediction(lp_codes[5:6], L)[0]
+    y[5] = 2 * (L + 1 - pred)  # zigzag of code - prediction = L + 1 - pred >= 0
+    t[:16] = y
+    probs = verify_cache(path2)
+    assert any("tail_logmass: sqrt code outside" in p.what for p in probs), probs
+    with pytest.raises(CacheError, match="sqrt code outside"):
+        list(open_cache(path2).stream())
+
+
+@pytest.mark.parametrize("levels", [7, spec.DEFAULT_SQRT_LEVELS, 40000, spec.SQRT_MAX_LEVELS])
+def test_sqrt_tail_residual_round_trip(levels):
+    """encode_tail / decode_tail_codes are inverse for every code 0..L against any top-k codes
+    (residuals of either sign beyond int16 wrap exactly), and small where the top-k codes fix the
+    tail (the point of the coding)."""
+    rng = np.random.default_rng(levels)
+    rec = make_record("a", vocab_size=300, k=4, logprob_rounding="sqrt", logprob_levels=levels)
+    n = 5000
+    codes = -np.sort(-rng.integers(0, levels + 1, size=(n, 4)), axis=1)
+    tail = rng.integers(0, levels + 1, size=n).astype(np.uint16)
+    tail[:4] = [0, levels, 0, levels]
+    codes[:2] = 0
+    codes[2:4] = levels  # prediction 0: residuals 0 and +L; rows 0, 1: prediction L
+    stored = spec.encode_tail(rec, tail, codes)
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(spec.decode_tail_codes(rec, stored, codes), tail)
+    p = rng.dirichlet(np.ones(5), size=n)  # a consistent row: the residual is a few steps
+    lp = np.log(-np.sort(-p[:, :4], axis=1))
+    c, ct = spec.sqrt_codes(lp, levels), spec.sqrt_codes(np.log(p[:, 4]), levels)
+    r = spec.encode_tail(rec, ct, c)
+    np.testing.assert_array_equal(spec.decode_tail_codes(rec, r, c), ct)
+    if levels >= 100:
+        assert np.median(r) <= 8
+    code = dataclasses.replace(rec, tail_coding="code")
+    np.testing.assert_array_equal(spec.encode_tail(code, tail, codes), tail)

@@ -276,6 +276,10 @@ class _TeacherData:
         joint = self.record.topk_layout != "rank" and any(n in todo for n in pair)
         if joint:
             todo += [n for n in pair if n not in todo]
+        # A residual-coded "sqrt" tail is decoded with the top-k codes of the same chunk.
+        residual = self.record.tail_coding == "residual" and spec.TAIL_LOGMASS in todo
+        if residual and spec.TOPK_LOGPROBS not in todo:
+            todo.append(spec.TOPK_LOGPROBS)
         from zarr.core.sync import sync
 
         arrays = [self.array(shard, name) for name in todo]
@@ -325,6 +329,10 @@ class _TeacherData:
             probs = validate.chunk_problems(self.record, name, raw, want)
             if probs:
                 raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
+            if residual and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
+                decoded[name] = raw  # the tail is decoded below, with the top-k codes
+                if name == spec.TAIL_LOGMASS:
+                    continue
             if joint and name in pair:
                 decoded[name] = raw  # decoded below, once both are checked
                 continue
@@ -342,6 +350,18 @@ class _TeacherData:
                 v = raw  # hidden float16 stays float16: half the memory, no conversion pass
             self.lru.put((shard, name, c), v)
             out[name] = v
+        if residual:
+            lp_raw = decoded[spec.TOPK_LOGPROBS]
+            tail = spec.decode_tail_codes(
+                self.record, decoded[spec.TAIL_LOGMASS], spec.sqrt_undelta(lp_raw)
+            )
+            probs = validate.sqrt_code_problems(self.record, tail)
+            if probs:
+                path = self.cache._storage.full(f"{base}/{spec.TAIL_LOGMASS}")
+                raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
+            v = spec.sqrt_logprobs(tail, self.record.logprob_levels)
+            self.lru.put((shard, spec.TAIL_LOGMASS, c), v)
+            out[spec.TAIL_LOGMASS] = v
         if joint:
             ids, lp = spec.decode_topk(
                 self.record, decoded[spec.TOPK_IDS], decoded[spec.TOPK_LOGPROBS]

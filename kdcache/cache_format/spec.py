@@ -69,6 +69,10 @@ TOPK_STREAMS = (TOPK_IDS, TOPK_LOGPROBS, TAIL_LOGMASS)
 # Chunking: positions per chunk along the flat axis. ~16k positions keeps a top-16 chunk near
 # 0.5 MB before compression, large enough that a chunk read amortises its latency.
 DEFAULT_CHUNK_POSITIONS = 16384
+# "sqrt" teachers without hidden states: LZMA finds more repeated top-k rows in longer chunks
+# (ids 20.38 -> 19.80 B/position from 16384 to 65536 positions on real SmolLM2 top-16); a chunk
+# of 65536 top-16 rows is 2-4 MiB decoded. Builders use this default (default_chunk_positions).
+SQRT_CHUNK_POSITIONS = 1 << 16
 # A writer commits a shard and starts a new one after this many positions, bounding the work a
 # killed build loses.
 DEFAULT_SHARD_POSITIONS = 1 << 20
@@ -85,7 +89,7 @@ SAMPLED_RECORD_FIELDS = ("targets", "samples", "sample_seed")
 # Likewise written only for hidden_codec "pq".
 PQ_RECORD_FIELDS = ("pq_subspaces",)
 # Fields of logprob_rounding "sqrt" records only (written only then).
-SQRT_RECORD_FIELDS = ("logprob_levels",)
+SQRT_RECORD_FIELDS = ("logprob_levels", "tail_coding")
 UNITS = ("tokens", "frames")
 HIDDEN_CODECS = ("float16", "int8", "pq")
 TOPK_LOGPROB_DTYPE = np.dtype("float16")
@@ -239,6 +243,9 @@ class TeacherRecord:
             log-probs, with LZMA-compressed top-k arrays (rank layout only).
         logprob_levels: Levels L of the "sqrt" grid (written only then; default
             DEFAULT_SQRT_LEVELS).
+        tail_coding: How a "sqrt" record stores tail_logmass (TAIL_CODINGS; written only for
+            "sqrt"): "residual" (default), the tail code minus its prediction from the top-k
+            codes, or "code", the code itself (records from before "residual" existed).
     """
 
     name: str
@@ -265,6 +272,7 @@ class TeacherRecord:
     topk_layout: str | None = None
     logprob_rounding: str | None = None
     logprob_levels: int = 0
+    tail_coding: str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "teacher")
@@ -304,8 +312,16 @@ class TeacherRecord:
                 raise ValueError(
                     f"teacher {self.name!r}: logprob_levels must be in 1..{SQRT_MAX_LEVELS}"
                 )
-        elif self.logprob_levels:
-            raise ValueError(f"teacher {self.name!r}: logprob_levels needs logprob_rounding 'sqrt'")
+            if self.tail_coding is None:
+                object.__setattr__(self, "tail_coding", DEFAULT_TAIL_CODING)
+            if self.tail_coding not in TAIL_CODINGS:
+                raise ValueError(
+                    f"teacher {self.name!r}: tail_coding {self.tail_coding!r} not in {TAIL_CODINGS}"
+                )
+        else:
+            for key in SQRT_RECORD_FIELDS:
+                if getattr(self, key):
+                    raise ValueError(f"teacher {self.name!r}: {key} needs logprob_rounding 'sqrt'")
         if self.targets not in TARGET_MODES:
             raise ValueError(
                 f"teacher {self.name!r}: targets {self.targets!r} not in {TARGET_MODES}"
@@ -395,7 +411,10 @@ class TeacherRecord:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"teacher record has unknown keys {sorted(unknown)}")
-        # A stored record without the layout fields was written in the legacy layout.
+        # A stored record without the layout fields was written in the legacy layout; a "sqrt"
+        # record without tail_coding stored the tail's code.
+        if d.get("logprob_rounding") == "sqrt":
+            d = {"tail_coding": "code", **d}
         return cls(**{**LEGACY_LAYOUT, **d})
 
 
@@ -531,12 +550,59 @@ def sqrt_undelta(d: np.ndarray) -> np.ndarray:
     return c
 
 
-def decode_logprobs(record: TeacherRecord, name: str, raw: np.ndarray) -> np.ndarray:
+# How a "sqrt" record stores the tail (TeacherRecord.tail_coding). The top-k codes nearly fix the
+# tail: p_tail = 1 - sum_j (c_j / L)^2, so its code is predicted as
+# rint(sqrt(max(L^2 - sum_j c_j^2, 0))) -- integer arithmetic up to one correctly rounded float64
+# sqrt of an integer < 2^53, whose value is never a tie for rint, so every reader gets the same
+# prediction -- and "residual" stores the zigzag of (code - prediction) wrapped to 16 bits:
+# 1.15 -> 0.32 B/position on the real SmolLM2 top-16 (docs/performance/cache_io.md).
+TAIL_CODINGS = ("residual", "code")
+DEFAULT_TAIL_CODING = "residual"
+
+
+def sqrt_tail_prediction(codes: np.ndarray, levels: int) -> np.ndarray:
+    """Top-k codes [P, k] (rank order, int) -> the predicted tail code [P] (int64)."""
+    c = np.asarray(codes, dtype=np.int64)
+    rest = np.maximum(levels * levels - (c * c).sum(axis=1), 0)
+    return np.rint(np.sqrt(rest.astype(np.float64))).astype(np.int64)
+
+
+def encode_tail(record: TeacherRecord, tail_codes: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Tail codes [P] and the top-k codes [P, k] of the same positions -> tail_logmass as stored
+    (record.tail_coding "residual": zigzag(wrap16(code - prediction)), uint16)."""
+    if record.tail_coding != "residual":
+        return tail_codes
+    r = tail_codes.astype(np.int64) - sqrt_tail_prediction(codes, record.logprob_levels)
+    r = (r + 0x8000) % 0x10000 - 0x8000  # wrap to int16: exact, since codes are 16-bit
+    return np.where(r >= 0, 2 * r, -2 * r - 1).astype(SQRT_CODE_DTYPE)
+
+
+def decode_tail_codes(record: TeacherRecord, stored: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Stored tail_logmass [P] of a "sqrt" record and its top-k codes [P, k] (sqrt_undelta) ->
+    the tail codes [P] (int64; outside 0..L means damaged data)."""
+    z = stored.astype(np.int64)
+    if record.tail_coding != "residual":
+        return z
+    r = np.where(z & 1, -(z >> 1) - 1, z >> 1)
+    return (sqrt_tail_prediction(codes, record.logprob_levels) + r) % 0x10000
+
+
+def decode_logprobs(
+    record: TeacherRecord, name: str, raw: np.ndarray, topk_raw: np.ndarray | None = None
+) -> np.ndarray:
     """Stored topk_logprobs [P, k] or tail_logmass [P] (rank layout, not sampled) -> float32
-    log-probs as the reader returns them."""
+    log-probs as the reader returns them. A "sqrt" tail with tail_coding "residual" needs the
+    stored topk_logprobs of the same positions (``topk_raw``)."""
     if record.logprob_rounding != "sqrt":
         return raw.astype(np.float32)
-    codes = sqrt_undelta(raw) if name == TOPK_LOGPROBS else raw
+    if name == TOPK_LOGPROBS:
+        codes = sqrt_undelta(raw)
+    elif record.tail_coding == "residual":
+        if topk_raw is None:
+            raise ValueError("a residual-coded sqrt tail needs the stored top-k codes")
+        codes = decode_tail_codes(record, raw, sqrt_undelta(topk_raw))
+    else:
+        codes = raw
     return sqrt_logprobs(codes, record.logprob_levels)
 
 
@@ -679,6 +745,14 @@ class CacheError(Exception):
 SHARD_RE = re.compile(r"^r(\d{5})-(\d{6})$")
 
 
+def default_chunk_positions(logprob_rounding: str | None, hidden_layers=()) -> int:
+    """The builders' chunk length: SQRT_CHUNK_POSITIONS for a "sqrt" teacher that stores no
+    hidden states (their chunks would be 75 MB at D = 576), else DEFAULT_CHUNK_POSITIONS."""
+    if logprob_rounding == "sqrt" and not tuple(hidden_layers):
+        return SQRT_CHUNK_POSITIONS
+    return DEFAULT_CHUNK_POSITIONS
+
+
 def shard_name(rank: int, seq: int) -> str:
     return f"r{rank:05d}-{seq:06d}"
 
@@ -801,6 +875,17 @@ def lzma_codec():
     return LZMA(format=LZMA_FORMAT_RAW, filters=[dict(f) for f in LZMA_FILTERS])
 
 
+def shuffle_codec():
+    """numcodecs' byte Shuffle for uint16 ("numcodecs.shuffle", elementsize 2): all low bytes,
+    then all high bytes (the high bytes of "sqrt" code deltas and residual tails are nearly all
+    zero)."""
+    try:
+        from zarr.codecs.numcodecs import Shuffle
+    except ImportError:  # zarr < 3.1
+        from numcodecs.zarr3 import Shuffle
+    return Shuffle(elementsize=2)
+
+
 def array_codecs(name: str, record: TeacherRecord | None = None) -> dict[str, Any]:
     """Keyword arguments for ``zarr.create_array`` (serializer + compressors [+ filters]) of one
     array.
@@ -818,6 +903,13 @@ def array_codecs(name: str, record: TeacherRecord | None = None) -> dict[str, An
             "serializer": BytesCodec(endian="little"),
             "compressors": [lzma_codec(), Crc32cCodec()],
         }
+        if name == TOPK_LOGPROBS and record.tail_coding == "residual":
+            # Records with the residual tail also byte-shuffle the code deltas (9.93 -> 9.57)
+            out["compressors"].insert(0, shuffle_codec())
+        if name == TAIL_LOGMASS and record.tail_coding == "residual":
+            # and store the residual tail byte-shuffled with zstd-19 (0.27 B/position; LZMA
+            # 0.32, the tail's code itself 1.19).
+            out["compressors"] = [shuffle_codec(), ZstdCodec(level=19), Crc32cCodec()]
         if name == TOPK_LOGPROBS:
             out["filters"] = [TransposeCodec(order=(1, 0))]
         return out

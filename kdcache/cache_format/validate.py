@@ -41,6 +41,7 @@ __all__ = [
     "parse_record",
     "record_from_attrs",
     "root_problems",
+    "sqrt_code_problems",
 ]
 
 # Largest decoded chunk (chunk_positions x one position of the widest array) a record may ask
@@ -459,13 +460,12 @@ def chunk_problems(
         probs.append(f"holds id {int(x.max())} >= vocab_size {rec.vocab_size}")
     if rec.logprob_rounding == "sqrt" and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
         # Codes (uint16): 0..L, and per row non-increasing along k (deltas >= 0 by their dtype;
-        # the last code must not go below 0).
-        L = rec.logprob_levels
+        # the last code must not go below 0). A residual-coded tail is any uint16; its decoded
+        # code is checked with the top-k codes (sqrt_mass_problems, the reader).
+        if name == spec.TAIL_LOGMASS and rec.tail_coding == "residual":
+            return probs
         c = spec.sqrt_undelta(x) if name == spec.TOPK_LOGPROBS and x.ndim == 2 else x
-        if c.size and (int(c.max()) > L or int(c.min()) < 0):
-            row = int(np.nonzero(((c > L) | (c < 0)).reshape(len(c), -1).any(axis=1))[0][0])
-            probs.append(f"sqrt code outside 0..{L} (logprob_levels) at position {row}")
-        return probs
+        return probs + sqrt_code_problems(rec, c)
     if nan and x.dtype.kind == "f" and np.isnan(x).any():
         probs.append("contains NaN")
     if nan and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS) and x.size:
@@ -544,13 +544,27 @@ def sampled_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> li
     return probs
 
 
+def sqrt_code_problems(rec: TeacherRecord, c: np.ndarray) -> list[str]:
+    """Decoded "sqrt" codes [P, k] or [P] (int) outside 0..logprob_levels."""
+    L = rec.logprob_levels
+    if c.size and (int(c.max()) > L or int(c.min()) < 0):
+        row = int(np.nonzero(((c > L) | (c < 0)).reshape(len(c), -1).any(axis=1))[0][0])
+        return [f"sqrt code outside 0..{L} (logprob_levels) at position {row}"]
+    return []
+
+
 def sqrt_mass_problems(rec: TeacherRecord, lp: np.ndarray, tail: np.ndarray) -> list[str]:
     """The mass rule for "sqrt" codes: p = (c / L)^2 per term, and rounding sqrt(p) to the
     nearest of c / L (c >= 1 for p > 0) moves p by at most (1/L) sqrt(q) + 1/L^2 per term
     (q the stored value): |p - q| = |u - v| (u + v) with |u - v| <= 1/(2L) for c >= 2, and
     p < (1.5 / L)^2 when c = 1."""
     s = 1.0 / rec.logprob_levels
-    u = np.concatenate([spec.sqrt_undelta(lp), tail.astype(np.int64)[:, None]], axis=1) * s
+    codes = spec.sqrt_undelta(lp)
+    tail = spec.decode_tail_codes(rec, tail, codes)
+    probs = sqrt_code_problems(rec, tail)
+    if probs:
+        return [f"tail_logmass: {probs[0]}"]
+    u = np.concatenate([codes, tail[:, None]], axis=1) * s
     q = u * u
     mass = q.sum(axis=1)
     tol = MASS_TOLERANCE + (s * u + np.where(u > 0, s * s, 0.0)).sum(axis=1)

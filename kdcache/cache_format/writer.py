@@ -704,7 +704,10 @@ class CacheWriter:
             data[spec.TOPK_IDS], data[spec.TOPK_LOGPROBS] = spec.encode_topk(
                 rec, data[spec.TOPK_IDS], lp
             )
-            data[spec.TAIL_LOGMASS] = spec.round_tail(rec, data[spec.TAIL_LOGMASS])
+            tail = spec.round_tail(rec, data[spec.TAIL_LOGMASS])
+            if rec.logprob_rounding == "sqrt":
+                tail = spec.encode_tail(rec, tail, lp)  # lp: the rank-order codes
+            data[spec.TAIL_LOGMASS] = tail
         return data
 
     def _write_chunk(self, a: int, b: int, data: dict[str, np.ndarray]) -> None:

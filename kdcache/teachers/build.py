@@ -244,7 +244,10 @@ def teacher_record(
     ``pq_subspaces``: M of hidden_codec "pq"."""
     from kdcache.cache_format import spec
 
-    kw = {"chunk_positions": chunk_positions} if chunk_positions else {}
+    kw = {
+        "chunk_positions": chunk_positions
+        or spec.default_chunk_positions(logprob_rounding, t.hidden_layers)
+    }
     if logprob_keepbits is not None:
         kw["logprob_keepbits"] = logprob_keepbits
     if topk_layout is not None:

@@ -4,6 +4,8 @@ and word damaged or missing chunks the same way."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from fixtures.make_cache_fixtures import build_cache, make_record, make_utts
@@ -77,3 +79,29 @@ def test_direct_reads_word_damage_like_zarr(cache_path, name, how):
     cache = open_cache(cache_path)
     with pytest.raises(CacheError, match=match):
         list(cache.stream(prefetch=0))
+
+
+@pytest.mark.parametrize("shape", [(4096 * 16,), (4096, 16), (100, 3)])
+def test_float16_widening_matches_numpy_bit_for_bit(shape):
+    """spec.to_float32 (through torch when torch is imported and the array is large) gives
+    numpy's float16 -> float32 values bit for bit: every non-NaN float16 pattern (zeros of both
+    signs, subnormals, infinities), in C order; NaN stays NaN (log-probs never hold NaN: the
+    writer and verify refuse it)."""
+    import torch  # noqa: F401 - the fast path is taken only when torch is imported
+
+    from kdcache.cache_format import spec
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    x = np.resize(bits, int(np.prod(shape))).reshape(shape).view(np.float16)
+    got, want = spec.to_float32(x), x.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == want.shape and got.flags.c_contiguous
+    nan = np.isnan(want)
+    assert (np.isnan(got) == nan).all()
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    strided = x[::2] if x.ndim == 1 else x[:, ::2]  # a non-contiguous view takes the same path
+    np.testing.assert_array_equal(spec.to_float32(strided), strided.astype(np.float32))
+    ro = x.copy()
+    ro.flags.writeable = False  # numpy's cast, no torch warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(spec.to_float32(ro)[~nan], want[~nan])

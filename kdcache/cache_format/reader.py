@@ -366,7 +366,7 @@ class _TeacherData:
             ids, lp = spec.decode_topk(
                 self.record, decoded[spec.TOPK_IDS], decoded[spec.TOPK_LOGPROBS]
             )
-            for name, v in zip(pair, (ids, lp.astype(np.float32)), strict=True):
+            for name, v in zip(pair, (ids, spec.to_float32(lp)), strict=True):
                 self.lru.put((shard, name, c), v)
                 out[name] = v
         return out

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -587,6 +588,24 @@ def decode_tail_codes(record: TeacherRecord, stored: np.ndarray, codes: np.ndarr
     return (sqrt_tail_prediction(codes, record.logprob_levels) + r) % 0x10000
 
 
+# Below this many values numpy's float16 -> float32 cast is as fast as a detour through torch.
+_WIDEN_VIA_TORCH_MIN = 4096
+
+
+def to_float32(x: np.ndarray) -> np.ndarray:
+    """``x.astype(float32)``, the same values bit for bit (every float16 is exact in float32).
+    numpy casts float16 element by element (~28 ns/value: 457 us for a 16384 x 16 chunk, a fifth
+    of the streaming time); torch's cast is vectorised (~42 us). Used only when torch is
+    already imported (training is), so reading a cache never pays torch's import."""
+    if x.dtype == np.float16 and x.size >= _WIDEN_VIA_TORCH_MIN:
+        torch = sys.modules.get("torch")
+        if torch is not None and hasattr(torch, "from_numpy"):
+            x = np.ascontiguousarray(x)
+            if x.flags.writeable:  # torch warns about (and cannot share) read-only buffers
+                return torch.from_numpy(x).float().numpy()
+    return x.astype(np.float32)
+
+
 def decode_logprobs(
     record: TeacherRecord, name: str, raw: np.ndarray, topk_raw: np.ndarray | None = None
 ) -> np.ndarray:
@@ -594,7 +613,7 @@ def decode_logprobs(
     log-probs as the reader returns them. A "sqrt" tail with tail_coding "residual" needs the
     stored topk_logprobs of the same positions (``topk_raw``)."""
     if record.logprob_rounding != "sqrt":
-        return raw.astype(np.float32)
+        return to_float32(raw)
     if name == TOPK_LOGPROBS:
         codes = sqrt_undelta(raw)
     elif record.tail_coding == "residual":

@@ -97,6 +97,92 @@ def check_out_path(path: str | os.PathLike) -> None:
             )
 
 
+class _DirectChunks:
+    """Writes one array's chunks without zarr, byte for byte as zarr writes them: the chunk's
+    little-endian values (the shard's last, partial chunk padded to a whole chunk with the fill
+    value 0), compressed by the very numcodecs codec object zarr's own codec uses, then the
+    crc32c of those bytes (4 bytes, little-endian); written to a temp file next to the chunk key
+    zarr would use and renamed over it. The array's zarr.json (its shape) is left to zarr: the
+    writer resizes each array once, when the shard is complete (_commit)."""
+
+    __slots__ = ("root", "meta", "encode", "chunk_shape", "dtype", "dirs")
+
+    def __init__(self, root, meta, encode, chunk_shape, dtype):
+        self.root, self.meta, self.encode = root, meta, encode
+        self.chunk_shape, self.dtype, self.dirs = chunk_shape, dtype, set()
+
+    def write(self, c: int, x: np.ndarray) -> None:
+        import uuid
+
+        import google_crc32c
+
+        if x.shape[0] != self.chunk_shape[0]:  # the shard's last chunk: zarr pads it with 0
+            full = np.zeros(self.chunk_shape, self.dtype)
+            full[: x.shape[0]] = x
+            x = full
+        raw = np.ascontiguousarray(x, dtype=self.dtype).reshape(-1).view(np.uint8)
+        enc = self.encode(raw)
+        crc = np.uint32(google_crc32c.value(enc)).astype("<u4").tobytes()
+        key = self.meta.encode_chunk_key((c,) + (0,) * (len(self.chunk_shape) - 1))
+        path = os.path.join(self.root, *key.split("/"))
+        d = os.path.dirname(path)
+        if d not in self.dirs:
+            os.makedirs(d, exist_ok=True)
+            self.dirs.add(d)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # (zarr's LocalStore: the same temp + rename)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(enc)
+                f.write(crc)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def _direct_chunks(storage, a, rel: str) -> _DirectChunks | None:
+    """A _DirectChunks for zarr array ``a`` at ``rel``, or None (zarr writes its chunks) unless
+    the store is local and the codecs are exactly the format's bytes(little) + (blosc | zstd) +
+    crc32c, with fill value 0 and a regular chunk grid (docs/format.md; the sqrt layout's LZMA
+    and transpose chains, for one, go through zarr)."""
+    if not getattr(storage, "local", False):
+        return None
+    try:
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+        meta = a.metadata
+        codecs = list(meta.codecs)
+        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
+            return None
+        if not isinstance(codecs[2], Crc32cCodec):
+            return None
+        dtype = np.dtype(a.dtype)
+        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        # zarr's codecs hold the numcodecs object they compress with (private attributes; when
+        # a zarr release renames them, zarr writes the chunks again).
+        if isinstance(codecs[1], BloscCodec):
+            enc = getattr(codecs[1], "_blosc_codec", None)
+        elif isinstance(codecs[1], ZstdCodec):
+            enc = getattr(codecs[1], "_zstd_codec", None)
+        else:
+            return None
+        if enc is None or np.asarray(meta.fill_value).item() != 0:
+            return None
+        chunk_shape = tuple(int(x) for x in a.chunks)
+        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
+            return None
+        return _DirectChunks(
+            storage.full(rel), meta, enc.encode, chunk_shape, dtype.newbyteorder("<")
+        )
+    except Exception:  # noqa: BLE001 - anything unexpected: let zarr write it
+        return None
+
+
 class CacheWriter:
     """Writes one teacher's targets into a cache, creating the cache or adding the teacher.
 
@@ -124,7 +210,15 @@ class CacheWriter:
         encode_threads: Chunks rounded, compressed and written concurrently (threads of the
             writer's encode pool; each holds one chunk's buffers, so memory grows by one chunk
             per thread). None: :func:`kdcache.threads.auto_encode_threads`.
+
+    Attributes:
+        direct_writes: Local caches whose arrays have exactly the format's codec chains get
+            their chunk files encoded and written by the writer itself (the same bytes as
+            zarr's; no trip to zarr's event loop per chunk, one shape update per array and
+            shard); False: every chunk through zarr (set before the first ``add``).
     """
+
+    direct_writes = True
 
     def __init__(
         self,
@@ -601,6 +695,7 @@ class CacheWriter:
     def _reset_shard(self) -> None:
         self._shard: str | None = None
         self._arrays: dict[str, Any] = {}
+        self._direct: dict[str, _DirectChunks] | None = None  # name -> writer (direct writes)
         self._names = spec.array_names(self.record)
         self._want_layers = {int(x) for x in self.record.hidden_layers}
         # Chunk buffers, stored dtypes; encoding that is cheaper per chunk (mantissa rounding)
@@ -677,6 +772,12 @@ class CacheWriter:
         # self._arrays holds zarr AsyncArrays.
         self._arrays = dict(zip(self._names, sync(create_all()), strict=True))
         self._shard = shard
+        if self.direct_writes:
+            direct = {
+                n: _direct_chunks(self._storage, a, f"{sp}/{n}") for n, a in self._arrays.items()
+            }
+            if all(d is not None for d in direct.values()):
+                self._direct = direct
 
     def _check_sampled(self, bad, lp: np.ndarray, tail: np.ndarray) -> None:
         """Sampled targets: tail -inf, log-probs log(count / samples) with counts adding up to
@@ -720,6 +821,14 @@ class CacheWriter:
         from zarr.core.sync import sync
 
         data = self._encode_chunk(data)
+        if self._direct is not None:
+            # Chunk files written here (the same bytes as zarr's); the shapes are set in _commit.
+            C = self.record.chunk_positions
+            for n in self._names:
+                x = data[n]
+                for lo in range(0, b - a, C):
+                    self._direct[n].write((a + lo) // C, x[lo : lo + C])
+            return
 
         async def write_all():
             if self._grow_lock is None:
@@ -737,6 +846,22 @@ class CacheWriter:
 
         # One trip to zarr's event loop for all arrays: their chunks compress concurrently.
         sync(write_all())
+
+    def _set_shapes(self) -> None:
+        """Direct writes: every chunk is written; grow each array to the shard's length (its
+        zarr.json written by zarr, once; all arrays in one trip to zarr's event loop)."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        n = self._written
+
+        async def grow_all():
+            await asyncio.gather(
+                *(a.resize((n, *a.shape[1:])) for a in self._arrays.values() if a.shape[0] < n)
+            )
+
+        sync(grow_all())
 
     def _reap(self, keep: int) -> None:
         """Wait for the oldest writes until at most ``keep`` are in flight, and collect those
@@ -827,6 +952,8 @@ class CacheWriter:
             return
         rec, st, shard = self.record, self._storage, self._shard
         self._flush(final=True)
+        if self._direct is not None:
+            self._set_shapes()
         table = pa.table({c: self._rows[c] for c in spec.INDEX_COLUMNS}, schema=spec.index_schema())
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")

@@ -23,6 +23,7 @@ the pool size: every chunk goes to its own key, and an array's shape only ever g
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import datetime as _dt
@@ -633,6 +634,177 @@ class CacheWriter:
         if self._pq:
             self._encode_pq(v)
         self._append(u, v)
+
+    def add_many(self, utts) -> None:
+        """``for u in utts: self.add(u)``, with the checks done once per batch.
+
+        The same result, errors and messages as that loop: the utterances before a bad one are
+        added, the bad one raises naming it, the ones after it are not added. The top-k checks
+        (id range, repeated ids, order, NaN/+inf, mass, token ids) run on the batch's
+        concatenated arrays (a dozen numpy calls per batch instead of per utterance); a batch
+        that fails any of them, or that the batch path does not cover (hidden states, sampled
+        targets, mixed dtypes), is added one utterance at a time by ``add``, which raises the
+        exact error. Batches of a few hundred utterances are plenty.
+        """
+        if self._closed:
+            raise RuntimeError("CacheWriter is closed")
+        utts = list(utts)
+        if not utts:
+            return
+        v = self._validate_batch(utts)
+        if v is None:
+            for u in utts:
+                self.add(u)
+            return
+        self._append_batch(utts, *v)
+
+    def _validate_batch(self, utts: list) -> tuple | None:
+        """The checks of _validate on a whole batch at once, or None when the batch path does not
+        cover it or any check fails (then add() checks one utterance at a time and raises).
+
+        Returns (T per utterance, ids, lp, tail, token_ids per utterance): the concatenated
+        arrays of the utterances with T > 0, rows sorted by descending log-prob like _validate.
+        Exactness: every check is row- or element-wise, so the batch passes iff each utterance
+        would; the mass check uses a tolerance 1e-6 tighter than _validate's, so that a float
+        rounding difference between the two (e.g. exp of a strided view) cannot let through a
+        batch that _validate would refuse.
+        """
+        rec = self.record
+        k = rec.k
+        if k < 1 or rec.targets != "topk" or self._want_layers or self._pq:
+            return None
+        committed, session = self._committed, self._session
+        seen: set[str] = set()
+        Ts: list[int] = []
+        ids_l, lp_l, tail_l, toks, tok_l = [], [], [], [], []
+        f32, f64 = np.float32, np.float64
+        asarray = np.asarray
+        for u in utts:
+            if type(u) is not UttTargets and not isinstance(u, UttTargets):
+                return None
+            uid = u.utt_id
+            if type(uid) is not str or not uid or uid in committed or uid in session:
+                return None
+            if uid in seen or type(u.text) is not str or u.hidden:
+                return None
+            h = u.input_hash
+            if type(h) is not str or not h:
+                return None
+            seen.add(uid)
+            ids = asarray(u.topk_ids)
+            sh = ids.shape
+            if len(sh) != 2 or sh[1] != k:
+                return None
+            T = sh[0]
+            lp = asarray(u.topk_logprobs)
+            if lp.dtype != f64 and lp.dtype != f32:
+                lp = lp.astype(f32)
+            tail = asarray(u.tail_logmass)
+            if tail.dtype != f64 and tail.dtype != f32:
+                tail = tail.astype(f32)
+            if lp.shape != (T, k) or tail.shape != (T,):
+                return None
+            tok = u.token_ids
+            if tok is not None:
+                tok = asarray(tok)
+                if tok.ndim != 1 or tok.shape[0] != T:
+                    return None
+                if T:
+                    if tok.dtype.kind not in "iu":
+                        return None
+                    tok_l.append(tok)
+            toks.append(tok)
+            Ts.append(T)
+            if T:
+                ids_l.append(ids)
+                lp_l.append(lp)
+                tail_l.append(tail)
+        if not ids_l:
+            return Ts, None, None, None, toks
+        # One dtype per array over the batch (concatenating mixed dtypes would convert values).
+        for parts in (ids_l, lp_l, tail_l, tok_l):
+            if parts:
+                dt = parts[0].dtype
+                if any(x.dtype != dt for x in parts):
+                    return None
+        if ids_l[0].dtype.kind not in "iu":
+            return None
+        ids = np.concatenate(ids_l)
+        lp = np.concatenate(lp_l)
+        tail = np.concatenate(tail_l)
+        P = len(ids)
+        if ids.max() >= rec.vocab_size or (ids.dtype.kind == "i" and ids.min() < 0):
+            return None
+        if k > 1:
+            srt = np.sort(ids, axis=1)
+            if np.count_nonzero(srt[:, 1:] == srt[:, :-1]):
+                return None
+            ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == P * (k - 1)
+            lp_ok = ordered and lp[:, 0].max() <= 1e-3
+        else:
+            ordered = True
+            lp_ok = lp.max() <= 1e-3
+        if not lp_ok and not (lp <= 1e-3).all():
+            return None  # NaN, +inf or > 0: add() words it
+        if not tail.max() <= 1e-3:
+            return None
+        if not ordered:
+            # As _validate, row by row (a sorted row keeps its order: the sort is stable).
+            order = np.argsort(-lp, axis=1, kind="stable")
+            lp = np.take_along_axis(lp, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        if self.check_mass:
+            with np.errstate(under="ignore"):
+                err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
+            if np.count_nonzero(err <= validate.MASS_TOLERANCE - 1e-6) != P:
+                return None
+        if tok_l:
+            t = np.concatenate(tok_l) if len(tok_l) > 1 else tok_l[0]
+            if t.min() < 0 or t.max() > np.iinfo(np.int32).max:
+                return None
+        return Ts, ids, lp, tail, toks
+
+    def _append_batch(self, utts, Ts, ids, lp, tail, toks) -> None:
+        """_append for a validated batch: the rows go into the chunk buffers in runs of
+        utterances, each run ending where add() would flush a chunk or commit the shard (so the
+        chunks and shards are those of adding one utterance at a time)."""
+        C = self.record.chunk_positions
+        rows = self._rows
+        n = len(utts)
+        ends = np.cumsum(Ts).tolist()  # end of each utterance in the batch's arrays
+        i = 0
+        while i < n:
+            if self._shard is None:
+                self._start_shard()
+            start = ends[i - 1] if i else 0
+            # The first utterance after which add() would flush (buffer >= C) or commit.
+            limit = min(C - self._buf_n, self.shard_positions - self._written - self._buf_n)
+            j = bisect.bisect_left(ends, start + limit, i)
+            j = min(j, n - 1)
+            stop = ends[j]
+            a, b = self._buf_n, self._buf_n + stop - start
+            if b > self._cap:
+                self._grow(b)
+            if b > a:
+                buf = self._buf
+                buf[spec.TOPK_IDS][a:b] = ids[start:stop]
+                np.minimum(lp[start:stop], 0.0, out=buf[spec.TOPK_LOGPROBS][a:b])
+                np.minimum(tail[start:stop], 0.0, out=buf[spec.TAIL_LOGMASS][a:b])
+            base = self._written + a - start
+            run = utts[i : j + 1]
+            rows["utt_id"].extend([u.utt_id for u in run])
+            rows["offset"].extend([base + (ends[m - 1] if m else 0) for m in range(i, j + 1)])
+            rows["length"].extend(Ts[i : j + 1])
+            rows["input_hash"].extend([u.input_hash for u in run])
+            rows["text"].extend([u.text for u in run])
+            rows["token_ids"].extend([None if t is None else t.tolist() for t in toks[i : j + 1]])
+            self._session.update(u.utt_id for u in run)
+            self._buf_n = b
+            if b >= C:
+                self._flush(final=False)
+            if self._written + self._buf_n >= self.shard_positions:
+                self._commit()
+            i = j + 1
 
     def _encode_pq(self, v: dict[str, Any]) -> None:
         from kdcache.cache_format import pq as _pq

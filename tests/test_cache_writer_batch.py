@@ -51,7 +51,9 @@ def _write(path, rec, items, batch: int | None, **kw):
 @pytest.mark.parametrize("batch", [1, 3, 16, 1000])
 @pytest.mark.parametrize("kw", [{}, {"vocab_size": 70000}, {"k": 1}, {"keepbits": 10}])
 def test_add_many_same_bytes_as_add(tmp_path, batch, kw):
-    rec = make_record("a", **{"vocab_size": 700, "k": 8, "keepbits": 7, "chunk_positions": 16, **kw})
+    rec = make_record(
+        "a", **{"vocab_size": 700, "k": 8, "keepbits": 7, "chunk_positions": 16, **kw}
+    )
     plain, utts = _stream(rec)
     ref, new = tmp_path / "ref.kdc", tmp_path / "new.kdc"
     _write(ref, rec, utts, None, shard_positions=60)

@@ -677,8 +677,12 @@ class CacheWriter:
         seen: set[str] = set()
         Ts: list[int] = []
         ids_l, lp_l, tail_l, toks, tok_l = [], [], [], [], []
-        f32, f64 = np.float32, np.float64
-        asarray = np.asarray
+        f32, d32, d64 = np.float32, np.dtype(np.float32), np.dtype(np.float64)
+        asarray, ndarray = np.asarray, np.ndarray
+        # The batch's dtypes: those of its first non-empty utterance; any other -> add() per
+        # utterance (concatenating mixed dtypes would convert values). Compared by identity
+        # first (numpy's dtype singletons), by value when that fails.
+        idt = ldt = tdt = kdt = None
         for u in utts:
             if type(u) is not UttTargets and not isinstance(u, UttTargets):
                 return None
@@ -691,16 +695,24 @@ class CacheWriter:
             if type(h) is not str or not h:
                 return None
             seen.add(uid)
-            ids = asarray(u.topk_ids)
+            ids = u.topk_ids
+            if type(ids) is not ndarray:
+                ids = asarray(ids)
             sh = ids.shape
             if len(sh) != 2 or sh[1] != k:
                 return None
             T = sh[0]
-            lp = asarray(u.topk_logprobs)
-            if lp.dtype != f64 and lp.dtype != f32:
+            lp = u.topk_logprobs
+            if type(lp) is not ndarray:
+                lp = asarray(lp)
+            dt = lp.dtype
+            if dt is not d32 and dt is not d64 and dt != d32 and dt != d64:
                 lp = lp.astype(f32)
-            tail = asarray(u.tail_logmass)
-            if tail.dtype != f64 and tail.dtype != f32:
+            tail = u.tail_logmass
+            if type(tail) is not ndarray:
+                tail = asarray(tail)
+            dt = tail.dtype
+            if dt is not d32 and dt is not d64 and dt != d32 and dt != d64:
                 tail = tail.astype(f32)
             if lp.shape != (T, k) or tail.shape != (T,):
                 return None
@@ -710,25 +722,31 @@ class CacheWriter:
                 if tok.ndim != 1 or tok.shape[0] != T:
                     return None
                 if T:
-                    if tok.dtype.kind not in "iu":
+                    if kdt is None:
+                        kdt = tok.dtype
+                        if kdt.kind not in "iu":
+                            return None
+                    elif tok.dtype is not kdt and tok.dtype != kdt:
                         return None
                     tok_l.append(tok)
             toks.append(tok)
             Ts.append(T)
             if T:
+                if idt is None:
+                    idt, ldt, tdt = ids.dtype, lp.dtype, tail.dtype
+                    if idt.kind not in "iu":
+                        return None
+                elif (
+                    (ids.dtype is not idt and ids.dtype != idt)
+                    or (lp.dtype is not ldt and lp.dtype != ldt)
+                    or (tail.dtype is not tdt and tail.dtype != tdt)
+                ):
+                    return None
                 ids_l.append(ids)
                 lp_l.append(lp)
                 tail_l.append(tail)
         if not ids_l:
             return Ts, None, None, None, toks
-        # One dtype per array over the batch (concatenating mixed dtypes would convert values).
-        for parts in (ids_l, lp_l, tail_l, tok_l):
-            if parts:
-                dt = parts[0].dtype
-                if any(x.dtype != dt for x in parts):
-                    return None
-        if ids_l[0].dtype.kind not in "iu":
-            return None
         ids = np.concatenate(ids_l)
         lp = np.concatenate(lp_l)
         tail = np.concatenate(tail_l)

@@ -21,6 +21,8 @@ RECORDS = {
     "uint32 ids": dict(vocab_size=70000, k=5, keepbits=6),
     "k=1": dict(vocab_size=300, k=1),
     "k=0 hidden only": dict(vocab_size=300, k=0, hidden=(0,)),
+    "hidden pq": dict(vocab_size=300, k=3, hidden=(1,), hidden_dim=8, hidden_codec="pq",
+                      pq_subspaces=4),  # fmt: skip
     "idsort weighted": dict(
         vocab_size=3000, k=12, keepbits=7, topk_layout="idsort", logprob_rounding="weighted"
     ),
@@ -38,6 +40,8 @@ def _build(path, rec, utts, direct: bool, **kw) -> CacheWriter:
 @pytest.mark.parametrize("what", list(RECORDS))
 @pytest.mark.parametrize("threads", [1, 3])
 def test_direct_writes_byte_identical_to_zarr(tmp_path, what, threads):
+    if what == "hidden pq":
+        pytest.importorskip("faiss")
     rec = make_record("a", chunk_positions=16, **RECORDS[what])
     # Short and long utterances: several chunks per flush (an utterance longer than a chunk),
     # partial last chunks, shards ending exactly on a chunk boundary or not.

@@ -13,12 +13,17 @@ call ``add`` from one thread.
 
 How it is fast (docs/performance/cache_io.md): ``add`` validates an utterance with a few
 whole-array numpy reductions and copies it (cast to the stored dtypes) into per-array chunk
-buffers; what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
+buffers; ``add_many`` does the same checks once per batch of utterances (the same results and
+errors); what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
 rounded, compressed and written on a small pool of encode threads (``encode_threads`` chunks in
-flight at most, each with all its arrays in one trip to zarr's event loop; numcodecs releases the
-GIL while it compresses) while ``add`` goes on with the next one; a commit fsyncs the shard's
-files on several threads. The bytes written are those of encoding each utterance alone, whatever
-the pool size: every chunk goes to its own key, and an array's shape only ever grows.
+flight at most; numcodecs releases the GIL while it compresses) while ``add`` goes on with the
+next one; a commit fsyncs the shard's files on several threads. On a local cache whose arrays
+have the format's codec chains the pool writes the chunk files itself (_DirectChunks: zarr's own
+codec objects, the same bytes and keys as zarr, no trip to zarr's event loop per chunk) and each
+array's shape is set once, at commit; otherwise (URLs, other codecs) every chunk goes through
+zarr, all its arrays in one trip to zarr's event loop. The bytes written are those of encoding
+each utterance alone, whatever the pool size or path: every chunk goes to its own key, and an
+array's shape only ever grows.
 """
 
 from __future__ import annotations

@@ -409,11 +409,13 @@ def write_kdcache(
     encode_threads: int | None = None,
     batch: int = 0,
     direct: bool = True,
+    cpu: list | None = None,
     **layout,
 ) -> float:
     """Seconds to write the cache: ``add`` per utterance, or ``add_many`` in batches of
     ``batch`` utterances; ``direct=False``: every chunk through zarr (the path before
-    2026-12-06)."""
+    2026-12-06). ``cpu``: the process's CPU seconds for the same span are appended to it
+    (not counting building the UttTargets)."""
     from kdcache.cache_format import CacheWriter, TeacherRecord
 
     rec = TeacherRecord(
@@ -432,7 +434,7 @@ def write_kdcache(
         **layout,
     )
     utts = list(utts_from(d, k, hidden))
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     with CacheWriter(path, rec, fsync=False, check_mass=True, encode_threads=encode_threads) as w:
         w.direct_writes = direct
         if batch:
@@ -441,7 +443,10 @@ def write_kdcache(
         else:
             for u in utts:
                 w.add(u)
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return t
 
 
 def write_plain(path: str, d: dict, k: int, chunk: int, hidden: bool) -> float:
@@ -572,10 +577,12 @@ def io_table(
             c0 = time.process_time()
             if name == "plain":
                 t = write_plain(plain, d, k, chunk, hidden=False)
+                cpu.setdefault(name, []).append(time.process_time() - c0)
             else:
-                t = write_kdcache(kdc, d, k, keepbits, chunk, hidden=False, **kw)
+                t = write_kdcache(
+                    kdc, d, k, keepbits, chunk, hidden=False, cpu=cpu.setdefault(name, []), **kw
+                )
             wall.setdefault(name, []).append(t)
-            cpu.setdefault(name, []).append(time.process_time() - c0)
     # Validation alone (what add() does before buffering), one utterance at a time.
     rec = TeacherRecord(
         name="lm", kind="causal_lm", model_id="-", model_hash="-", tokenizer_id="",

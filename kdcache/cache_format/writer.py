@@ -1009,7 +1009,8 @@ class CacheWriter:
         Several chunks may be written at once, in any order: each goes to its own chunk key, and
         the arrays' shapes only grow (to the largest end written so far, under one lock), so no
         write can shrink an array under another. A chunk here is whole unless it is the shard's
-        last, which is written after all the others have finished (_flush(final=True)).
+        last, which zarr writes after all the others have finished (_flush(final=True)); direct
+        writes (self._direct) write it alongside them, and set the shapes in _commit.
         """
         import asyncio
 
@@ -1095,8 +1096,12 @@ class CacheWriter:
                 self._wait_pending()
             return
         a, b = self._written, self._written + n
-        if final:
-            self._wait_pending()  # the last (partial) chunk lands after every whole one
+        # zarr: the last (partial) chunk lands after every whole one, written on this thread.
+        # Direct writes: it goes to the pool like the others (every chunk has its own file, and
+        # the shapes are set at commit), so it compresses while the pool finishes the rest.
+        synchronous = final and self._direct is None
+        if synchronous:
+            self._wait_pending()
         else:
             self._reap(self.encode_threads - 1)  # room for this chunk's write
         # Hand the filled buffers to the write and go on in a free set (the buffers of a
@@ -1117,13 +1122,15 @@ class CacheWriter:
         self._buf = spare
         self._written = b
         self._buf_n = rest
-        if final:
+        if synchronous:
             try:
                 self._write_chunk(a, b, data)
             finally:
                 self._free.append(old)
         else:
             self._pending.append((self._io().submit(self._write_chunk, a, b, data), old))
+            if final:
+                self._wait_pending()
 
     def _io(self):
         if self._pool is None:

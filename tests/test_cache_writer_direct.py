@@ -23,7 +23,7 @@ RECORDS = {
     "k=0 hidden only": dict(vocab_size=300, k=0, hidden=(0,)),
     "hidden pq": dict(
         vocab_size=300, k=3, hidden=(1,), hidden_dim=8, hidden_codec="pq", pq_subspaces=4
-    ),  # fmt: skip
+    ),
     "idsort weighted": dict(
         vocab_size=3000, k=12, keepbits=7, topk_layout="idsort", logprob_rounding="weighted"
     ),

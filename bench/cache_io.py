@@ -430,8 +430,15 @@ def write_kdcache(
     chunk: int,
     hidden: bool,
     encode_threads: int | None = None,
+    batch: int = 0,
+    direct: bool = True,
+    cpu: list | None = None,
     **layout,
 ) -> float:
+    """Seconds to write the cache: ``add`` per utterance, or ``add_many`` in batches of
+    ``batch`` utterances; ``direct=False``: every chunk through zarr (the path before
+    2026-12-06). ``cpu``: the process's CPU seconds for the same span are appended to it
+    (not counting building the UttTargets)."""
     from kdcache.cache_format import CacheWriter, TeacherRecord
 
     rec = TeacherRecord(
@@ -450,11 +457,19 @@ def write_kdcache(
         **layout,
     )
     utts = list(utts_from(d, k, hidden))
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     with CacheWriter(path, rec, fsync=False, check_mass=True, encode_threads=encode_threads) as w:
-        for u in utts:
-            w.add(u)
-    return time.perf_counter() - t0
+        w.direct_writes = direct
+        if batch:
+            for i in range(0, len(utts), batch):
+                w.add_many(utts[i : i + batch])
+        else:
+            for u in utts:
+                w.add(u)
+    t = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return t
 
 
 def write_plain(path: str, d: dict, k: int, chunk: int, hidden: bool) -> float:
@@ -558,8 +573,11 @@ def random_access(path: str, plain: str, n: int, seed: int = 0) -> tuple[float, 
     return 1000 * float(np.median(t)), 1000 * float(np.median(tp))
 
 
-def io_table(d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int, pools) -> None:
-    """Issue 13 items 3 and 5: writer positions/s per encode-pool size and streaming
+def io_table(
+    d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int, pools, batch: int = 256
+) -> None:
+    """Issue 13 items 3 and 5: writer positions/s per encode-pool size (``add`` per utterance,
+    ``add_many`` in batches, and ``add`` with every chunk through zarr as before 2026-12-06) and streaming
     positions/s (prefetch 0, one thread reading), each next to plain zarr in the same round;
     rounds interleave the variants and each row is the best of ``repeat`` rounds. Also the
     profile split: validation alone, chunk decoding alone, and the stream through zarr's own
@@ -570,18 +588,24 @@ def io_table(d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int,
     kdc, plain = os.path.join(work, "io.kdc"), os.path.join(work, "io_plain.zarr")
     wall: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
+    variants: dict[str, dict] = {"plain": {}}
+    for n in pools:
+        variants[f"pool={n} add, zarr chunks"] = {"encode_threads": n, "direct": False}
+        variants[f"pool={n} add"] = {"encode_threads": n}
+        variants[f"pool={n} add_many({batch})"] = {"encode_threads": n, "batch": batch}
     for _ in range(max(1, repeat)):
-        for name in ["plain"] + [f"pool={n}" for n in pools]:
+        for name, kw in variants.items():
             for p in (kdc, plain):
                 shutil.rmtree(p, ignore_errors=True)
             c0 = time.process_time()
             if name == "plain":
                 t = write_plain(plain, d, k, chunk, hidden=False)
+                cpu.setdefault(name, []).append(time.process_time() - c0)
             else:
-                n = int(name.split("=")[1])
-                t = write_kdcache(kdc, d, k, keepbits, chunk, hidden=False, encode_threads=n)
+                t = write_kdcache(
+                    kdc, d, k, keepbits, chunk, hidden=False, cpu=cpu.setdefault(name, []), **kw
+                )
             wall.setdefault(name, []).append(t)
-            cpu.setdefault(name, []).append(time.process_time() - c0)
     # Validation alone (what add() does before buffering), one utterance at a time.
     rec = TeacherRecord(
         name="lm", kind="causal_lm", model_id="-", model_hash="-", tokenizer_id="",
@@ -594,23 +618,28 @@ def io_table(d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int,
     for u in utts:
         w._validate(u)
     t_val = time.process_time() - c0
+    c0 = time.process_time()
+    for i in range(0, len(utts), batch):
+        assert w._validate_batch(utts[i : i + batch]) is not None
+    t_valb = time.process_time() - c0
     w.abort()
     tp = min(wall["plain"])
     print(
         f"\nwriter, {N} positions, top-{k} + tail, keepbits {keepbits}, chunk {chunk} "
         f"(best of {max(1, repeat)} interleaved rounds; ratio = plain time / this time):"
     )
-    print(f"  {'':22s} {'positions/s':>12s} {'plain zarr':>12s} {'ratio':>7s} {'pos/CPU-s':>11s}")
-    for name in [f"pool={n}" for n in pools]:
+    print(f"  {'':30s} {'positions/s':>12s} {'plain zarr':>12s} {'ratio':>7s} {'pos/CPU-s':>11s}")
+    for name in variants:
         t = min(wall[name])
         print(
-            f"  {'write ' + name:22s} {N / t:12,.0f} {N / tp:12,.0f} {tp / t:7.3f} "
+            f"  {'write ' + name:30s} {N / t:12,.0f} {N / tp:12,.0f} {tp / t:7.3f} "
             f"{N / min(cpu[name]):11,.0f}"
         )
-    print(
-        f"  {'validate only (CPU)':22s} {N / t_val:12,.0f} {'':12s} {'':7s} {N / t_val:11,.0f}"
-        f"   ({1e6 * t_val / len(utts):.1f} us per utterance of {N / len(utts):.1f} positions)"
-    )
+    for what, tv in (("validate only (CPU)", t_val), (f"validate batches of {batch}", t_valb)):
+        print(
+            f"  {what:30s} {N / tv:12,.0f} {'':12s} {'':7s} {N / tv:11,.0f}"
+            f"   ({1e6 * tv / len(utts):.1f} us per utterance of {N / len(utts):.1f} positions)"
+        )
 
     # Streaming: the cache written last (pool = pools[-1]); plain from a fresh write.
     write_plain(plain, d, k, chunk, hidden=False)
@@ -716,6 +745,9 @@ def main() -> None:
         "--pools", default="1,2,4", help="encode_threads values for --io (comma-separated)"
     )
     ap.add_argument(
+        "--batch", type=int, default=256, help="utterances per add_many call in --io's rows"
+    )
+    ap.add_argument(
         "--layouts",
         action="store_true",
         help="only the top-k layout comparison (bytes per stream, KL, speed ratios)",
@@ -746,7 +778,16 @@ def main() -> None:
     if args.io:
         work = args.workdir or tempfile.mkdtemp(prefix="kdcache_bench_")
         pools = [int(x) for x in args.pools.split(",")]
-        io_table(tile(data, args.positions), k, keepbits, args.chunk, work, args.repeat, pools)
+        io_table(
+            tile(data, args.positions),
+            k,
+            keepbits,
+            args.chunk,
+            work,
+            args.repeat,
+            pools,
+            args.batch,
+        )
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         return

@@ -167,6 +167,15 @@ async def set_(self, key, value, *a, **k):
         os.kill(os.getpid(), signal.SIGKILL)   # killed with several chunk writes in flight
     return await orig_set(self, key, value, *a, **k)
 zarr.storage.LocalStore.set = set_
+# Chunk files the writer writes itself (direct writes) count as store writes too.
+from kdcache.cache_format import writer as wmod
+orig_write = wmod._DirectChunks.write
+def write_(self, c, x):
+    events[0] += 1
+    if events[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig_write(self, c, x)
+wmod._DirectChunks.write = write_
 rec = make_record("a", **{rec_kw!r})
 utts = make_utts(rec, {n}, max_len=12, seed=11)
 with CacheWriter(path, rec, shard_positions={shard}, fsync=False, encode_threads=4) as w:

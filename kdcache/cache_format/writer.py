@@ -13,16 +13,22 @@ call ``add`` from one thread.
 
 How it is fast (docs/performance/cache_io.md): ``add`` validates an utterance with a few
 whole-array numpy reductions and copies it (cast to the stored dtypes) into per-array chunk
-buffers; what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
+buffers; ``add_many`` does the same checks once per batch of utterances (the same results and
+errors); what is cheaper per chunk (mantissa rounding) is done once per chunk; a full chunk is
 rounded, compressed and written on a small pool of encode threads (``encode_threads`` chunks in
-flight at most, each with all its arrays in one trip to zarr's event loop; numcodecs releases the
-GIL while it compresses) while ``add`` goes on with the next one; a commit fsyncs the shard's
-files on several threads. The bytes written are those of encoding each utterance alone, whatever
-the pool size: every chunk goes to its own key, and an array's shape only ever grows.
+flight at most; numcodecs releases the GIL while it compresses) while ``add`` goes on with the
+next one; a commit fsyncs the shard's files on several threads. On a local cache whose arrays
+have the format's codec chains the pool writes the chunk files itself (_DirectChunks: zarr's own
+codec objects, the same bytes and keys as zarr, no trip to zarr's event loop per chunk) and each
+array's shape is set once, at commit; otherwise (URLs, other codecs) every chunk goes through
+zarr, all its arrays in one trip to zarr's event loop. The bytes written are those of encoding
+each utterance alone, whatever the pool size or path: every chunk goes to its own key, and an
+array's shape only ever grows.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import datetime as _dt
@@ -97,6 +103,92 @@ def check_out_path(path: str | os.PathLike) -> None:
             )
 
 
+class _DirectChunks:
+    """Writes one array's chunks without zarr, byte for byte as zarr writes them: the chunk's
+    little-endian values (the shard's last, partial chunk padded to a whole chunk with the fill
+    value 0), compressed by the very numcodecs codec object zarr's own codec uses, then the
+    crc32c of those bytes (4 bytes, little-endian); written to a temp file next to the chunk key
+    zarr would use and renamed over it. The array's zarr.json (its shape) is left to zarr: the
+    writer resizes each array once, when the shard is complete (_commit)."""
+
+    __slots__ = ("root", "meta", "encode", "chunk_shape", "dtype", "dirs")
+
+    def __init__(self, root, meta, encode, chunk_shape, dtype):
+        self.root, self.meta, self.encode = root, meta, encode
+        self.chunk_shape, self.dtype, self.dirs = chunk_shape, dtype, set()
+
+    def write(self, c: int, x: np.ndarray) -> None:
+        import uuid
+
+        import google_crc32c
+
+        if x.shape[0] != self.chunk_shape[0]:  # the shard's last chunk: zarr pads it with 0
+            full = np.zeros(self.chunk_shape, self.dtype)
+            full[: x.shape[0]] = x
+            x = full
+        raw = np.ascontiguousarray(x, dtype=self.dtype).reshape(-1).view(np.uint8)
+        enc = self.encode(raw)
+        crc = np.uint32(google_crc32c.value(enc)).astype("<u4").tobytes()
+        key = self.meta.encode_chunk_key((c,) + (0,) * (len(self.chunk_shape) - 1))
+        path = os.path.join(self.root, *key.split("/"))
+        d = os.path.dirname(path)
+        if d not in self.dirs:
+            os.makedirs(d, exist_ok=True)
+            self.dirs.add(d)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"  # (zarr's LocalStore: the same temp + rename)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(enc)
+                f.write(crc)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def _direct_chunks(storage, a, rel: str) -> _DirectChunks | None:
+    """A _DirectChunks for zarr array ``a`` at ``rel``, or None (zarr writes its chunks) unless
+    the store is local and the codecs are exactly the format's bytes(little) + (blosc | zstd) +
+    crc32c, with fill value 0 and a regular chunk grid (docs/format.md; the sqrt layout's LZMA
+    and transpose chains, for one, go through zarr)."""
+    if not getattr(storage, "local", False):
+        return None
+    try:
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+        meta = a.metadata
+        codecs = list(meta.codecs)
+        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
+            return None
+        if not isinstance(codecs[2], Crc32cCodec):
+            return None
+        dtype = np.dtype(a.dtype)
+        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        # zarr's codecs hold the numcodecs object they compress with (private attributes; when
+        # a zarr release renames them, zarr writes the chunks again).
+        if isinstance(codecs[1], BloscCodec):
+            enc = getattr(codecs[1], "_blosc_codec", None)
+        elif isinstance(codecs[1], ZstdCodec):
+            enc = getattr(codecs[1], "_zstd_codec", None)
+        else:
+            return None
+        if enc is None or np.asarray(meta.fill_value).item() != 0:
+            return None
+        chunk_shape = tuple(int(x) for x in a.chunks)
+        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
+            return None
+        return _DirectChunks(
+            storage.full(rel), meta, enc.encode, chunk_shape, dtype.newbyteorder("<")
+        )
+    except Exception:  # noqa: BLE001 - anything unexpected: let zarr write it
+        return None
+
+
 class CacheWriter:
     """Writes one teacher's targets into a cache, creating the cache or adding the teacher.
 
@@ -124,7 +216,15 @@ class CacheWriter:
         encode_threads: Chunks rounded, compressed and written concurrently (threads of the
             writer's encode pool; each holds one chunk's buffers, so memory grows by one chunk
             per thread). None: :func:`kdcache.threads.auto_encode_threads`.
+
+    Attributes:
+        direct_writes: Local caches whose arrays have exactly the format's codec chains get
+            their chunk files encoded and written by the writer itself (the same bytes as
+            zarr's; no trip to zarr's event loop per chunk, one shape update per array and
+            shard); False: every chunk through zarr (set before the first ``add``).
     """
+
+    direct_writes = True
 
     def __init__(
         self,
@@ -540,6 +640,195 @@ class CacheWriter:
             self._encode_pq(v)
         self._append(u, v)
 
+    def add_many(self, utts) -> None:
+        """``for u in utts: self.add(u)``, with the checks done once per batch.
+
+        The same result, errors and messages as that loop: the utterances before a bad one are
+        added, the bad one raises naming it, the ones after it are not added. The top-k checks
+        (id range, repeated ids, order, NaN/+inf, mass, token ids) run on the batch's
+        concatenated arrays (a dozen numpy calls per batch instead of per utterance); a batch
+        that fails any of them, or that the batch path does not cover (hidden states, sampled
+        targets, mixed dtypes), is added one utterance at a time by ``add``, which raises the
+        exact error. Batches of a few hundred utterances are plenty.
+        """
+        if self._closed:
+            raise RuntimeError("CacheWriter is closed")
+        utts = list(utts)
+        if not utts:
+            return
+        v = self._validate_batch(utts)
+        if v is None:
+            for u in utts:
+                self.add(u)
+            return
+        self._append_batch(utts, *v)
+
+    def _validate_batch(self, utts: list) -> tuple | None:
+        """The checks of _validate on a whole batch at once, or None when the batch path does not
+        cover it or any check fails (then add() checks one utterance at a time and raises).
+
+        Returns (T per utterance, ids, lp, tail, token_ids per utterance): the concatenated
+        arrays of the utterances with T > 0, rows sorted by descending log-prob like _validate.
+        Exactness: every check is row- or element-wise, so the batch passes iff each utterance
+        would; the mass check uses a tolerance 1e-6 tighter than _validate's, so that a float
+        rounding difference between the two (e.g. exp of a strided view) cannot let through a
+        batch that _validate would refuse.
+        """
+        rec = self.record
+        k = rec.k
+        if k < 1 or rec.targets != "topk" or self._want_layers or self._pq:
+            return None
+        committed, session = self._committed, self._session
+        seen: set[str] = set()
+        Ts: list[int] = []
+        ids_l, lp_l, tail_l, toks, tok_l = [], [], [], [], []
+        f32, d32, d64 = np.float32, np.dtype(np.float32), np.dtype(np.float64)
+        asarray, ndarray = np.asarray, np.ndarray
+        # The batch's dtypes: those of its first non-empty utterance; any other -> add() per
+        # utterance (concatenating mixed dtypes would convert values). Compared by identity
+        # first (numpy's dtype singletons), by value when that fails.
+        idt = ldt = tdt = kdt = None
+        for u in utts:
+            if type(u) is not UttTargets and not isinstance(u, UttTargets):
+                return None
+            uid = u.utt_id
+            if type(uid) is not str or not uid or uid in committed or uid in session:
+                return None
+            if uid in seen or type(u.text) is not str or u.hidden:
+                return None
+            h = u.input_hash
+            if type(h) is not str or not h:
+                return None
+            seen.add(uid)
+            ids = u.topk_ids
+            if type(ids) is not ndarray:
+                ids = asarray(ids)
+            sh = ids.shape
+            if len(sh) != 2 or sh[1] != k:
+                return None
+            T = sh[0]
+            lp = u.topk_logprobs
+            if type(lp) is not ndarray:
+                lp = asarray(lp)
+            dt = lp.dtype
+            if dt is not d32 and dt is not d64 and dt != d32 and dt != d64:
+                lp = lp.astype(f32)
+            tail = u.tail_logmass
+            if type(tail) is not ndarray:
+                tail = asarray(tail)
+            dt = tail.dtype
+            if dt is not d32 and dt is not d64 and dt != d32 and dt != d64:
+                tail = tail.astype(f32)
+            if lp.shape != (T, k) or tail.shape != (T,):
+                return None
+            tok = u.token_ids
+            if tok is not None:
+                tok = asarray(tok)
+                if tok.ndim != 1 or tok.shape[0] != T:
+                    return None
+                if T:
+                    if kdt is None:
+                        kdt = tok.dtype
+                        if kdt.kind not in "iu":
+                            return None
+                    elif tok.dtype is not kdt and tok.dtype != kdt:
+                        return None
+                    tok_l.append(tok)
+            toks.append(tok)
+            Ts.append(T)
+            if T:
+                if idt is None:
+                    idt, ldt, tdt = ids.dtype, lp.dtype, tail.dtype
+                    if idt.kind not in "iu":
+                        return None
+                elif (
+                    (ids.dtype is not idt and ids.dtype != idt)
+                    or (lp.dtype is not ldt and lp.dtype != ldt)
+                    or (tail.dtype is not tdt and tail.dtype != tdt)
+                ):
+                    return None
+                ids_l.append(ids)
+                lp_l.append(lp)
+                tail_l.append(tail)
+        if not ids_l:
+            return Ts, None, None, None, toks
+        ids = np.concatenate(ids_l)
+        lp = np.concatenate(lp_l)
+        tail = np.concatenate(tail_l)
+        P = len(ids)
+        if ids.max() >= rec.vocab_size or (ids.dtype.kind == "i" and ids.min() < 0):
+            return None
+        if k > 1:
+            srt = np.sort(ids, axis=1)
+            if np.count_nonzero(srt[:, 1:] == srt[:, :-1]):
+                return None
+            ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == P * (k - 1)
+            lp_ok = ordered and lp[:, 0].max() <= 1e-3
+        else:
+            ordered = True
+            lp_ok = lp.max() <= 1e-3
+        if not lp_ok and not (lp <= 1e-3).all():
+            return None  # NaN, +inf or > 0: add() words it
+        if not tail.max() <= 1e-3:
+            return None
+        if not ordered:
+            # As _validate, row by row (a sorted row keeps its order: the sort is stable).
+            order = np.argsort(-lp, axis=1, kind="stable")
+            lp = np.take_along_axis(lp, order, axis=1)
+            ids = np.take_along_axis(ids, order, axis=1)
+        if self.check_mass:
+            with np.errstate(under="ignore"):
+                err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
+            if np.count_nonzero(err <= validate.MASS_TOLERANCE - 1e-6) != P:
+                return None
+        if tok_l:
+            t = np.concatenate(tok_l) if len(tok_l) > 1 else tok_l[0]
+            if t.min() < 0 or t.max() > np.iinfo(np.int32).max:
+                return None
+        return Ts, ids, lp, tail, toks
+
+    def _append_batch(self, utts, Ts, ids, lp, tail, toks) -> None:
+        """_append for a validated batch: the rows go into the chunk buffers in runs of
+        utterances, each run ending where add() would flush a chunk or commit the shard (so the
+        chunks and shards are those of adding one utterance at a time)."""
+        C = self.record.chunk_positions
+        rows = self._rows
+        n = len(utts)
+        ends = np.cumsum(Ts).tolist()  # end of each utterance in the batch's arrays
+        i = 0
+        while i < n:
+            if self._shard is None:
+                self._start_shard()
+            start = ends[i - 1] if i else 0
+            # The first utterance after which add() would flush (buffer >= C) or commit.
+            limit = min(C - self._buf_n, self.shard_positions - self._written - self._buf_n)
+            j = bisect.bisect_left(ends, start + limit, i)
+            j = min(j, n - 1)
+            stop = ends[j]
+            a, b = self._buf_n, self._buf_n + stop - start
+            if b > self._cap:
+                self._grow(b)
+            if b > a:
+                buf = self._buf
+                buf[spec.TOPK_IDS][a:b] = ids[start:stop]
+                np.minimum(lp[start:stop], 0.0, out=buf[spec.TOPK_LOGPROBS][a:b])
+                np.minimum(tail[start:stop], 0.0, out=buf[spec.TAIL_LOGMASS][a:b])
+            base = self._written + a - start
+            run = utts[i : j + 1]
+            rows["utt_id"].extend([u.utt_id for u in run])
+            rows["offset"].extend([base + (ends[m - 1] if m else 0) for m in range(i, j + 1)])
+            rows["length"].extend(Ts[i : j + 1])
+            rows["input_hash"].extend([u.input_hash for u in run])
+            rows["text"].extend([u.text for u in run])
+            rows["token_ids"].extend([None if t is None else t.tolist() for t in toks[i : j + 1]])
+            self._session.update(u.utt_id for u in run)
+            self._buf_n = b
+            if b >= C:
+                self._flush(final=False)
+            if self._written + self._buf_n >= self.shard_positions:
+                self._commit()
+            i = j + 1
+
     def _encode_pq(self, v: dict[str, Any]) -> None:
         from kdcache.cache_format import pq as _pq
 
@@ -601,6 +890,7 @@ class CacheWriter:
     def _reset_shard(self) -> None:
         self._shard: str | None = None
         self._arrays: dict[str, Any] = {}
+        self._direct: dict[str, _DirectChunks] | None = None  # name -> writer (direct writes)
         self._names = spec.array_names(self.record)
         self._want_layers = {int(x) for x in self.record.hidden_layers}
         # Chunk buffers, stored dtypes; encoding that is cheaper per chunk (mantissa rounding)
@@ -677,6 +967,12 @@ class CacheWriter:
         # self._arrays holds zarr AsyncArrays.
         self._arrays = dict(zip(self._names, sync(create_all()), strict=True))
         self._shard = shard
+        if self.direct_writes:
+            direct = {
+                n: _direct_chunks(self._storage, a, f"{sp}/{n}") for n, a in self._arrays.items()
+            }
+            if all(d is not None for d in direct.values()):
+                self._direct = direct
 
     def _check_sampled(self, bad, lp: np.ndarray, tail: np.ndarray) -> None:
         """Sampled targets: tail -inf, log-probs log(count / samples) with counts adding up to
@@ -716,13 +1012,22 @@ class CacheWriter:
         Several chunks may be written at once, in any order: each goes to its own chunk key, and
         the arrays' shapes only grow (to the largest end written so far, under one lock), so no
         write can shrink an array under another. A chunk here is whole unless it is the shard's
-        last, which is written after all the others have finished (_flush(final=True)).
+        last, which zarr writes after all the others have finished (_flush(final=True)); direct
+        writes (self._direct) write it alongside them, and set the shapes in _commit.
         """
         import asyncio
 
         from zarr.core.sync import sync
 
         data = self._encode_chunk(data)
+        if self._direct is not None:
+            # Chunk files written here (the same bytes as zarr's); the shapes are set in _commit.
+            C = self.record.chunk_positions
+            for n in self._names:
+                x = data[n]
+                for lo in range(0, b - a, C):
+                    self._direct[n].write((a + lo) // C, x[lo : lo + C])
+            return
 
         async def write_all():
             if self._grow_lock is None:
@@ -740,6 +1045,22 @@ class CacheWriter:
 
         # One trip to zarr's event loop for all arrays: their chunks compress concurrently.
         sync(write_all())
+
+    def _set_shapes(self) -> None:
+        """Direct writes: every chunk is written; grow each array to the shard's length (its
+        zarr.json written by zarr, once; all arrays in one trip to zarr's event loop)."""
+        import asyncio
+
+        from zarr.core.sync import sync
+
+        n = self._written
+
+        async def grow_all():
+            await asyncio.gather(
+                *(a.resize((n, *a.shape[1:])) for a in self._arrays.values() if a.shape[0] < n)
+            )
+
+        sync(grow_all())
 
     def _reap(self, keep: int) -> None:
         """Wait for the oldest writes until at most ``keep`` are in flight, and collect those
@@ -778,8 +1099,12 @@ class CacheWriter:
                 self._wait_pending()
             return
         a, b = self._written, self._written + n
-        if final:
-            self._wait_pending()  # the last (partial) chunk lands after every whole one
+        # zarr: the last (partial) chunk lands after every whole one, written on this thread.
+        # Direct writes: it goes to the pool like the others (every chunk has its own file, and
+        # the shapes are set at commit), so it compresses while the pool finishes the rest.
+        synchronous = final and self._direct is None
+        if synchronous:
+            self._wait_pending()
         else:
             self._reap(self.encode_threads - 1)  # room for this chunk's write
         # Hand the filled buffers to the write and go on in a free set (the buffers of a
@@ -800,13 +1125,15 @@ class CacheWriter:
         self._buf = spare
         self._written = b
         self._buf_n = rest
-        if final:
+        if synchronous:
             try:
                 self._write_chunk(a, b, data)
             finally:
                 self._free.append(old)
         else:
             self._pending.append((self._io().submit(self._write_chunk, a, b, data), old))
+            if final:
+                self._wait_pending()
 
     def _io(self):
         if self._pool is None:
@@ -830,6 +1157,8 @@ class CacheWriter:
             return
         rec, st, shard = self.record, self._storage, self._shard
         self._flush(final=True)
+        if self._direct is not None:
+            self._set_shapes()
         table = pa.table({c: self._rows[c] for c in spec.INDEX_COLUMNS}, schema=spec.index_schema())
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")

@@ -437,7 +437,7 @@ def write_kdcache(
 ) -> float:
     """Seconds to write the cache: ``add`` per utterance, or ``add_many`` in batches of
     ``batch`` utterances; ``direct=False``: every chunk through zarr (the path before
-    2026-12-06). ``cpu``: the process's CPU seconds for the same span are appended to it
+    2026-12-05, later). ``cpu``: the process's CPU seconds for the same span are appended to it
     (not counting building the UttTargets)."""
     from kdcache.cache_format import CacheWriter, TeacherRecord
 
@@ -577,7 +577,7 @@ def io_table(
     d: dict, k: int, keepbits: int, chunk: int, work: str, repeat: int, pools, batch: int = 256
 ) -> None:
     """Issue 13 items 3 and 5: writer positions/s per encode-pool size (``add`` per utterance,
-    ``add_many`` in batches, and ``add`` with every chunk through zarr as before 2026-12-06) and streaming
+    ``add_many`` in batches, and ``add`` with every chunk through zarr as before 2026-12-05, later) and streaming
     positions/s (prefetch 0, one thread reading), each next to plain zarr in the same round;
     rounds interleave the variants and each row is the best of ``repeat`` rounds. Also the
     profile split: validation alone, chunk decoding alone, and the stream through zarr's own

@@ -104,6 +104,7 @@ def main() -> None:
     prepared.sort(key=lambda p: (-len(p.token_ids), p.id))  # the build's order
     positions = sum(len(p.token_ids) for p in prepared)
     items = [(i, p.token_ids) for i, p in enumerate(prepared)]
+    n_threads = torch.get_num_threads()
 
     def bare() -> tuple[float, float]:
         s, c = time.monotonic(), time.process_time()
@@ -135,6 +136,9 @@ def main() -> None:
                 progress=False,
                 loaded=t,
                 skip_bad=True,
+                # the bare pass's torch threads (the build's own "auto" would give 1 on 2 cores
+                # and compare a 1-thread build with a 2-thread forward)
+                threads=n_threads,
             )
             # CPU time of the build loop only: subtract what reading the manifest and
             # tokenising took (not part of the bare pass either).

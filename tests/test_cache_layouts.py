@@ -383,3 +383,23 @@ def test_sqrt_tail_residual_round_trip(levels):
         assert np.median(r) <= 8
     code = dataclasses.replace(rec, tail_coding="code")
     np.testing.assert_array_equal(spec.encode_tail(code, tail, codes), tail)
+
+
+def test_inspect_shows_how_the_topk_is_stored(layout_cache):
+    """inspect's JSON carries the layout and rounding (and L, tail_coding for sqrt only); the
+    table's targets cell names what is not the default layout."""
+    from kdcache.cache_format.inspect import format_summary, summarize
+
+    path, rec, _ = layout_cache
+    s = summarize(open_cache(path))
+    t = s["teachers"][0]
+    assert (t["topk_layout"], t["logprob_rounding"]) == (rec.topk_layout, rec.logprob_rounding)
+    assert ("tail_coding" in t) == (rec.logprob_rounding == "sqrt")
+    table = format_summary(s)
+    for word, shown in (
+        ("idsort", rec.topk_layout == "idsort"),
+        ("weighted", rec.logprob_rounding == "weighted"),
+        (f"sqrt L={rec.logprob_levels}", rec.logprob_rounding == "sqrt"),
+    ):
+        assert (word in table) == shown, (word, table)
+    assert "top-k + tail" in table

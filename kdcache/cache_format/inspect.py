@@ -48,6 +48,13 @@ def summarize(cache: KDCache) -> dict[str, Any]:
                 "hidden_dims": dict(rec.hidden_dims),
                 "hidden_codec": rec.hidden_codec,
                 "logprob_keepbits": rec.logprob_keepbits,
+                "topk_layout": rec.topk_layout,
+                "logprob_rounding": rec.logprob_rounding,
+                **(
+                    {"logprob_levels": rec.logprob_levels, "tail_coding": rec.tail_coding}
+                    if rec.logprob_rounding == "sqrt"
+                    else {}
+                ),
                 "chunk_positions": rec.chunk_positions,
                 "shards": len(cache.shards[t]),
                 "utterances": sum(len(si.utt_ids) for si in cache.shards[t]),
@@ -69,6 +76,22 @@ def summarize(cache: KDCache) -> dict[str, Any]:
         "bytes_on_disk": cache._storage.size_tree(""),
         "teachers": teachers,
     }
+
+
+def _targets_cell(t: dict[str, Any]) -> str:
+    """The table's "targets" cell: what the top-k streams hold, and how they are stored when
+    not in the default layout (e.g. "top-k + tail, sqrt L=544")."""
+    if t["targets"] != "topk":
+        return f"sampled N={t['samples']} seed={t['sample_seed']}"
+    how = []
+    if t.get("topk_layout", "rank") != "rank":
+        how.append(t["topk_layout"])
+    rounding = t.get("logprob_rounding", "fixed")
+    if rounding == "sqrt":
+        how.append(f"sqrt L={t['logprob_levels']}")
+    elif rounding != "fixed":
+        how.append(rounding)
+    return "top-k + tail" + (", " + " ".join(how) if how else "")
 
 
 def frame_stats(cache: KDCache, teacher: str, max_positions: int = 50_000) -> dict[str, Any]:
@@ -153,9 +176,7 @@ def format_summary(s: dict[str, Any]) -> str:
                 t["model_id"],
                 str(t["vocab_size"]),
                 str(t["k"]),
-                "top-k + tail"
-                if t["targets"] == "topk"
-                else f"sampled N={t['samples']} seed={t['sample_seed']}",
+                _targets_cell(t),
                 f"{t['temperature']:g}",
                 hid,
                 str(t["utterances"]),

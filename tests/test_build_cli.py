@@ -268,3 +268,28 @@ def test_env_rank_defaults(monkeypatch, tmp_path, tiny_bert):
     assert r.exit_code == 0, r.output
     assert "rank 1/2" in r.output
     assert os.listdir(tmp_path / "c.kdc" / "commits" / "bert")[0].startswith("r00001")
+
+
+def test_build_encode_threads_reaches_the_writer(tmp_path, tiny_bert, monkeypatch):
+    """--encode-threads sizes the writer's encode pool (1: below the automatic 2..4; every
+    builder's, through KDCACHE_ENCODE_THREADS), is restored afterwards, and is refused below 1
+    naming the option."""
+    from kdcache.cache_format import writer as writer_mod
+
+    monkeypatch.delenv("KDCACHE_ENCODE_THREADS", raising=False)
+    seen = []
+    init = writer_mod.CacheWriter.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        seen.append(self.encode_threads)
+
+    monkeypatch.setattr(writer_mod.CacheWriter, "__init__", spy)
+    m = write_manifest(tmp_path / "m.jsonl")
+    common = ["--teacher", "bert", "--model", str(tiny_bert), "--data", str(m), "--top-k", "4",
+              "--mlm-mode", "unmasked", "--no-progress", "--device", "cpu"]  # fmt: skip
+    r = run("build", *common, "--out", str(tmp_path / "a.kdc"), "--encode-threads", "1")
+    assert r.exit_code == 0, r.output
+    assert seen == [1] and "KDCACHE_ENCODE_THREADS" not in os.environ
+    r = run("build", *common, "--out", str(tmp_path / "b.kdc"), "--encode-threads", "0")
+    assert r.exit_code == 2 and "--encode-threads" in r.output, r.output

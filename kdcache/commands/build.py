@@ -5,6 +5,7 @@ torch and transformers are imported inside the functions so that ``kdcache --hel
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -180,6 +181,15 @@ def build(
         "else on CPU the CPUs this process may use (shared among torchrun's local ranks) minus "
         "one for the writer thread, on CUDA at most 2. Restored after the build.",
     ),
+    encode_threads: int = typer.Option(
+        None,
+        "--encode-threads",
+        metavar="N",
+        min=1,
+        help="Chunks the cache writer compresses and writes at once, on its own threads "
+        "(default: $KDCACHE_ENCODE_THREADS if set, else the CPUs this process may use per "
+        "local rank, clamped to 2..4). The files are the same for any N.",
+    ),
     rank: int = typer.Option(
         None, "--rank", metavar="N", help="This worker's rank (default: $RANK or 0)."
     ),
@@ -230,6 +240,13 @@ def build(
 ) -> None:
     """Run one teacher over a manifest's transcripts (or, for an ensemble, its features) and
     write top-k targets and hidden states."""
+    if encode_threads is not None:
+        # Every builder's CacheWriter sizes its pool with kdcache.threads.auto_encode_threads,
+        # which reads KDCACHE_ENCODE_THREADS: one setting reaches the token, ensemble and
+        # aligned builds alike; restored afterwards.
+        args = dict(locals(), encode_threads=None)
+        with _environ("KDCACHE_ENCODE_THREADS", str(encode_threads)):
+            return build(**args)
     import logging
 
     from kdcache.teachers.build import BuildError, build_cache
@@ -318,6 +335,20 @@ def build(
             typer.echo(format_summary(summarize(open_cache(out))))
         except Exception as e:  # noqa: BLE001 - the build itself succeeded
             typer.echo(f"(no cache summary: {type(e).__name__}: {e})")
+
+
+@contextlib.contextmanager
+def _environ(key: str, value: str):
+    """Set an environment variable for the duration of the block, then restore it."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _build_aligned_lm(

@@ -112,34 +112,16 @@ class _ChunkPlan:
 def _chunk_plan(a, rel: str) -> _ChunkPlan | None:
     """A _ChunkPlan for zarr array ``a`` at ``rel``, or None unless its codecs are exactly
     bytes(little) + (blosc | zstd) + crc32c with a regular chunk grid (then zarr reads it)."""
-    try:
-        import numcodecs
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
-
-        meta = a.metadata
-        codecs = list(meta.codecs)
-        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
-            return None
-        if not isinstance(codecs[2], Crc32cCodec):
-            return None
-        dtype = np.dtype(a.dtype)
-        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
-        if dtype.itemsize > 1 and endian != "little":
-            return None
-        if isinstance(codecs[1], BloscCodec):
-            decode, blosc = numcodecs.Blosc().decode, True
-        elif isinstance(codecs[1], ZstdCodec):
-            decode, blosc = numcodecs.Zstd().decode, False
-        else:
-            return None
-        chunk_shape = tuple(int(x) for x in a.chunks)
-        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
-            return None
-        return _ChunkPlan(
-            rel, meta, dtype.newbyteorder("<"), chunk_shape, tuple(a.shape), decode, blosc
-        )
-    except Exception:  # noqa: BLE001 - anything unexpected: let zarr read it
+    chain = spec.plain_chain(a)
+    if chain is None:
         return None
+    import numcodecs
+    from zarr.codecs import BloscCodec
+
+    codec, dtype, chunk_shape = chain
+    blosc = isinstance(codec, BloscCodec)
+    decode = numcodecs.Blosc().decode if blosc else numcodecs.Zstd().decode
+    return _ChunkPlan(rel, a.metadata, dtype, chunk_shape, tuple(a.shape), decode, blosc)
 
 
 def _read_chunk_sync(storage, plan: _ChunkPlan, c: int) -> tuple[Any, bool]:
@@ -330,9 +312,8 @@ class _TeacherData:
             if probs:
                 raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
             if residual and name in (spec.TOPK_LOGPROBS, spec.TAIL_LOGMASS):
-                decoded[name] = raw  # the tail is decoded below, with the top-k codes
-                if name == spec.TAIL_LOGMASS:
-                    continue
+                decoded[name] = raw  # decoded below: the tail needs the top-k codes
+                continue
             if joint and name in pair:
                 decoded[name] = raw  # decoded below, once both are checked
                 continue
@@ -351,17 +332,16 @@ class _TeacherData:
             self.lru.put((shard, name, c), v)
             out[name] = v
         if residual:
-            lp_raw = decoded[spec.TOPK_LOGPROBS]
-            tail = spec.decode_tail_codes(
-                self.record, decoded[spec.TAIL_LOGMASS], spec.sqrt_undelta(lp_raw)
-            )
+            codes = spec.sqrt_undelta(decoded[spec.TOPK_LOGPROBS])  # once for both arrays
+            tail = spec.decode_tail_codes(self.record, decoded[spec.TAIL_LOGMASS], codes)
             probs = validate.sqrt_code_problems(self.record, tail)
             if probs:
                 path = self.cache._storage.full(f"{base}/{spec.TAIL_LOGMASS}")
                 raise CacheError(f"{path}: chunk {c} {probs[0]} (the cache is damaged)")
-            v = spec.sqrt_logprobs(tail, self.record.logprob_levels)
-            self.lru.put((shard, spec.TAIL_LOGMASS, c), v)
-            out[spec.TAIL_LOGMASS] = v
+            for name, x in ((spec.TOPK_LOGPROBS, codes), (spec.TAIL_LOGMASS, tail)):
+                v = spec.sqrt_logprobs(x, self.record.logprob_levels)
+                self.lru.put((shard, name, c), v)
+                out[name] = v
         if joint:
             ids, lp = spec.decode_topk(
                 self.record, decoded[spec.TOPK_IDS], decoded[spec.TOPK_LOGPROBS]

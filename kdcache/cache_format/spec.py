@@ -606,22 +606,15 @@ def to_float32(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def decode_logprobs(
-    record: TeacherRecord, name: str, raw: np.ndarray, topk_raw: np.ndarray | None = None
-) -> np.ndarray:
+def decode_logprobs(record: TeacherRecord, name: str, raw: np.ndarray) -> np.ndarray:
     """Stored topk_logprobs [P, k] or tail_logmass [P] (rank layout, not sampled) -> float32
-    log-probs as the reader returns them. A "sqrt" tail with tail_coding "residual" needs the
-    stored topk_logprobs of the same positions (``topk_raw``)."""
+    log-probs as the reader returns them. (A "sqrt" tail with tail_coding "residual" is decoded
+    with the top-k codes of the same positions instead: decode_tail_codes.)"""
     if record.logprob_rounding != "sqrt":
         return to_float32(raw)
-    if name == TOPK_LOGPROBS:
-        codes = sqrt_undelta(raw)
-    elif record.tail_coding == "residual":
-        if topk_raw is None:
-            raise ValueError("a residual-coded sqrt tail needs the stored top-k codes")
-        codes = decode_tail_codes(record, raw, sqrt_undelta(topk_raw))
-    else:
-        codes = raw
+    if name == TAIL_LOGMASS and record.tail_coding == "residual":
+        raise ValueError("a residual-coded sqrt tail needs the top-k codes: decode_tail_codes")
+    codes = sqrt_undelta(raw) if name == TOPK_LOGPROBS else raw
     return sqrt_logprobs(codes, record.logprob_levels)
 
 
@@ -892,6 +885,33 @@ def lzma_codec():
     except ImportError:  # zarr < 3.1
         from numcodecs.zarr3 import LZMA
     return LZMA(format=LZMA_FORMAT_RAW, filters=[dict(f) for f in LZMA_FILTERS])
+
+
+def plain_chain(a) -> tuple[Any, np.dtype, tuple[int, ...]] | None:
+    """For a zarr array whose codec chain is exactly the format's plain one (bytes little-endian
+    -> blosc or zstd -> crc32c) on a regular chunk grid: (its zarr BloscCodec / ZstdCodec, the
+    little-endian dtype, the chunk shape); else None. The reader's direct chunk reads and the
+    writer's direct chunk writes handle these arrays themselves and leave others to zarr."""
+    try:
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+        codecs = list(a.metadata.codecs)
+        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
+            return None
+        if not isinstance(codecs[1], (BloscCodec, ZstdCodec)):
+            return None
+        if not isinstance(codecs[2], Crc32cCodec):
+            return None
+        dtype = np.dtype(a.dtype)
+        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+        if dtype.itemsize > 1 and endian != "little":
+            return None
+        chunk_shape = tuple(int(x) for x in a.chunks)
+        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
+            return None
+        return codecs[1], dtype.newbyteorder("<"), chunk_shape
+    except Exception:  # noqa: BLE001 - anything unexpected: zarr handles the array
+        return None
 
 
 def shuffle_codec():

@@ -103,6 +103,23 @@ def check_out_path(path: str | os.PathLike) -> None:
             )
 
 
+def _order_state(lp: np.ndarray) -> tuple[bool, bool]:
+    """Top-k log-probs [P, k]: (every row sorted descending, every entry <= 1e-3 and not NaN).
+    Sorted rows with a first column <= 1e-3 have every entry <= 1e-3 and none NaN (a NaN fails
+    its comparison): two tests cover three checks."""
+    P, k = lp.shape
+    if k > 1:
+        ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == P * (k - 1)
+        return bool(ordered), bool(ordered and lp[:, 0].max() <= 1e-3)
+    return True, bool(lp.max() <= 1e-3)
+
+
+def _rank_order(lp: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by descending log-prob, the ids permuted along (stable: ties keep order)."""
+    order = np.argsort(-lp, axis=1, kind="stable")
+    return np.take_along_axis(lp, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
 class _DirectChunks:
     """Writes one array's chunks without zarr, byte for byte as zarr writes them: the chunk's
     little-endian values (the shard's last, partial chunk padded to a whole chunk with the fill
@@ -156,37 +173,19 @@ def _direct_chunks(storage, a, rel: str) -> _DirectChunks | None:
     and transpose chains, for one, go through zarr)."""
     if not getattr(storage, "local", False):
         return None
+    chain = spec.plain_chain(a)
+    if chain is None:
+        return None
+    codec, dtype, chunk_shape = chain
     try:
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
-
-        meta = a.metadata
-        codecs = list(meta.codecs)
-        if len(codecs) != 3 or not isinstance(codecs[0], BytesCodec):
-            return None
-        if not isinstance(codecs[2], Crc32cCodec):
-            return None
-        dtype = np.dtype(a.dtype)
-        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
-        if dtype.itemsize > 1 and endian != "little":
-            return None
         # zarr's codecs hold the numcodecs object they compress with (private attributes; when
         # a zarr release renames them, zarr writes the chunks again).
-        if isinstance(codecs[1], BloscCodec):
-            enc = getattr(codecs[1], "_blosc_codec", None)
-        elif isinstance(codecs[1], ZstdCodec):
-            enc = getattr(codecs[1], "_zstd_codec", None)
-        else:
+        enc = getattr(codec, "_blosc_codec", None) or getattr(codec, "_zstd_codec", None)
+        if enc is None or np.asarray(a.metadata.fill_value).item() != 0:
             return None
-        if enc is None or np.asarray(meta.fill_value).item() != 0:
-            return None
-        chunk_shape = tuple(int(x) for x in a.chunks)
-        if len(chunk_shape) != len(a.shape) or min(chunk_shape, default=1) < 1:
-            return None
-        return _DirectChunks(
-            storage.full(rel), meta, enc.encode, chunk_shape, dtype.newbyteorder("<")
-        )
     except Exception:  # noqa: BLE001 - anything unexpected: let zarr write it
         return None
+    return _DirectChunks(storage.full(rel), a.metadata, enc.encode, chunk_shape, dtype)
 
 
 class CacheWriter:
@@ -526,22 +525,13 @@ class CacheWriter:
                     if np.count_nonzero(same):  # (count_nonzero: no Python-level wrapper)
                         row = int(np.nonzero(same.any(axis=1))[0][0])
                         raise bad(f"topk_ids repeat an id within position {row}")
-                    # Sorted descending with a first column <= 1e-3 means every entry is <= 1e-3
-                    # and none is NaN (a NaN fails its comparison): two tests cover three checks.
-                    ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == T * (k - 1)
-                    lp_ok = ordered and lp[:, 0].max() <= 1e-3
-                else:
-                    ordered = True
-                    lp_ok = lp.max() <= 1e-3
+                ordered, lp_ok = _order_state(lp)
                 if not lp_ok:
                     self._check_logprobs(bad, "topk_logprobs", lp)
                 if not tail.max() <= 1e-3:
                     self._check_logprobs(bad, "tail_logmass", tail)
                 if not ordered:
-                    # Not sorted: sort descending and permute the ids along (stable).
-                    order = np.argsort(-lp, axis=1, kind="stable")
-                    lp = np.take_along_axis(lp, order, axis=1)
-                    ids = np.take_along_axis(ids, order, axis=1)
+                    lp, ids = _rank_order(lp, ids)
                 if self.check_mass:
                     with np.errstate(under="ignore"):
                         err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
@@ -762,20 +752,13 @@ class CacheWriter:
             srt = np.sort(ids, axis=1)
             if np.count_nonzero(srt[:, 1:] == srt[:, :-1]):
                 return None
-            ordered = np.count_nonzero(lp[:, :-1] >= lp[:, 1:]) == P * (k - 1)
-            lp_ok = ordered and lp[:, 0].max() <= 1e-3
-        else:
-            ordered = True
-            lp_ok = lp.max() <= 1e-3
+        ordered, lp_ok = _order_state(lp)
         if not lp_ok and not (lp <= 1e-3).all():
             return None  # NaN, +inf or > 0: add() words it
         if not tail.max() <= 1e-3:
             return None
-        if not ordered:
-            # As _validate, row by row (a sorted row keeps its order: the sort is stable).
-            order = np.argsort(-lp, axis=1, kind="stable")
-            lp = np.take_along_axis(lp, order, axis=1)
-            ids = np.take_along_axis(ids, order, axis=1)
+        if not ordered:  # as _validate, row by row (a sorted row keeps its order)
+            lp, ids = _rank_order(lp, ids)
         if self.check_mass:
             with np.errstate(under="ignore"):
                 err = np.abs(np.add.reduce(np.exp(lp), axis=1) + np.exp(tail) - 1.0)
